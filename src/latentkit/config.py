@@ -1,0 +1,368 @@
+"""Frozen configuration dataclasses, named presets, and their dictionary forms.
+
+Field names follow the diffusers / transformers ``config.json`` files so that a real model
+folder maps onto these classes key for key; the few places where the two differ are spelled
+out in ``latentkit.config_json``. ``from_dict`` rejects unknown keys by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL: an encoder to a diagonal Gaussian and a decoder, 2**(levels-1) down."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    sample_size: int = 512
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+    force_upcast: bool = True
+
+    @property
+    def downscale_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The CLIP text transformer (CLIPTextModel, optionally with its projection)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    with_projection: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("TextConfig.hidden_act", self.hidden_act, ("quick_gelu", "gelu"))
+        _check_divides("TextConfig", self.hidden_size, self.num_attention_heads)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The CLIP vision transformer (ViT), used when CLIP itself is trained."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _check_choice("VisionConfig.hidden_act", self.hidden_act, ("quick_gelu", "gelu"))
+        _check_divides("VisionConfig", self.hidden_size, self.num_attention_heads)
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"VisionConfig.image_size {self.image_size} must be a multiple of "
+                f"patch_size {self.patch_size}."
+            )
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """A text and a vision tower joined by projections and a learnable temperature."""
+
+    text: TextConfig = field(default_factory=lambda: TextConfig(projection_dim=512))
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """UNet2DConditionModel of the SD 1.x / 2.x family.
+
+    ``num_attention_heads`` is the number of heads per block (diffusers stores it, for
+    historical reasons, under ``attention_head_dim``).
+    """
+
+    sample_size: int = 64
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    layers_per_block: int = 2
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    num_attention_heads: int | tuple[int, ...] = 8
+    cross_attention_dim: int = 768
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    downsample_padding: int = 1
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+
+    def __post_init__(self) -> None:
+        levels = len(self.block_out_channels)
+        for name, types_, valid in (
+            ("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
+            ("up_block_types", self.up_block_types, UP_BLOCK_TYPES),
+        ):
+            if len(types_) != levels:
+                raise ConfigError(
+                    f"UNetConfig.{name} has {len(types_)} entries but block_out_channels has "
+                    f"{levels}; they must match."
+                )
+            for t in types_:
+                _check_choice(f"UNetConfig.{name}", t, valid)
+        for name in ("num_attention_heads", "transformer_layers_per_block"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != levels:
+                raise ConfigError(
+                    f"UNetConfig.{name} has {len(value)} entries but there are {levels} "
+                    "blocks; give one per block or a single number."
+                )
+        for i, (ch, heads) in enumerate(zip(self.block_out_channels, self.heads_per_block)):
+            _check_divides(f"UNetConfig block {i}", ch, heads)
+
+    @property
+    def heads_per_block(self) -> tuple[int, ...]:
+        return _per_block(self.num_attention_heads, len(self.block_out_channels))
+
+    @property
+    def transformer_depth_per_block(self) -> tuple[int, ...]:
+        return _per_block(self.transformer_layers_per_block, len(self.block_out_channels))
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The training noise schedule a U-Net was trained with (a diffusers scheduler_config)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    rescale_betas_zero_snr: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice(
+            "ScheduleConfig.beta_schedule",
+            self.beta_schedule,
+            ("linear", "scaled_linear", "squaredcos_cap_v2"),
+        )
+        _check_choice(
+            "ScheduleConfig.prediction_type",
+            self.prediction_type,
+            ("epsilon", "v_prediction", "sample"),
+        )
+        _check_choice(
+            "ScheduleConfig.timestep_spacing",
+            self.timestep_spacing,
+            ("leading", "trailing", "linspace"),
+        )
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """The 77-token CLIP context; SD 1.x pads with the end token, SD 2.x with "!"."""
+
+    max_length: int = 77
+    pad_token: str = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a text-to-image model's components."""
+
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+# --- dictionary forms -------------------------------------------------------------------
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict (tuples become lists) of a config dataclass, nested ones included."""
+    return _jsonable(dataclasses.asdict(config))
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -> T:
+    """Build ``cls`` from ``data``; an unknown key or a value of the wrong type is an error."""
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, not {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {unknown[0]!r} in {where}; valid keys are: {', '.join(valid)}."
+        )
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where=where)
+    options = _union_options(hint)
+    if options is not None:
+        errors = []
+        for option in options:
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[-1]
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}.")
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        return tuple(_coerce(item, v, where) for v in value)
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{where} must be null, got {value!r}.")
+        return None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and type(value) is not hint:
+        raise ConfigError(f"{where} must be a {hint.__name__}, got {value!r}.")
+    return value
+
+
+def _union_options(hint: Any) -> tuple[Any, ...] | None:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        # Try tuple/None before scalars so that [1, 2] is not rejected as "not an int".
+        return tuple(sorted(typing.get_args(hint), key=lambda a: a in (int, float, str, bool)))
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _per_block(value: int | tuple[int, ...], levels: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, tuple) else (value,) * levels
+
+
+def _check_choice(name: str, value: Any, valid: tuple[Any, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name} is {value!r}; valid values are: {', '.join(map(str, valid))}.")
+
+
+def _check_divides(where: str, channels: int, heads: int) -> None:
+    if heads <= 0 or channels % heads:
+        raise ConfigError(f"{where}: {channels} channels cannot be split into {heads} heads.")
+
+
+# --- presets ----------------------------------------------------------------------------
+
+SD15 = ModelConfig()
+
+SD21 = ModelConfig(
+    vae=VAEConfig(sample_size=768),
+    text=TextConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        projection_dim=512,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        hidden_act="gelu",
+    ),
+    unet=UNetConfig(
+        sample_size=96,
+        num_attention_heads=(5, 10, 20, 20),
+        cross_attention_dim=1024,
+        use_linear_projection=True,
+        upcast_attention=True,
+    ),
+    schedule=ScheduleConfig(prediction_type="v_prediction"),
+    tokenizer=TokenizerConfig(pad_token="!"),
+)
+
+SD21_BASE = dataclasses.replace(
+    SD21,
+    vae=VAEConfig(sample_size=512),
+    unet=dataclasses.replace(SD21.unet, sample_size=64, upcast_attention=False),
+    schedule=ScheduleConfig(),
+)
+
+# Tiny random models for tests: same topology as SD, a few channels wide.
+TINY = ModelConfig(
+    vae=VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32),
+    text=TextConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+    ),
+    unet=UNetConfig(
+        sample_size=16,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        num_attention_heads=2,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    ),
+)
+
+TINY_SD2 = ModelConfig(
+    vae=TINY.vae,
+    text=dataclasses.replace(TINY.text, hidden_act="gelu"),
+    unet=dataclasses.replace(
+        TINY.unet,
+        num_attention_heads=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+    ),
+    schedule=ScheduleConfig(prediction_type="v_prediction"),
+    tokenizer=TokenizerConfig(pad_token="!"),
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "sd15": SD15,
+    "sd21": SD21,
+    "sd21-base": SD21_BASE,
+    "tiny": TINY,
+    "tiny-sd2": TINY_SD2,
+}

@@ -1,0 +1,1 @@
+"""Plain nn.Modules: the VAE, the CLIP towers, the tokenizer and the U-Net."""

@@ -1,0 +1,288 @@
+"""Blocks shared by the VAE, the U-Net and ControlNet.
+
+Submodule names follow the checkpoints (diffusers layout) so that weights load with strict
+checking and no renaming: ``norm1``, ``conv1``, ``time_emb_proj``, ``to_q``, ``to_out.0`` ...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Called with (attention probabilities [batch, heads, queries, keys]) when set on a layer.
+AttentionCapture = Callable[[torch.Tensor], None]
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters, so a new branch starts as the identity of a residual."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0
+) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in DDPM / "Attention is all
+    you need"; SD checkpoints expect cos before sin (``flip_sin_to_cos``)."""
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    angles = timesteps.float()[:, None] * freqs[None, :]
+    sin, cos = torch.sin(angles), torch.cos(angles)
+    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """Two linear layers with SiLU between, turning the sinusoid into the block's time code."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice, the time code added in between, plus a (1x1) skip."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        temb_channels: int | None,
+        groups: int,
+        eps: float,
+    ):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nonlinearity = nn.SiLU()
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        )
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(self.nonlinearity(self.norm1(x)))
+        if self.time_emb_proj is not None and temb is not None:
+            h = h + self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]
+        h = self.conv2(self.nonlinearity(self.norm2(h)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Downsample2D(nn.Module):
+    """A stride-2 3x3 conv. With ``padding=0`` (the VAE) the input is padded on the right and
+    bottom only, as the original checkpoints were trained."""
+
+    def __init__(self, channels: int, *, padding: int = 1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x, then a 3x3 conv; ``size`` lets the U-Net match an odd skip."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        dtype = x.dtype
+        if dtype == torch.bfloat16:
+            x = x.float()  # nearest upsampling of bf16 is slow or missing on some backends
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x.to(dtype))
+
+
+class Attention(nn.Module):
+    """Multi-head attention over token sequences, through torch's fused SDPA kernel.
+
+    With ``capture`` set, probabilities are computed explicitly and handed to it (attention
+    maps); otherwise nothing extra is computed. ``upcast`` runs the softmax in fp32, which
+    SD 2.x needs in half precision.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        *,
+        context_dim: int | None = None,
+        heads: int,
+        head_dim: int,
+        bias: bool = False,
+        upcast: bool = False,
+    ):
+        super().__init__()
+        inner = heads * head_dim
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.upcast = upcast
+        self.capture: AttentionCapture | None = None
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q, k, v = (self._split_heads(p) for p in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = self._attend(q, k, v)
+        b, h, n, d = out.shape
+        return self.to_out[0](out.transpose(1, 2).reshape(b, n, h * d))
+
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, -1).transpose(1, 2)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.capture is None and not (self.upcast and q.dtype != torch.float32):
+            return F.scaled_dot_product_attention(q, k, v)
+        scale = q.shape[-1] ** -0.5
+        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+        probs = scores.softmax(dim=-1)
+        if self.capture is not None:
+            self.capture(probs)
+        return (probs @ v.float()).to(q.dtype)
+
+
+class SpatialAttention(nn.Module):
+    """Single-head self-attention over the pixels of a feature map (the VAE's mid block)."""
+
+    def __init__(self, channels: int, *, groups: int, eps: float = 1e-6):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
+        q, k, v = (p(tokens)[:, None] for p in (self.to_q, self.to_k, self.to_v))
+        out = F.scaled_dot_product_attention(q, k, v)[:, 0]
+        out = self.to_out[0](out)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class GEGLU(nn.Module):
+    """A gated GELU: one projection makes both the value and its gate (Shazeer, 2020)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention on the text context, then a GEGLU feed-forward."""
+
+    def __init__(self, dim: int, *, heads: int, context_dim: int, upcast: bool):
+        super().__init__()
+        head_dim = dim // heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads=heads, head_dim=head_dim, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(
+            dim, context_dim=context_dim, heads=heads, head_dim=head_dim, upcast=upcast
+        )
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """The spatial transformer: flattens a feature map to tokens, runs transformer blocks
+    with cross-attention, and adds the result back. SD 2.x projects with linear layers, SD
+    1.x with 1x1 convolutions."""
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        heads: int,
+        depth: int,
+        context_dim: int,
+        groups: int,
+        use_linear_projection: bool,
+        upcast: bool,
+    ):
+        super().__init__()
+        self.use_linear_projection = use_linear_projection
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        proj = nn.Linear if use_linear_projection else _Conv1x1
+        self.proj_in = proj(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, heads=heads, context_dim=context_dim, upcast=upcast)
+            for _ in range(depth)
+        )
+        self.proj_out = proj(channels, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        hidden = self.norm(x)
+        if self.use_linear_projection:
+            hidden = self.proj_in(_to_tokens(hidden))
+        else:
+            hidden = _to_tokens(self.proj_in(hidden))
+        for block in self.transformer_blocks:
+            hidden = block(hidden, context)
+        if self.use_linear_projection:
+            hidden = _to_map(self.proj_out(hidden), h, w)
+        else:
+            hidden = self.proj_out(_to_map(hidden, h, w))
+        return x + hidden
+
+
+def _Conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 1)
+
+
+def _to_tokens(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
+def _to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, c = tokens.shape
+    return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
