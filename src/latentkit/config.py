@@ -149,7 +149,9 @@ class UNetConfig:
                     f"UNetConfig.{name} has {len(value)} entries but there are {levels} "
                     "blocks; give one per block or a single number."
                 )
-        for i, (ch, heads) in enumerate(zip(self.block_out_channels, self.heads_per_block)):
+        for i, (ch, heads) in enumerate(
+            zip(self.block_out_channels, self.heads_per_block, strict=True)
+        ):
             _check_divides(f"UNetConfig block {i}", ch, heads)
 
     @property
@@ -223,7 +225,9 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -
     """Build ``cls`` from ``data``; an unknown key or a value of the wrong type is an error."""
     where = where or cls.__name__
     if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping of keys to values, not {type(data).__name__}.")
+        raise ConfigError(
+            f"{where} must be a mapping of keys to values, not {type(data).__name__}."
+        )
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(valid))
@@ -326,7 +330,9 @@ SD21_BASE = dataclasses.replace(
 
 # Tiny random models for tests: same topology as SD, a few channels wide.
 TINY = ModelConfig(
-    vae=VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32),
+    vae=VAEConfig(
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32
+    ),
     text=TextConfig(
         hidden_size=32,
         intermediate_size=64,

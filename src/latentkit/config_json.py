@@ -148,7 +148,10 @@ def vae_from_json(data: dict[str, Any]) -> VAEConfig:
     known = _fields(VAEConfig) | {"down_block_types", "up_block_types"}
     rest = _split(data, "VAE", _VAE_FIXED, known)
     levels = len(rest.get("block_out_channels", VAEConfig.block_out_channels))
-    for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+    for key, block in (
+        ("down_block_types", "DownEncoderBlock2D"),
+        ("up_block_types", "UpDecoderBlock2D"),
+    ):
         value = rest.pop(key, [block] * levels)
         if list(value) != [block] * levels:
             raise ConfigError(
@@ -222,9 +225,7 @@ def text_to_json(config: TextConfig) -> dict[str, Any]:
     body = to_dict(config)
     with_projection = body.pop("with_projection")
     return {
-        "architectures": [
-            "CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"
-        ],
+        "architectures": ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"],
         "model_type": "clip_text_model",
         "transformers_version": TRANSFORMERS_VERSION,
         "attention_dropout": 0.0,

@@ -149,7 +149,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        q, k, v = (self._split_heads(p) for p in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        q, k, v = (
+            self._split_heads(p) for p in (self.to_q(x), self.to_k(context), self.to_v(context))
+        )
         out = self._attend(q, k, v)
         b, h, n, d = out.shape
         return self.to_out[0](out.transpose(1, 2).reshape(b, n, h * d))
@@ -204,7 +206,9 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+        self.net = nn.ModuleList(
+            [GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[0](x))
