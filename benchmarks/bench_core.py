@@ -1,0 +1,124 @@
+"""Time latentkit's networks against diffusers/transformers on the same machine, in one run.
+
+Both sides get the same random SD-1.5-shaped weights (ours are loaded from the reference's
+state dict), the same inputs, and alternate runs so that machine noise hits both alike.
+Prints one row per case with the median times and the ratio latentkit / reference
+(below 1.0 means latentkit is faster).
+
+    python benchmarks/bench_core.py                 # fp32 and bf16 on CPU (fp16 on CUDA too)
+    python benchmarks/bench_core.py --repeats 5 --only unet
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from latentkit.config import SD15
+from latentkit.config_json import text_to_json, unet_to_json, vae_to_json
+from latentkit.models.clip import CLIPTextModel
+from latentkit.models.unet import UNet2DConditionModel
+from latentkit.models.vae import AutoencoderKL
+
+
+def reference_models(dtype: torch.dtype, device: str):
+    import diffusers
+    import transformers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel.from_config(unet_to_json(SD15.unet))
+    vae = diffusers.AutoencoderKL.from_config(vae_to_json(SD15.vae))
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_to_json(SD15.text)))
+    return {k: m.to(device, dtype).eval() for k, m in {"unet": unet, "vae": vae, "text": text}.items()}
+
+
+def our_models(reference: dict, dtype: torch.dtype, device: str):
+    ours = {
+        "unet": UNet2DConditionModel(SD15.unet),
+        "vae": AutoencoderKL(SD15.vae),
+        "text": CLIPTextModel(SD15.text),
+    }
+    for name, model in ours.items():
+        model.load_state_dict(reference[name].state_dict(), strict=True)
+    return {k: m.to(device, dtype).eval() for k, m in ours.items()}
+
+
+def cases(ours: dict, ref: dict, dtype: torch.dtype, device: str):
+    """(name, latentkit call, reference call) for every benchmark row."""
+    g = torch.Generator("cpu").manual_seed(0)
+    context = torch.randn(2, 77, 768, generator=g).to(device, dtype)
+    t = torch.tensor([500, 500], device=device)
+    ids = torch.randint(0, 49406, (1, 77), generator=g).to(device)
+    rows = []
+    for size in (64, 32):
+        x = torch.randn(2, 4, size, size, generator=g).to(device, dtype)
+        rows.append(
+            (
+                f"unet b2 {size}x{size}",
+                lambda x=x: ours["unet"](x, t, context),
+                lambda x=x: ref["unet"](x, t, context).sample,
+            )
+        )
+    for px in (512, 256):
+        z = torch.randn(1, 4, px // 8, px // 8, generator=g).to(device, dtype)
+        rows.append(
+            (
+                f"vae decode {px}px",
+                lambda z=z: ours["vae"].decode(z),
+                lambda z=z: ref["vae"].decode(z).sample,
+            )
+        )
+    rows.append(
+        ("text encoder 77", lambda: ours["text"](ids), lambda: ref["text"](ids).last_hidden_state)
+    )
+    return rows
+
+
+def time_pair(ours: Callable, ref: Callable, repeats: int, device: str) -> tuple[float, float]:
+    def once(fn: Callable) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    ours_t, ref_t = [], []
+    with torch.inference_mode():
+        once(ours), once(ref)  # warm-up: allocator, kernels, lazy init
+        for _ in range(repeats):
+            ours_t.append(once(ours))
+            ref_t.append(once(ref))
+    return statistics.median(ours_t), statistics.median(ref_t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["unet", "vae", "text"], default=None)
+    parser.add_argument("--dtypes", default=None, help="comma list: fp32,bf16,fp16")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    default = "fp32,fp16,bf16" if device == "cuda" else "fp32,bf16"
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"{'case':<22}{'dtype':<7}{'latentkit s':>12}{'reference s':>13}{'ratio':>8}")
+    for dname in (args.dtypes or default).split(","):
+        dtype = dtypes[dname]
+        ref = reference_models(dtype, device)
+        ours = our_models(ref, dtype, device)
+        for name, ours_fn, ref_fn in cases(ours, ref, dtype, device):
+            if args.only and not name.startswith(args.only):
+                continue
+            a, b = time_pair(ours_fn, ref_fn, args.repeats, device)
+            print(f"{name:<22}{dname:<7}{a:>12.4f}{b:>13.4f}{a / b:>8.3f}", flush=True)
+        del ref, ours
+
+
+if __name__ == "__main__":
+    main()
