@@ -43,8 +43,15 @@ def our_models(reference: dict, dtype: torch.dtype, device: str):
         "text": CLIPTextModel(SD15.text),
     }
     for name, model in ours.items():
-        model.load_state_dict(reference[name].state_dict(), strict=True)
+        model.load_state_dict(_with_text_prefix(name, reference[name].state_dict()), strict=True)
     return {k: m.to(device, dtype).eval() for k, m in ours.items()}
+
+
+def _with_text_prefix(name: str, state: dict) -> dict:
+    """transformers 5 drops the "text_model." level from a bare CLIPTextModel's state dict."""
+    if name != "text" or any(k.startswith("text_model.") for k in state):
+        return state
+    return {f"text_model.{k}": v for k, v in state.items()}
 
 
 def cases(ours: dict, ref: dict, dtype: torch.dtype, device: str):
