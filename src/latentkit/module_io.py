@@ -1,0 +1,314 @@
+"""Weight files in, modules out (and back): file sniffing, restricted unpickling, strict
+loading onto meta-built modules, and saves that never clobber what the user had.
+
+``weights.py`` builds the diffusers-folder and single-file formats on these pieces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import shutil
+import threading
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import WeightsError
+from .safetensors_io import check_finite, convert, read_header, read_safetensors, resolve_dtype
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80  # first byte of a pickle of protocol 2 or newer (legacy torch.save)
+_MAX_KEYS_NAMED = 5
+
+
+# --- reading weight files ---------------------------------------------------------------
+
+
+def sniff(path: Path) -> str:
+    """ "safetensors" or "pickle" by content (the suffix can lie); anything else is an error."""
+    with path.open("rb") as file:
+        head = file.read(8)
+    if head.startswith(_ZIP_MAGIC) or (head[:1] and head[0] == _PICKLE_PROTO):
+        return "pickle"
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    try:
+        read_header(path)
+    except WeightsError:
+        raise WeightsError(
+            f"{path} is not a model weight file; latentkit reads .safetensors files (and "
+            ".ckpt/.pt/.bin with allow_pickle=True) and diffusers model folders."
+        ) from None
+    return "safetensors"
+
+
+def read_weights(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, or of a pickle when ``allow_pickle`` is set."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weight file {path} does not exist.")
+    if sniff(path) == "safetensors":
+        return read_safetensors(path, dtype=dtype, device=device)
+    return read_pickle(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
+
+
+def read_pickle(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Tensors of a legacy torch pickle, read only with torch's restricted unpickler.
+
+    Never falls back to full unpickling: a file that needs any class or function beyond
+    tensors and plain containers is refused, so opening it cannot run code.
+    """
+    path = Path(path)
+    if not allow_pickle:
+        raise WeightsError(
+            f"{path} is a pickle (legacy .ckpt/.pt/.bin), which can run code when opened; "
+            "pass allow_pickle=True (CLI: --allow-pickle) to read only its tensors, or "
+            "better, convert it to .safetensors."
+        )
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # Lightning-era SD checkpoints nest the weights here
+    tensors = (
+        {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if isinstance(obj, dict)
+        else {}
+    )
+    if not tensors:
+        raise WeightsError(f"{path} holds no named tensors, so it is not a model checkpoint.")
+    dtype = resolve_dtype(dtype)
+    for name, tensor in tensors.items():
+        check_finite(path, name, tensor)
+        tensors[name] = convert(path, name, tensor, dtype, device)
+    return tensors
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        if zipfile.is_zipfile(path):
+            # mmap keeps tensors on disk until used, like the safetensors path.
+            return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found or "Weights only load failed" in str(err):
+            what = f" ({found.group(1)})" if found else ""
+            raise WeightsError(
+                f"{path} contains pickled code or objects{what} beyond plain tensors, which "
+                "latentkit will not run; convert it to .safetensors with a tool you trust."
+            ) from None
+        raise _not_torch_file(path) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile):
+        raise _not_torch_file(path) from None
+
+
+def _not_torch_file(path: Path) -> WeightsError:
+    return WeightsError(f"{path} is not a readable PyTorch checkpoint (damaged or another format).")
+
+
+# --- building and loading modules -------------------------------------------------------
+
+
+def build_loaded(
+    factory: Callable[[], nn.Module],
+    state_dict: Mapping[str, torch.Tensor],
+    what: str,
+) -> nn.Module:
+    """``factory()`` built without allocating its weights, then given ``state_dict``'s.
+
+    Parameters are created on the meta device and replaced by the (possibly memory-mapped)
+    tensors themselves, so a checkpoint never needs twice its size in memory.
+    """
+    with torch.device("meta"):
+        module = factory()
+    return load_module(module, state_dict, what, rebuild=factory).eval()
+
+
+def load_module(
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    what: str,
+    *,
+    rebuild: Callable[[], nn.Module] | None = None,
+) -> nn.Module:
+    """Load ``state_dict`` into ``module`` strictly, taking the tensors over (no copies).
+
+    Missing or unexpected keys and shape mismatches are one WeightsError naming ``what``.
+    Non-persistent buffers are not in any file: a value the file has anyway (old CLIP
+    files carry ``position_ids``) is ignored, and any left on the meta device are
+    re-created from ``rebuild`` (the module's factory).
+    """
+    expected = module.state_dict(keep_vars=True)
+    transient = _non_persistent_buffers(module)
+    given = {k: v for k, v in state_dict.items() if k not in transient}
+    _check_keys(what, expected.keys(), given.keys())
+    _check_shapes(what, expected, given)
+    module.load_state_dict(given, strict=True, assign=True)
+    _restore_buffers(module, rebuild, what)
+    _unify_float_dtype(module)
+    return module
+
+
+def _non_persistent_buffers(module: nn.Module) -> set[str]:
+    names = set()
+    for prefix, sub in module.named_modules():
+        for name in sub._non_persistent_buffers_set:
+            names.add(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
+def _check_keys(what: str, expected, given) -> None:
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if not missing and not unexpected:
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_some(unexpected)})")
+    raise WeightsError(
+        f"the {what} weights do not fit its architecture: keys {' and '.join(parts)}; "
+        f"the file must hold an SD 1.x/2.x {what} of the configured size."
+    )
+
+
+def _check_shapes(what: str, expected, given) -> None:
+    wrong = [
+        f"{k} is {tuple(given[k].shape)} but should be {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(given[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        raise WeightsError(
+            f"the {what} weights do not fit its config: {len(wrong)} tensors have the wrong "
+            f"shape ({'; '.join(wrong[:_MAX_KEYS_NAMED])}{'; ...' if len(wrong) > 5 else ''})."
+        )
+
+
+def _some(keys: list[str]) -> str:
+    more = f", ... {len(keys) - _MAX_KEYS_NAMED} more" if len(keys) > _MAX_KEYS_NAMED else ""
+    return ", ".join(keys[:_MAX_KEYS_NAMED]) + more
+
+
+def _restore_buffers(module: nn.Module, rebuild, what: str) -> None:
+    empty = [name for name, buf in module.named_buffers() if buf.is_meta]
+    if not empty:
+        return
+    if rebuild is None:
+        raise WeightsError(f"the {what} has buffers ({_some(empty)}) that no file can fill.")
+    fresh = dict(_build_with_meta_parameters(rebuild).named_buffers())
+    for name in empty:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        owner._buffers[leaf] = fresh[name]
+
+
+def _unify_float_dtype(module: nn.Module) -> None:
+    """Files sometimes mix float dtypes (and re-created buffers are float32); modules must
+    not, so a mixed module is brought to its widest float dtype."""
+    dtypes = {t.dtype for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()}
+    if len(dtypes) > 1:
+        module.to(max(dtypes, key=lambda d: torch.finfo(d).bits))
+
+
+# Building a module whose parameters land on the meta device but whose buffers are real
+# needs nn.Module.register_parameter patched; a thread-local flag keeps the patch from
+# touching modules that other threads build meanwhile.
+_local = threading.local()
+_patch_lock = threading.Lock()
+_patch_users = 0
+_original_register_parameter = nn.Module.register_parameter
+
+
+def _register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    if param is not None and getattr(_local, "meta_parameters", False) and not param.is_meta:
+        # The empty CPU tensor is dropped at once; its pages were never touched.
+        param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    _original_register_parameter(self, name, param)
+
+
+def _build_with_meta_parameters(factory: Callable[[], nn.Module]) -> nn.Module:
+    global _patch_users
+    with _patch_lock:
+        _patch_users += 1
+        nn.Module.register_parameter = _register_parameter
+    _local.meta_parameters = True
+    try:
+        return factory()
+    finally:
+        _local.meta_parameters = False
+        with _patch_lock:
+            _patch_users -= 1
+            if not _patch_users:
+                nn.Module.register_parameter = _original_register_parameter
+
+
+# --- saving without losing anything ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def replace_atomically(target: str | Path, *, overwrite: bool, folder: bool) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it becomes ``target``.
+
+    An existing ``target`` is refused unless ``overwrite``; it is then replaced only after
+    the new content is complete, so a failed save leaves the old one as it was.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise WeightsError(
+            f"{target} already exists; pass overwrite=True to replace it or choose a new path."
+        )
+    if not target.parent.is_dir():
+        raise WeightsError(f"cannot save to {target}: the folder {target.parent} does not exist.")
+    temporary = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    if folder:
+        temporary.mkdir()
+    try:
+        yield temporary
+        _move_into_place(temporary, target)
+    except BaseException:
+        _remove(temporary)
+        raise
+
+
+def _move_into_place(temporary: Path, target: Path) -> None:
+    if not target.exists() or (target.is_file() and temporary.is_file()):
+        os.replace(temporary, target)  # atomic, also over an existing file
+        return
+    # A folder cannot be renamed over a non-empty one: move the old one aside first and
+    # put it back if the swap fails.
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    try:
+        os.replace(temporary, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,209 @@
+"""Load and save whole models: diffusers folders and original single-file checkpoints.
+
+``load(path)`` looks at what it is given and picks the reader; every problem a user can
+cause (a wrong path, a damaged or foreign file, a pickle without consent) is one
+WeightsError sentence. Weights are memory-mapped and handed to modules built on the meta
+device, so loading needs about the checkpoint's size in memory, not twice it.
+
+The pieces live beside this file: ``safetensors_io`` (the file format), ``module_io``
+(pickles, strict loading, safe saving), ``diffusers_folder`` (the folder layout) and
+``ldm_keys`` / ``ldm_infer`` (the single-file key map and config inference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from .components import Components
+from .config import ModelConfig, from_dict, to_dict
+from .diffusers_folder import (
+    load_diffusers,
+    load_schedule,
+    load_text_encoder,
+    load_tokenizer,
+    load_unet,
+    load_vae,
+    rename_vae_attention,
+    save_diffusers,
+)
+from .errors import ConfigError, WeightsError
+from .ldm_infer import infer_config
+from .ldm_keys import detect_family, join_checkpoint, split_checkpoint
+from .module_io import build_loaded, load_module, read_weights, replace_atomically, sniff
+from .safetensors_io import read_metadata, read_safetensors, write_safetensors
+
+__all__ = [
+    "Components",
+    "load",
+    "load_diffusers",
+    "load_single_file",
+    "load_unet",
+    "load_vae",
+    "load_text_encoder",
+    "load_tokenizer",
+    "load_schedule",
+    "load_module",
+    "read_safetensors",
+    "read_weights",
+    "rename_vae_attention",
+    "save_diffusers",
+    "save_single_file",
+]
+
+# Single files we write carry their exact config, so reading them back needs no guessing.
+CONFIG_METADATA_KEY = "latentkit.config"
+_COMPONENT_CONFIGS = {"config.json": "a single component", "model_index.json": "a model"}
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+    prediction_type: str | None = None,
+    variant: str | None = None,
+    hint: ModelConfig | None = None,
+) -> Components:
+    """A model from a diffusers folder or a single-file checkpoint (.safetensors, or
+    .ckpt/.pt with ``allow_pickle``). ``dtype`` casts float weights as they are read;
+    ``prediction_type`` overrides the schedule's ("v_prediction" for SD 2.x 768-v files).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path} does not exist; give a diffusers model folder or a file.")
+    if path.is_dir():
+        _check_model_folder(path)
+        components = load_diffusers(
+            path, dtype=dtype, device=device, variant=variant, allow_pickle=allow_pickle
+        )
+        return _with_prediction_type(components, prediction_type)
+    return load_single_file(
+        path,
+        dtype=dtype,
+        device=device,
+        allow_pickle=allow_pickle,
+        prediction_type=prediction_type,
+        hint=hint,
+    )
+
+
+def _check_model_folder(path: Path) -> None:
+    if (path / "model_index.json").is_file():
+        return
+    if (path / "config.json").is_file():
+        raise WeightsError(
+            f"{path} holds a single component (it has config.json but no model_index.json); "
+            "load it with latentkit.weights.load_unet, load_vae or load_text_encoder."
+        )
+    raise WeightsError(
+        f"{path} is not a model folder: a diffusers folder has model_index.json beside "
+        "unet/, vae/, text_encoder/, tokenizer/ and scheduler/."
+    )
+
+
+def _with_prediction_type(components: Components, prediction_type: str | None) -> Components:
+    if prediction_type is None:
+        return components
+    schedule = dataclasses.replace(components.config.schedule, prediction_type=prediction_type)
+    components.config = dataclasses.replace(components.config, schedule=schedule)
+    return components
+
+
+# --- single files -----------------------------------------------------------------------
+
+
+def load_single_file(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+    prediction_type: str | None = None,
+    hint: ModelConfig | None = None,
+) -> Components:
+    """A model from one original-layout SD 1.x/2.x checkpoint.
+
+    The architecture is read off the tensor shapes (``ldm_infer``); what shapes cannot
+    tell (head counts, prediction type, ...) comes from ``hint``, from the config that
+    latentkit stores in files it writes, or from the family's preset, in that order.
+    """
+    path = Path(path)
+    state = read_weights(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    family = detect_family(state.keys())
+    stored = _stored_config(path) if hint is None else None
+    if stored is not None:
+        config = stored
+        if prediction_type is not None:
+            schedule = dataclasses.replace(config.schedule, prediction_type=prediction_type)
+            config = dataclasses.replace(config, schedule=schedule)
+    else:
+        config = infer_config(state, family, hint=hint, prediction_type=prediction_type)
+    parts = split_checkpoint(state, config)
+    del state  # the parts hold the same tensors; nothing else should keep them alive
+    return _build(config, parts, source=path)
+
+
+def _stored_config(path: Path) -> ModelConfig | None:
+    if sniff(path) != "safetensors":
+        return None
+    text = read_metadata(path).get(CONFIG_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        return from_dict(ModelConfig, json.loads(text), where=f"the config stored in {path}")
+    except json.JSONDecodeError:
+        raise WeightsError(f"the config stored in {path} is not valid JSON.") from None
+
+
+def _build(config: ModelConfig, parts: dict, *, source: Path | None) -> Components:
+    from .models.clip import CLIPTextModel
+    from .models.tokenizer import CLIPTokenizer
+    from .models.unet import UNet2DConditionModel
+    from .models.vae import AutoencoderKL
+
+    try:
+        unet = build_loaded(lambda: UNet2DConditionModel(config.unet), parts["unet"], "U-Net")
+        vae = build_loaded(lambda: AutoencoderKL(config.vae), parts["vae"], "VAE")
+        text = build_loaded(
+            lambda: CLIPTextModel(config.text), parts["text_encoder"], "text encoder"
+        )
+    except ConfigError as err:
+        raise WeightsError(f"the model in {source} has an invalid config: {err}") from None
+    tokenizer = CLIPTokenizer.default(
+        pad_token=config.tokenizer.pad_token, max_length=config.tokenizer.max_length
+    )
+    return Components(config, tokenizer, text, unet, vae, source=source)
+
+
+def save_single_file(
+    components: Components,
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write one original-layout .safetensors checkpoint (as A1111, ComfyUI and diffusers'
+    ``from_single_file`` read them), with our config in its metadata.
+
+    Nothing appears at ``path`` until the file is complete; an existing file is kept
+    unless ``overwrite`` is true.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise WeightsError(
+            f"save_single_file writes .safetensors files only; {path.name} has another suffix."
+        )
+    parts = {name: module.state_dict() for name, module in components.modules().items()}
+    state = join_checkpoint(parts, components.config)
+    metadata = {
+        "format": "pt",
+        CONFIG_METADATA_KEY: json.dumps(to_dict(components.config), sort_keys=True),
+    }
+    with replace_atomically(path, overwrite=overwrite, folder=False) as tmp:
+        write_safetensors(state, tmp, metadata=metadata, dtype=dtype)
+    return path

@@ -1,0 +1,133 @@
+"""Shared fixtures: tiny random models saved in the reference formats.
+
+The reference libraries (diffusers, transformers) build and save the models, so the files
+are what a user would download, only small. They are imported lazily: test files that do
+not use these fixtures do not pay for importing diffusers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentkit.config import TINY, TINY_SD2, ModelConfig
+
+# Tests never reach the network; the reference libraries must not try.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+TINY_CONFIGS: dict[str, ModelConfig] = {"sd1": TINY, "sd2": TINY_SD2}
+CLIP_BPE = files("latentkit") / "assets" / "clip_bpe"
+
+
+def build_reference_pipeline(config: ModelConfig, seed: int = 0):
+    """A diffusers StableDiffusionPipeline of ``config`` with random weights.
+
+    Every parameter gets a little noise on top of the libraries' init, so zero-initialised
+    biases and unit norms also differ from their defaults and a key loaded into the wrong
+    place shows up in the outputs.
+    """
+    import diffusers
+    import transformers
+
+    from latentkit.config_json import schedule_to_json, text_to_json, unet_to_json, vae_to_json
+
+    _quiet_reference_libraries()
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel.from_config(unet_to_json(config.unet))
+    vae = diffusers.AutoencoderKL.from_config(vae_to_json(config.vae))
+    text_json = {k: v for k, v in text_to_json(config.text).items() if k != "architectures"}
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_json))
+    generator = torch.Generator().manual_seed(seed + 1)
+    for module in (unet, vae, text):
+        with torch.no_grad():
+            for param in module.parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    tokenizer = transformers.CLIPTokenizer(
+        str(CLIP_BPE / "vocab.json"),
+        str(CLIP_BPE / "merges.txt"),
+        pad_token=config.tokenizer.pad_token,
+    )
+    scheduler = diffusers.DDIMScheduler.from_config(schedule_to_json(config.schedule))
+    return diffusers.StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_reference_pipeline(pipe, folder: Path) -> Path:
+    """``save_pretrained`` with safetensors, plus vocab.json and merges.txt in tokenizer/.
+
+    transformers 5 saves only tokenizer.json; hub SD folders (what users have) also hold
+    the two BPE files, which is the layout latentkit's tokenizer reads.
+    """
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        with (
+            (CLIP_BPE / name).open("rb") as source,
+            (folder / "tokenizer" / name).open("wb") as out,
+        ):
+            shutil.copyfileobj(source, out)
+    return folder
+
+
+def load_reference_pipeline(folder: Path):
+    """diffusers' own reading of a folder, offline."""
+    import diffusers
+
+    _quiet_reference_libraries()
+    return diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+
+
+def _quiet_reference_libraries() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir("sd1" | "sd2")``: a diffusers folder of a tiny random model (from
+    latentkit's TINY / TINY_SD2 presets), saved once per session by diffusers itself.
+    Treat it as read-only; copy it (``shutil.copytree``) before changing anything."""
+    pytest.importorskip("diffusers")
+    made: dict[str, Path] = {}
+
+    def get(family: str = "sd1") -> Path:
+        if family not in made:
+            folder = tmp_path_factory.mktemp(f"tiny-{family}") / "model"
+            made[family] = save_reference_pipeline(
+                build_reference_pipeline(TINY_CONFIGS[family]), folder
+            )
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def sd1_dir(tiny_model_dir) -> Path:
+    """A tiny SD 1.x-like diffusers folder (quick_gelu CLIP, conv projections, epsilon)."""
+    return tiny_model_dir("sd1")
+
+
+@pytest.fixture(scope="session")
+def sd2_dir(tiny_model_dir) -> Path:
+    """A tiny SD 2.x-like diffusers folder (gelu CLIP, linear projections, pad "!", v)."""
+    return tiny_model_dir("sd2")
