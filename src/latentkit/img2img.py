@@ -1,0 +1,122 @@
+"""Starting from a picture: image-to-image and inpainting, and image <-> tensor conversions.
+
+Inpainting with an ordinary U-Net blends latents: at every step the known region is replaced
+by the source latents noised to the current sigma, so only the masked region is invented.
+Inpainting U-Nets (9 input channels) instead see the mask and the masked picture's latents
+beside the noisy latents, as they were trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import ConfigError
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image as a [1, 3, H, W] float tensor in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def tensor_to_images(images: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] tensors to 8-bit PIL images, rounding as the reference does."""
+    array = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)]
+
+
+def mask_to_tensor(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """A [1, 1, H, W] mask in {0, 1}: 1 (white) is repainted, 0 (black) is kept."""
+    if mask.size != size:
+        raise ConfigError(
+            f"the mask is {mask.size[0]}x{mask.size[1]} but the picture is {size[0]}x{size[1]}; "
+            "give a mask of the same size."
+        )
+    array = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]
+
+
+def fit_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The init image at the output size (resized with Lanczos only when it differs)."""
+    image = image.convert("RGB")
+    return image if image.size == size else image.resize(size, Image.LANCZOS)
+
+
+@dataclass
+class Source:
+    """What an init image (and mask) contribute to a run, in latent space."""
+
+    latents: torch.Tensor  # scaled latents of the init image, one per output image
+    mask: torch.Tensor | None = None  # latent-resolution mask, 1 = repaint
+    extra_channels: torch.Tensor | None = None  # inpainting U-Nets' mask + masked latents
+
+    @property
+    def blend(self) -> bool:
+        return self.mask is not None and self.extra_channels is None
+
+    def wrap(self, denoiser, noise: torch.Tensor):
+        """A denoiser that keeps the unmasked region equal to the source (latent blending)."""
+        mask, source = self.mask.to(noise.dtype), self.latents
+
+        def blended(x, sigma, **cond):
+            s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+            known = source + noise * s
+            x0 = denoiser(mask * x + (1 - mask) * known, sigma, **cond)
+            return mask * x0 + (1 - mask) * source
+
+        blended.schedule = denoiser.schedule
+        return blended
+
+    def final_blend(self, latents: torch.Tensor) -> torch.Tensor:
+        mask = self.mask.to(latents.dtype)
+        return mask * latents + (1 - mask) * self.latents
+
+
+def encode_images(vae, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Scaled latents, one posterior sample per image, each from its own generator."""
+    posterior = vae.encode(images.to(next(vae.parameters()).dtype))
+    mean, std = posterior.mean, posterior.std
+    noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
+    z = mean + std * noise.to(mean.device, mean.dtype)
+    return vae.scale_latents(z)
+
+
+def prepare_source(
+    components,
+    init_image: Image.Image | None,
+    mask: Image.Image | None,
+    size: tuple[int, int],
+    generators: list[torch.Generator],
+    device,
+    dtype,
+) -> Source | None:
+    """Encode the init image (and mask) for a run; ``None`` for plain text-to-image."""
+    inpainting_unet = components.config.unet.in_channels == 9
+    if init_image is None:
+        if mask is not None:
+            raise ConfigError("a mask needs an init image to paint into; pass --init-image.")
+        if inpainting_unet:
+            raise ConfigError(
+                "this is an inpainting model (9-channel U-Net): it needs an init image and a mask."
+            )
+        return None
+    if inpainting_unet and mask is None:
+        raise ConfigError("this inpainting model needs a mask beside the init image; pass --mask.")
+    n = len(generators)
+    pixels = image_to_tensor(fit_image(init_image, size)).to(device).repeat(n, 1, 1, 1)
+    with torch.inference_mode():
+        latents = encode_images(components.vae, pixels, generators).to(dtype)
+        if mask is None:
+            return Source(latents)
+        pixel_mask = mask_to_tensor(mask, size).to(device)
+        latent_mask = F.interpolate(pixel_mask, size=latents.shape[-2:]).repeat(n, 1, 1, 1)
+        if not inpainting_unet:
+            return Source(latents, mask=latent_mask.to(dtype))
+        masked = encode_images(components.vae, pixels * (pixel_mask < 0.5), generators)
+        extra = torch.cat([latent_mask.to(dtype), masked.to(dtype)], dim=1)
+        return Source(latents, mask=latent_mask.to(dtype), extra_channels=extra)

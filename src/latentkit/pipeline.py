@@ -1,0 +1,335 @@
+"""Prompt to picture: ``generate()`` yields one state per denoising step, then the images.
+
+The data flow (ARCHITECTURE.md): tokenizer -> text encoder -> contexts -> seeded noise ->
+``sampler(cfg(adapter(unet)), x, sigmas)`` -> VAE decode. Progress bars, previews, cancel
+(stop iterating) and streaming all come from the generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from . import __version__
+from .components import Components
+from .diffusion.denoiser import Denoiser
+from .diffusion.guidance import CFGDenoiser
+from .diffusion.samplers import SAMPLERS, SPACING_FAMILY, get_sampler, sigmas_for
+from .errors import ConfigError, LatentkitError
+from .img2img import prepare_source, tensor_to_images
+from .prompts import encode_prompt, match_lengths
+
+SCHEDULES = ("default", "karras", "exponential")
+PROMPT_MODES = ("chunks", "truncate")
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Everything that decides a picture besides the model. Sizes default to the model's."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int = 20
+    cfg: float = 7.5
+    guidance_rescale: float = 0.0
+    sampler: str = "euler"
+    schedule: str = "default"
+    seed: int = 0
+    n: int = 1
+    eta: float = 0.0
+    clip_skip: int = 1
+    prompt_mode: str = "chunks"
+    strength: float = 0.75
+
+    def validate(self) -> None:
+        """One sentence per problem, before any work starts."""
+        get_sampler(self.sampler)
+        _check(
+            self.schedule in SCHEDULES,
+            f"schedule {self.schedule!r} is unknown; valid: {', '.join(SCHEDULES)}.",
+        )
+        _check(
+            self.prompt_mode in PROMPT_MODES,
+            f"prompt mode {self.prompt_mode!r} is unknown; valid: {', '.join(PROMPT_MODES)}.",
+        )
+        _check(
+            isinstance(self.steps, int) and self.steps > 0,
+            f"steps must be a positive whole number, got {self.steps!r}.",
+        )
+        _check(
+            math.isfinite(self.cfg) and self.cfg >= 0,
+            f"guidance (cfg) must be a finite number >= 0, got {self.cfg!r}.",
+        )
+        _check(
+            math.isfinite(self.guidance_rescale) and 0 <= self.guidance_rescale <= 1,
+            f"guidance rescale must be between 0 and 1, got {self.guidance_rescale!r}.",
+        )
+        _check(
+            isinstance(self.n, int) and 1 <= self.n <= 64,
+            f"n (images per prompt) must be between 1 and 64, got {self.n!r}.",
+        )
+        _check(0 < self.strength <= 1, f"strength must be in (0, 1], got {self.strength!r}.")
+        _check(0 <= self.seed < 2**63, f"seed must be between 0 and 2**63-1, got {self.seed!r}.")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            _check(
+                value is None or (isinstance(value, int) and value >= 8 and value % 8 == 0),
+                f"{name} must be a positive multiple of 8, got {value!r}.",
+            )
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class Step:
+    """The state after one denoising step (``i`` counts from 0 to ``total - 1``)."""
+
+    i: int
+    total: int
+    sigma: float
+    latents: torch.Tensor
+    denoised: torch.Tensor
+
+
+@dataclass
+class Result:
+    images: list[Image.Image]
+    latents: torch.Tensor
+    records: list[dict]
+
+
+def image_size(components: Components, options: GenerateOptions) -> tuple[int, int]:
+    """(width, height), defaulting to the size the U-Net was trained at."""
+    default = components.config.unet.sample_size * components.config.vae.downscale_factor
+    return options.width or default, options.height or default
+
+
+def seeded_generators(seed: int, n: int) -> list[torch.Generator]:
+    """Image i draws from a CPU generator seeded ``seed + i``, as the ecosystem does."""
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+
+
+def draw_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
+    """One ``torch.randn`` per image from its own generator: the reference's initial noise."""
+    return torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
+
+
+def initial_scale(sampler: str, spacing: str, sigma_max: float) -> float:
+    """The standard deviation the reference's scheduler starts from, in sigma space.
+
+    Variance-preserving schedulers (DDIM, DDPM, DPM-Solver, UniPC) and the Euler family with
+    "leading" spacing start at sqrt(1 + sigma_max^2); the Euler family otherwise at sigma_max.
+    """
+    if SPACING_FAMILY[sampler] == "euler" and spacing != "leading":
+        return sigma_max
+    return math.sqrt(1.0 + sigma_max**2)
+
+
+def strength_start(steps: int, strength: float) -> int:
+    """How many of the schedule's first steps image-to-image skips (the reference's rule)."""
+    return max(steps - min(int(steps * strength), steps), 0)
+
+
+def encode_contexts(components: Components, options: GenerateOptions, device, dtype):
+    """(context, uncond_context or None), each repeated for the ``n`` images."""
+
+    def encode(text: str) -> torch.Tensor:
+        context, _ = encode_prompt(
+            components.tokenizer,
+            components.text_encoder,
+            text,
+            clip_skip=options.clip_skip,
+            mode=options.prompt_mode,
+        )
+        return context
+
+    with torch.inference_mode():
+        cond = encode(options.prompt)
+        uncond = None
+        if options.cfg != 1.0:
+            uncond = encode(options.negative_prompt)
+            if uncond.shape[1] != cond.shape[1]:
+                cond, uncond = match_lengths(cond, uncond, encode(""))
+
+    def batched(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device, dtype).repeat(options.n, 1, 1)
+
+    return batched(cond), batched(uncond)
+
+
+def unet_model(unet: torch.nn.Module, extra_channels: torch.Tensor | None = None):
+    """The network as the denoiser calls it. Inpainting U-Nets get the mask and the masked
+    picture's latents beside their input (doubled when guidance batches two passes)."""
+
+    def model(x, t, *, context):
+        if extra_channels is not None:
+            extra = extra_channels.repeat(x.shape[0] // extra_channels.shape[0], 1, 1, 1)
+            x = torch.cat([x, extra.to(x.dtype)], dim=1)
+        return unet(x, t, context)
+
+    return model
+
+
+def generate(
+    components: Components,
+    options: GenerateOptions,
+    *,
+    init_image: Image.Image | None = None,
+    mask: Image.Image | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[Step | Result]:
+    """Yield a :class:`Step` per denoising step, then one :class:`Result` with the images.
+
+    Stop iterating to cancel: the sampler stops at its next step.
+    """
+    options.validate()
+    width, height = image_size(components, options)
+    cfg = components.config
+    factor = cfg.vae.downscale_factor
+    shape = (options.n, cfg.vae.latent_channels, height // factor, width // factor)
+    generators = seeded_generators(options.seed, options.n)
+    source = prepare_source(
+        components, init_image, mask, (width, height), generators, device, dtype
+    )
+    cond, uncond = encode_contexts(components, options, device, dtype)
+
+    family = SPACING_FAMILY[options.sampler]
+    denoiser = Denoiser(
+        unet_model(components.unet, source.extra_channels if source else None),
+        components.schedule,
+        quantize=family != "euler",
+    )
+    model = CFGDenoiser(denoiser, options.cfg, options.guidance_rescale)
+    sigmas = sigmas_for(denoiser, options.steps, options.schedule, options.sampler)
+    if source is not None and options.strength < 1.0:
+        sigmas = sigmas[strength_start(options.steps, options.strength) :]
+    noise = draw_noise(shape, generators).to(device, dtype)
+    if source is None or options.strength == 1.0:
+        x = noise * initial_scale(
+            options.sampler, components.schedule.timestep_spacing, float(sigmas[0])
+        )
+    else:
+        x = source.latents + noise * float(sigmas[0])
+    if source is not None and source.blend:
+        model = source.wrap(model, noise)
+
+    extra = {"eta": options.eta} if options.sampler == "ddim" else {}
+
+    def run(callback):
+        with torch.inference_mode():
+            return SAMPLERS[options.sampler](
+                model,
+                x,
+                sigmas,
+                callback=callback,
+                generator=generators[0],
+                context=cond,
+                uncond_context=uncond,
+                **extra,
+            )
+
+    total = len(sigmas) - 1
+    latents = None
+    for kind, value in iterate_callback(run):
+        if kind == "step":
+            yield Step(value["i"], total, float(value["sigma"]), value["x"], value["denoised"])
+        else:
+            latents = value
+    if source is not None and source.blend:
+        latents = source.final_blend(latents)
+    images = tensor_to_images(decode_latents(components.vae, latents))
+    record = generation_record(components, options, width, height, dtype)
+    yield Result(images, latents, [dict(record, seed=options.seed + i) for i in range(options.n)])
+
+
+class _Cancelled(Exception):
+    """Raised inside the sampler's thread when the consumer stopped iterating."""
+
+
+def iterate_callback(run) -> Iterator[tuple[str, object]]:
+    """Turn ``run(callback)`` into a generator of ("step", state) items, then ("done", result).
+
+    The sampler runs in a worker thread that waits for the consumer after each step, so the
+    caller sees every step as it happens and can cancel by closing the generator.
+    """
+    items: queue.Queue = queue.Queue(maxsize=1)
+    cancelled = threading.Event()
+
+    def callback(state: dict) -> None:
+        if cancelled.is_set():
+            raise _Cancelled
+        items.put(("step", state))
+
+    def work() -> None:
+        try:
+            items.put(("done", run(callback)))
+        except BaseException as err:  # handed to the consumer's thread
+            items.put(("error", err))
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "error":
+                raise value
+            yield kind, value
+            if kind == "done":
+                return
+    finally:
+        cancelled.set()
+        while worker.is_alive():
+            try:
+                items.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Decode to [-1, 1] pixels; a half-precision decode that overflows is redone in fp32,
+    so there are no black images."""
+    dtype = next(vae.parameters()).dtype
+    with torch.inference_mode():
+        images = vae.images_from_latents(latents.to(dtype))
+        if dtype != torch.float32 and not torch.isfinite(images).all():
+            vae.float()
+            try:
+                images = vae.images_from_latents(latents.float())
+            finally:
+                vae.to(dtype)
+    return images
+
+
+def generation_record(components, options: GenerateOptions, width, height, dtype) -> dict:
+    """The complete JSON record stored in each PNG (``latentkit generate --from`` replays it)."""
+    source = components.source
+    record = dataclasses.asdict(options)
+    record.update(
+        model=str(source) if source is not None else None,
+        width=width,
+        height=height,
+        dtype=str(dtype).removeprefix("torch."),
+        version=__version__,
+    )
+    return record
+
+
+def run_to_result(iterator: Iterator[Step | Result]) -> Result:
+    """Drain ``generate`` and return its :class:`Result` (no per-step handling)."""
+    for item in iterator:
+        if isinstance(item, Result):
+            return item
+    raise LatentkitError("generation ended without a result.")

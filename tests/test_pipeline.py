@@ -1,0 +1,169 @@
+"""Text-to-image and image-to-image against the reference pipeline, pixel for pixel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import latentkit
+from latentkit.errors import ConfigError
+from latentkit.pipeline import GenerateOptions, Result, Step, generate, run_to_result
+
+PROMPT = "a red circle above a blue square"
+NEGATIVE = "blurry, low quality"
+
+
+def reference_scheduler(pipe, sampler: str, schedule: str):
+    import diffusers
+
+    config = dict(pipe.scheduler.config)
+    karras = {"use_karras_sigmas": schedule == "karras"}
+    if sampler == "euler":
+        return diffusers.EulerDiscreteScheduler.from_config(config, **karras)
+    if sampler == "ddim":
+        return diffusers.DDIMScheduler.from_config(config)
+    if sampler == "dpmpp_2m":
+        return diffusers.DPMSolverMultistepScheduler.from_config(config, **karras)
+    raise AssertionError(sampler)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def reference_images(pipe, sampler, schedule, seed=7, **kwargs):
+    pipe.tokenizer.model_max_length = 77  # tokenizers saved without it read as "no limit"
+    pipe.scheduler = reference_scheduler(pipe, sampler, schedule)
+    out = pipe(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=8,
+        guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="pil",
+        **kwargs,
+    )
+    return out.images
+
+
+@pytest.mark.parametrize(
+    "family,sampler,schedule",
+    [
+        ("sd1", "euler", "default"),
+        ("sd1", "ddim", "default"),
+        ("sd1", "dpmpp_2m", "karras"),
+        ("sd2", "euler", "default"),
+        ("sd2", "dpmpp_2m", "karras"),
+    ],
+)
+def test_text_to_image_matches_reference(tiny_model_dir, family, sampler, schedule):
+    from conftest import load_reference_pipeline
+
+    folder = tiny_model_dir(family)
+    pipe = load_reference_pipeline(folder)
+    expected = reference_images(pipe, sampler, schedule)
+    model = latentkit.load(folder)
+    options = GenerateOptions(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=8,
+        cfg=5.0,
+        sampler=sampler,
+        schedule=schedule,
+        seed=7,
+    )
+    result = run_to_result(generate(model, options))
+    diff = np.abs(pixels(result.images[0]) - pixels(expected[0])).max()
+    assert diff <= 2, f"max pixel difference {diff} / 255"
+
+
+def test_image_to_image_matches_reference(sd1_dir):
+    import diffusers
+
+    from conftest import load_reference_pipeline
+
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(**load_reference_pipeline(sd1_dir).components)
+    expected = reference_images(pipe, "euler", "default", image=init, strength=0.6)
+    model = latentkit.load(sd1_dir)
+    options = GenerateOptions(
+        PROMPT, negative_prompt=NEGATIVE, steps=8, cfg=5.0, sampler="euler", seed=7, strength=0.6
+    )
+    result = run_to_result(generate(model, options, init_image=init))
+    diff = np.abs(pixels(result.images[0]) - pixels(expected[0])).max()
+    assert diff <= 2, f"max pixel difference {diff} / 255"
+
+
+def test_generate_yields_every_step_then_the_result(sd1_dir):
+    model = latentkit.load(sd1_dir)
+    items = list(generate(model, GenerateOptions("a cat", steps=4, n=2, seed=3)))
+    steps, result = items[:-1], items[-1]
+    assert [s.i for s in steps] == [0, 1, 2, 3]
+    assert all(isinstance(s, Step) and s.latents.shape[0] == 2 for s in steps)
+    assert isinstance(result, Result) and len(result.images) == 2
+    assert [r["seed"] for r in result.records] == [3, 4]
+    # image i of a batch is the picture that seed + i gives alone
+    alone = run_to_result(generate(model, GenerateOptions("a cat", steps=4, seed=4)))
+    # (batched kernels may round differently in the last bit, so allow one level)
+    assert np.abs(pixels(alone.images[0]) - pixels(result.images[1])).max() <= 1
+
+
+def test_cancel_stops_the_sampler(sd1_dir):
+    model = latentkit.load(sd1_dir)
+    seen = []
+    for item in generate(model, GenerateOptions("a cat", steps=6)):
+        seen.append(item.i)
+        if item.i == 1:
+            break
+    assert seen == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"width": 30}, "width must be a positive multiple of 8"),
+        ({"steps": 0}, "steps must be a positive"),
+        ({"cfg": float("nan")}, "guidance"),
+        ({"cfg": -1.0}, "guidance"),
+        ({"sampler": "eulr"}, "valid samplers"),
+        ({"schedule": "cosine"}, "schedule 'cosine' is unknown"),
+    ],
+)
+def test_bad_options_fail_before_any_work(sd1_dir, change, message):
+    model = latentkit.load(sd1_dir)
+    options = GenerateOptions("a cat", **change)
+    with pytest.raises(ConfigError, match=message):
+        next(generate(model, options))
+
+
+def test_mask_problems_are_one_line_errors(sd1_dir):
+    model = latentkit.load(sd1_dir)
+    init = Image.new("RGB", (32, 32))
+    with pytest.raises(ConfigError, match="mask is 16x16 but the picture is 32x32"):
+        next(
+            generate(
+                model, GenerateOptions("a cat"), init_image=init, mask=Image.new("L", (16, 16))
+            )
+        )
+    with pytest.raises(ConfigError, match="needs an init image"):
+        next(generate(model, GenerateOptions("a cat"), mask=Image.new("L", (32, 32))))
+
+
+def test_inpainting_keeps_the_unmasked_region(sd1_dir):
+    model = latentkit.load(sd1_dir)
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:, 16:] = 255
+    options = GenerateOptions("a cat", steps=6, strength=1.0)
+    result = run_to_result(generate(model, options, init_image=init, mask=Image.fromarray(mask)))
+    plain = run_to_result(generate(model, options, init_image=init))
+    z_masked, z_plain = result.latents, plain.latents
+    # left half (kept) of the latents equals the encoded source; right half was repainted
+    assert not torch.allclose(z_masked[..., 8:], z_plain[..., 8:])
+    src = model.vae.latents_from_images(
+        torch.from_numpy(np.asarray(init, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None],
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert torch.allclose(z_masked[..., :8], src[..., :8], atol=1e-5)
