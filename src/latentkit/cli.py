@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+from pathlib import Path
 
 from . import __version__
-from .errors import LatentkitError
+from .errors import ConfigError, LatentkitError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,17 +18,173 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"latentkit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    inspect = commands.add_parser(
+    _add_generate(commands)
+    _add_info(commands)
+    _add_inspect(commands)
+    return parser
+
+
+def _add_generate(commands) -> None:
+    from .diffusion.samplers import SAMPLERS
+    from .pipeline import PROMPT_MODES, SCHEDULES
+
+    p = commands.add_parser("generate", help="make pictures from a prompt")
+    p.add_argument("prompt", nargs="?", help="what to draw (AUTOMATIC1111 (weight:1.2) syntax)")
+    p.add_argument("--negative", default=None, help="what to steer away from")
+    p.add_argument("--model", default=None, help="a diffusers folder or a .safetensors file")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
+    p.add_argument("--schedule", choices=SCHEDULES, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = no guidance)")
+    p.add_argument("--rescale", type=float, default=None, help="guidance rescale, 0..1")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--n", type=int, default=None, help="images (seed, seed+1, ...)")
+    p.add_argument("--clip-skip", type=int, default=None)
+    p.add_argument("--prompt-mode", choices=PROMPT_MODES, default=None)
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--init-image", type=Path, default=None, help="image-to-image source")
+    p.add_argument("--strength", type=float, default=None, help="how much to change it, 0..1")
+    p.add_argument("--mask", type=Path, default=None, help="inpainting mask (white = repaint)")
+    p.add_argument(
+        "--from",
+        dest="from_png",
+        type=Path,
+        default=None,
+        help="replay the settings stored in a PNG made by latentkit",
+    )
+    p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt weights")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("-o", "--out", type=Path, default=Path("out.png"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_generate)
+
+
+def _add_info(commands) -> None:
+    p = commands.add_parser("info", help="print the generation settings stored in a PNG")
+    p.add_argument("image", type=Path)
+    p.add_argument("--json", action="store_true", help="print the full JSON record")
+    p.set_defaults(run=run_info)
+
+
+def _add_inspect(commands) -> None:
+    p = commands.add_parser(
         "inspect", help="load a model (diffusers folder or single file) and describe it"
     )
-    inspect.add_argument("path", help="a diffusers model folder or a .safetensors checkpoint")
-    inspect.add_argument(
+    p.add_argument("path", help="a diffusers model folder or a .safetensors checkpoint")
+    p.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="also accept legacy .ckpt/.pt files (read with torch.load(weights_only=True))",
+        help="also accept legacy .ckpt/.pt files (torch.load(weights_only=True))",
     )
-    inspect.set_defaults(run=run_inspect)
-    return parser
+    p.set_defaults(run=run_inspect)
+
+
+# Command-line flag -> GenerateOptions field, for flags whose names differ.
+_OPTION_FLAGS = {"negative": "negative_prompt", "rescale": "guidance_rescale"}
+
+
+def generate_options(args: argparse.Namespace):
+    """GenerateOptions from the flags, on top of a replayed record when ``--from`` is given."""
+    from .pipeline import GenerateOptions
+    from .pngmeta import read_png_record
+
+    fields = {f.name for f in dataclasses.fields(GenerateOptions)}
+    base = {}
+    if args.from_png is not None:
+        record = read_png_record(args.from_png)
+        base = {k: v for k, v in record.items() if k in fields}
+    for flag, value in vars(args).items():
+        name = _OPTION_FLAGS.get(flag, flag)
+        if name in fields and value is not None:
+            base[name] = value
+    if not base.get("prompt") and base.get("prompt") != "":
+        raise ConfigError("give a prompt (or --from IMAGE.png to replay one).")
+    return GenerateOptions(**base)
+
+
+def output_paths(out: Path, n: int, overwrite: bool) -> list[Path]:
+    """``out.png`` for one image, ``out-1.png`` ... for several; never silently replaced."""
+    paths = (
+        [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(n)]
+    )
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"output {str(out)!r} must end in .png (the settings live in PNG text).")
+    if not out.parent.is_dir():
+        raise ConfigError(f"output folder {str(out.parent)!r} does not exist.")
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{existing[0]} already exists; choose another -o or pass --overwrite.")
+    return paths
+
+
+def _read_image(path: Path | None, what: str):
+    if path is None:
+        return None
+    from PIL import Image
+
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist.")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except Exception as err:  # PIL raises many types for non-images
+        raise ConfigError(f"{what} {str(path)!r} is not a readable image ({err}).") from None
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from .pipeline import Result, generate, image_size
+    from .pngmeta import save_png
+    from .runtime import Progress, resolve_device, resolve_dtype
+    from .weights import load
+
+    options = generate_options(args)
+    options.validate()
+    paths = output_paths(args.out, options.n, args.overwrite)
+    init_image = _read_image(args.init_image, "init image")
+    mask = _read_image(args.mask, "mask")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model_path = args.model or _model_from_record(args)
+    components = load(model_path, allow_pickle=args.allow_pickle, dtype=dtype, device=device)
+    width, height = image_size(components, options)
+    progress = Progress(options.steps, f"{width}x{height}", enabled=not args.quiet)
+    for item in generate(
+        components, options, init_image=init_image, mask=mask, device=device, dtype=dtype
+    ):
+        if isinstance(item, Result):
+            progress.close()
+            for image, record, path in zip(item.images, item.records, paths, strict=True):
+                save_png(image, path, record)
+                print(path)
+        else:
+            progress.update(item.i + 1)
+
+
+def _model_from_record(args: argparse.Namespace) -> str:
+    from .pngmeta import read_png_record
+
+    if args.from_png is not None:
+        model = read_png_record(args.from_png).get("model")
+        if model:
+            return model
+    raise ConfigError("give --model PATH (a diffusers folder or a .safetensors file).")
+
+
+def run_info(args: argparse.Namespace) -> None:
+    from .pngmeta import read_png_record, read_png_text
+
+    if args.json:
+        print(json.dumps(read_png_record(args.image), indent=2, sort_keys=True))
+        return
+    text = read_png_text(args.image)
+    if "parameters" not in text:
+        raise LatentkitError(f"{str(args.image)!r} holds no generation parameters.")
+    print(text["parameters"])
 
 
 def run_inspect(args: argparse.Namespace) -> None:
@@ -46,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     except LatentkitError as err:
         print(f"latentkit: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nlatentkit: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
