@@ -299,3 +299,14 @@ def test_denoiser_feeds_vp_input_and_timestep():
     quantized = Denoiser(net, SD15, quantize=True)
     quantized(x, d.t_to_sigma(torch.tensor([10.4, 10.6])))
     assert net.calls[1][1].tolist() == [10.0, 11.0]
+
+
+def test_half_precision_latents_keep_exact_timesteps():
+    """A float16 sigma would be rounded enough to shift its timestep; sigmas stay float32."""
+    net = FakeNet(torch.float16)
+    denoiser = Denoiser(net, SD15)
+    sigmas = sigmas_for(denoiser, 5)
+    x = get_sampler("euler")(denoiser, noise(torch.float16) * sigmas[0], sigmas)
+    assert x.dtype == torch.float16 and torch.isfinite(x).all()
+    assert [t[0].item() for _, t in net.calls] == [801.0, 601.0, 401.0, 201.0, 1.0]
+    assert all(x_in.dtype == torch.float16 for x_in, _ in net.calls)

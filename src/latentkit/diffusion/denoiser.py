@@ -25,8 +25,10 @@ Model = Callable[..., torch.Tensor]
 
 
 def per_sample_sigma(sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sigma as a (batch,) tensor in x's dtype and device (a number or 0-d tensor is repeated)."""
-    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    """sigma as a (batch,) tensor on x's device (a number or 0-d tensor is repeated), in x's
+    dtype but at least float32: a float16 sigma would shift the timestep it stands for."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device)
     return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
 
 
@@ -112,5 +114,5 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, **cond) -> torch.Tensor:
         sigma = per_sample_sigma(sigma, x)
         s = _column(sigma, x)
-        out = self.model(x * c_in(s), self.timestep(sigma), **cond)
-        return x0_from_output(self.prediction_type, x, s, out)
+        out = self.model((x * c_in(s)).to(x.dtype), self.timestep(sigma), **cond)
+        return x0_from_output(self.prediction_type, x, s, out).to(x.dtype)

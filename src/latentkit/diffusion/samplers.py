@@ -38,7 +38,9 @@ Callback = Callable[[dict], None] | None
 
 
 def _sigma(s: float, x: torch.Tensor) -> torch.Tensor:
-    return x.new_full((x.shape[0],), s)
+    """s for each sample, at least in float32 (see denoiser.per_sample_sigma)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return torch.full((x.shape[0],), s, dtype=dtype, device=x.device)
 
 
 def _report(callback: Callback, i: int, s: float, s_next: float, x, denoised) -> None:
@@ -71,7 +73,8 @@ def _log_step(s: float, s_next: float) -> float:
 
 def sample_euler(denoiser, x, sigmas, *, callback=None, generator=None, **extra):
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma
-    (Karras et al. 2022, Algorithm 2 without churn; diffusers' EulerDiscreteScheduler)."""
+    (Karras et al. 2022, eq. 4 / Algorithm 1 without its second-order correction;
+    diffusers' EulerDiscreteScheduler without churn)."""
     for i, s, s_next in _pairs(sigmas):
         denoised = denoiser(x, _sigma(s, x), **extra)
         _report(callback, i, s, s_next, x, denoised)
@@ -118,7 +121,7 @@ def sample_lms(denoiser, x, sigmas, *, callback=None, generator=None, order=4, *
         derivatives = [*derivatives, (x - denoised) / s][-order:]
         current = min(i + 1, order)
         coeffs = [_lms_coefficient(values, i, j, current) for j in range(current)]
-        x = x + sum(c * d for c, d in zip(coeffs, reversed(derivatives), strict=False))
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(derivatives), strict=True))
     return x
 
 
