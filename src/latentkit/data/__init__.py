@@ -1,0 +1,1 @@
+"""Datasets latentkit can generate itself, such as the procedural shapes world."""

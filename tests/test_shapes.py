@@ -1,0 +1,291 @@
+"""The shapes world: scenes, renders, captions, held-out splits and dataset folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+
+from latentkit.data import shapes
+from latentkit.data.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT_PAIRS,
+    HELD_OUT_RELATIONS,
+    Obj,
+    Scene,
+    canonical_caption,
+    caption,
+    held_out_combos,
+    position_name,
+    render,
+    sample_scene,
+    write_dataset,
+)
+from latentkit.errors import ConfigError
+
+SHAPE_WORDS = {"circle": ("circle", "disc")}
+
+
+def scenes(n, split="train", seed=0, size=64):
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, split, size) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def train_scenes():
+    return scenes(2000)
+
+
+@pytest.fixture(scope="module")
+def held_out_scenes():
+    return scenes(500, "held-out", seed=1)
+
+
+def test_same_seed_same_scenes_images_and_captions():
+    a, b = scenes(20, seed=7), scenes(20, seed=7)
+    assert a == b
+    assert a != scenes(20, seed=8)
+    assert render(a[0]).tobytes() == render(b[0]).tobytes()
+    caps = [[caption(s, np.random.default_rng(3)) for s in batch] for batch in (a, b)]
+    assert caps[0] == caps[1]
+
+
+def test_every_vocabulary_item_occurs(train_scenes):
+    objs = [o for s in train_scenes for o in s.objects]
+    assert {o.shape for o in objs} == set(shapes.SHAPES)
+    assert {o.colour for o in objs} == set(COLOURS)
+    assert {o.size for o in objs} == set(shapes.SIZES)
+    assert {s.background for s in train_scenes} == set(BACKGROUNDS)
+    assert {s.position() for s in train_scenes if len(s.objects) == 1} == set(shapes.POSITIONS)
+    assert {s.relation for s in train_scenes if s.relation} == set(shapes.RELATIONS)
+
+
+def test_geometry_inside_apart_and_relation_clear(train_scenes):
+    for scene in train_scenes:
+        for obj in scene.objects:
+            x, y = obj.centre
+            assert obj.radius <= min(x, y, 64 - x, 64 - y)
+        if len(scene.objects) == 2:
+            a, b = scene.objects
+            assert math.dist(a.centre, b.centre) >= a.radius + b.radius
+            dx, dy = b.centre[0] - a.centre[0], b.centre[1] - a.centre[1]
+            # The relation's axis clearly dominates, and image y grows downwards.
+            expected = {
+                "above": dy > 2 * abs(dx) - 1e-9,
+                "below": -dy > 2 * abs(dx) - 1e-9,
+                "left of": dx > 2 * abs(dy) - 1e-9,
+                "right of": -dx > 2 * abs(dy) - 1e-9,
+            }[scene.relation]
+            assert expected, scene
+
+
+def test_sizes_stay_apart(train_scenes):
+    small = [o.diameter for s in train_scenes for o in s.objects if o.size == "small"]
+    large = [o.diameter for s in train_scenes for o in s.objects if o.size == "large"]
+    assert max(small) < 0.7 * min(large)
+
+
+def test_render_matches_the_scene(train_scenes):
+    for scene in train_scenes[:150]:
+        pixels = np.asarray(render(scene)).astype(int)
+        assert pixels.shape == (64, 64, 3)
+        # The pixel under each centre is fully covered by the shape: its exact colour.
+        for obj in scene.objects:
+            x, y = (int(c) for c in obj.centre)
+            assert tuple(pixels[y, x]) == COLOURS[obj.colour], (scene, obj)
+        # Everything outside the objects' bounding circles is untouched background.
+        ys, xs = np.mgrid[0:64, 0:64] + 0.5
+        outside = np.ones((64, 64), bool)
+        for obj in scene.objects:
+            cx, cy = obj.centre
+            outside &= np.hypot(xs - cx, ys - cy) > obj.radius + 0.75
+        assert (pixels[outside] == BACKGROUNDS[scene.background]).all()
+
+
+def test_render_is_antialiased_and_scales():
+    scene = scenes(1, seed=3)[0]
+    pixels = np.asarray(render(scene)).reshape(-1, 3)
+    pure = {BACKGROUNDS[scene.background], *(COLOURS[o.colour] for o in scene.objects)}
+    assert any(tuple(p) not in pure for p in pixels)  # blended edge pixels exist
+    assert render(scene, size=128).size == (128, 128)
+
+
+def test_single_object_positions_read_back(train_scenes):
+    for scene in train_scenes:
+        if len(scene.objects) == 1:
+            obj = scene.objects[0]
+            assert scene.attributes()["objects"][0]["position"] == position_name(obj.centre, 64)
+    assert position_name((5, 5), 64) == "top left"
+    assert position_name((32, 60), 64) == "bottom"
+
+
+def test_train_never_holds_a_held_out_combo(train_scenes):
+    pairs = set(HELD_OUT_PAIRS)
+    for scene in train_scenes:
+        assert not held_out_combos(scene)
+        assert not any((o.colour, o.shape) in pairs for o in scene.objects)
+        if scene.relation:
+            c = scene.canonical()
+            assert (c.objects[0].shape, c.relation, c.objects[1].shape) not in HELD_OUT_RELATIONS
+
+
+def test_every_held_out_scene_holds_one(held_out_scenes):
+    seen = set()
+    for scene in held_out_scenes:
+        combos = held_out_combos(scene)
+        assert combos, scene
+        seen.update(combos)
+    expected = {f"{c} {s}" for c, s in HELD_OUT_PAIRS} | {" ".join(t) for t in HELD_OUT_RELATIONS}
+    assert seen == expected
+
+
+def test_captions_name_colours_and_shapes(train_scenes):
+    rng = np.random.default_rng(0)
+    variants = set()
+    for scene in train_scenes[:300]:
+        text = caption(scene, rng)
+        variants.add(text)
+        for obj in scene.objects:
+            assert obj.colour in text
+            assert any(w in text for w in SHAPE_WORDS.get(obj.shape, (obj.shape,))), text
+    assert len(variants) > 250
+
+
+def test_relation_captions_say_it_either_way():
+    a = Obj("circle", "red", "small", (32.0, 12.0), 14.0)
+    b = Obj("square", "blue", "large", (30.0, 46.0), 23.0)
+    scene = Scene("black", (a, b), "above")
+    rng = np.random.default_rng(0)
+    texts = [caption(scene, rng) for _ in range(60)]
+    assert any("above" in t and t.index("red") < t.index("blue") for t in texts)
+    assert any(
+        any(w in t for w in ("below", "under", "beneath")) and t.index("blue") < t.index("red")
+        for t in texts
+    )
+    flipped = Scene("black", (b, a), "below")
+    assert (
+        canonical_caption(flipped)
+        == canonical_caption(scene)
+        == ("a small red circle above a large blue square on a black background")
+    )
+    assert flipped.attributes() == scene.attributes()
+
+
+def test_attributes_are_plain_json():
+    attrs = Scene("gray", (Obj("star", "purple", "large", (10.0, 10.0), 18.0),)).attributes()
+    assert json.loads(json.dumps(attrs)) == attrs
+    assert attrs["count"] == 1 and attrs["relation"] is None
+    assert attrs["objects"][0]["position"] == "top left"
+    assert attrs["held_out"] == ["purple star"]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Scene("pink", (Obj("star", "red", "small", (32.0, 32.0), 10.0),)), "background"),
+        (lambda: Scene("black", (Obj("oval", "red", "small", (32.0, 32.0), 10.0),)), "shape"),
+        (lambda: Scene("black", (Obj("star", "red", "small", (3.0, 32.0), 10.0),)), "inside"),
+        (
+            lambda: Scene(
+                "black",
+                (
+                    Obj("star", "red", "small", (20.0, 32.0), 10.0),
+                    Obj("star", "blue", "small", (26.0, 32.0), 10.0),
+                ),
+                "left of",
+            ),
+            "overlap",
+        ),
+        (
+            lambda: Scene(
+                "black",
+                (
+                    Obj("star", "red", "small", (10.0, 32.0), 10.0),
+                    Obj("star", "blue", "small", (50.0, 32.0), 10.0),
+                ),
+                "above",
+            ),
+            "geometry",
+        ),
+        (lambda: sample_scene(np.random.default_rng(0), "test"), "split"),
+        (lambda: sample_scene(np.random.default_rng(0), size=8), "size"),
+    ],
+)
+def test_bad_scenes_are_config_errors(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_other_sizes_keep_the_rules():
+    for scene in scenes(200, "held-out", size=32):
+        assert scene.canvas == 32 and held_out_combos(scene)
+        assert render(scene).size == (32, 32)
+
+
+def test_write_dataset_folder(tmp_path):
+    out = tmp_path / "shapes"
+    summary = write_dataset(out, 6, seed=5)
+    assert summary["one_object"] + summary["two_objects"] == 6
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in rows] == [f"{i:05d}.png" for i in range(6)]
+    for row in rows:
+        stem = row["file_name"][:-4]
+        assert (out / f"{stem}.txt").read_text().strip() == row["text"]
+        assert (out / row["file_name"]).stat().st_size > 0
+        assert row["attributes"]["count"] in (1, 2)
+    assert len(list(out.iterdir())) == 13
+
+    # Same seed, same dataset, byte for byte.
+    again = tmp_path / "again"
+    write_dataset(again, 6, seed=5)
+    assert (again / "metadata.jsonl").read_bytes() == (out / "metadata.jsonl").read_bytes()
+    assert (again / "00003.png").read_bytes() == (out / "00003.png").read_bytes()
+
+
+def test_write_dataset_refuses_a_non_empty_folder(tmp_path):
+    keep = tmp_path / "notes.md"
+    keep.write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        write_dataset(tmp_path, 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.md"]
+
+    write_dataset(tmp_path, 3, overwrite=True)
+    write_dataset(tmp_path, 2, overwrite=True)  # stale 00002.* from the first are gone
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        "00000.png",
+        "00000.txt",
+        "00001.png",
+        "00001.txt",
+        "metadata.jsonl",
+        "notes.md",
+    ]
+    assert keep.read_text() == "mine"
+    with pytest.raises(ConfigError, match="positive integer"):
+        write_dataset(tmp_path / "x", 0)
+    with pytest.raises(ConfigError, match="not a folder"):
+        write_dataset(keep, 1)
+
+
+def test_cli_subcommand(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    shapes.add_cli(parser.add_subparsers())
+    args = parser.parse_args(["shapes", "--n", "3", "--out", str(tmp_path / "d"), "--seed", "2"])
+    args.run(args)
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line and line.startswith("wrote 3 train images")
+    assert len(list((tmp_path / "d").glob("*.png"))) == 3
+
+
+def test_render_speed(train_scenes, capsys):
+    start = time.perf_counter()
+    for scene in train_scenes[:1000]:
+        render(scene)
+    elapsed = time.perf_counter() - start
+    with capsys.disabled():
+        print(f"\n1,000 renders at 64x64: {elapsed:.2f} s ({elapsed:.2f} ms each)")
