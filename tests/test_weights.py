@@ -444,14 +444,14 @@ def test_single_file_load_memory_stays_near_file_size(tmp_path):
     wide = dataclasses.replace(
         tiny,
         unet=dataclasses.replace(
-            tiny.unet, block_out_channels=(320, 640), norm_num_groups=32, cross_attention_dim=640
+            tiny.unet, block_out_channels=(192, 384), norm_num_groups=32, cross_attention_dim=384
         ),
-        text=dataclasses.replace(tiny.text, hidden_size=640, intermediate_size=2560),
+        text=dataclasses.replace(tiny.text, hidden_size=384, intermediate_size=1536),
     )
     small = _random_single_file(tiny, tmp_path / "small.safetensors")
     big = _random_single_file(wide, tmp_path / "big.safetensors")
     size = big.stat().st_size
-    assert size > 150e6
+    assert size > 150e6  # ~200 MB: big enough that fixed overheads do not matter
     result = subprocess.run(
         [sys.executable, "-c", _MEMORY_PROBE, str(small), str(big)],
         capture_output=True,
@@ -482,3 +482,28 @@ def _random_single_file(config, path: Path) -> Path:
     metadata = {weights.CONFIG_METADATA_KEY: json.dumps(to_dict(config))}
     write_safetensors(join_checkpoint(parts, config), path, metadata=metadata)
     return path
+
+
+def test_pickled_component_folder(sd1_dir, tmp_path):
+    """Hub folders of old models hold pytorch_model.bin (transformers) instead of safetensors."""
+    folder = shutil.copytree(sd1_dir, tmp_path / "model")
+    text = folder / "text_encoder"
+    torch.save(read_safetensors(text / "model.safetensors"), text / "pytorch_model.bin")
+    (text / "model.safetensors").unlink()
+    with pytest.raises(WeightsError) as err:
+        latentkit.load(folder)
+    _one_line(err, "pytorch_model.bin", "allow_pickle=True")
+    _same_weights(latentkit.load(sd1_dir), latentkit.load(folder, allow_pickle=True))
+
+
+def test_mixed_precision_file_and_half_buffers():
+    state = {"proj.weight": torch.randn(4, 4, dtype=torch.float16), "proj.bias": torch.randn(4)}
+    module = build_loaded(_WithFloatBuffer, state, "toy")
+    assert {t.dtype for t in [*module.parameters(), *module.buffers()]} == {torch.float16}
+
+
+class _WithFloatBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.ones(3), persistent=False)

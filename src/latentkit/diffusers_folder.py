@@ -34,8 +34,11 @@ from .module_io import build_loaded, read_pickle, replace_atomically
 from .safetensors_io import read_safetensors, resolve_dtype, write_safetensors
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-_UNET_STEM = "diffusion_pytorch_model"  # diffusers' weight file name (also the VAE's)
-_TEXT_STEM = "model"  # transformers' weight file name
+# Weight file names without suffix: diffusers' (U-Net and VAE) and transformers' (CLIP);
+# a pickled .bin has the same name for diffusers but another one for transformers.
+_UNET_STEM = "diffusion_pytorch_model"
+_TEXT_STEM = "model"
+_PICKLE_STEMS = {_UNET_STEM: _UNET_STEM, _TEXT_STEM: "pytorch_model"}
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
 # What diffusers' StableDiffusionPipeline.from_pretrained expects in model_index.json.
@@ -291,7 +294,7 @@ def _read_component(folder: Path, stem: str, variant, allow_pickle, dtype, devic
     ):
         if index.is_file():
             return _read_sharded(index, dtype, device)
-    pickle = folder / f"{stem}{tag}.bin"
+    pickle = folder / f"{_PICKLE_STEMS[stem]}{tag}.bin"
     if pickle.is_file():
         return read_pickle(pickle, dtype=dtype, device=device, allow_pickle=allow_pickle)
     raise WeightsError(_no_weights_message(folder, single.name, variant))

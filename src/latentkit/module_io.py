@@ -217,18 +217,33 @@ def _restore_buffers(module: nn.Module, rebuild, what: str) -> None:
     if rebuild is None:
         raise WeightsError(f"the {what} has buffers ({_some(empty)}) that no file can fill.")
     fresh = dict(_build_with_meta_parameters(rebuild).named_buffers())
+    dtype = _main_float_dtype(module)
     for name in empty:
         owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        owner._buffers[leaf] = fresh[name]
+        buffer = fresh[name]
+        if dtype is not None and buffer.is_floating_point():
+            buffer = buffer.to(dtype)  # follow the weights: fp16 weights, fp16 buffers
+        module.get_submodule(owner_name)._buffers[leaf] = buffer
+
+
+def _main_float_dtype(module: nn.Module) -> torch.dtype | None:
+    """The float dtype holding most of the module's weights (None if it has none)."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point() and not tensor.is_meta:
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.__getitem__) if counts else None
 
 
 def _unify_float_dtype(module: nn.Module) -> None:
-    """Files sometimes mix float dtypes (and re-created buffers are float32); modules must
-    not, so a mixed module is brought to its widest float dtype."""
-    dtypes = {t.dtype for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()}
-    if len(dtypes) > 1:
-        module.to(max(dtypes, key=lambda d: torch.finfo(d).bits))
+    """Files sometimes mix float dtypes (fp16 weights, a few fp32 norms); a module must
+    not, so the stragglers are cast to the dtype that holds most of the weights."""
+    dtype = _main_float_dtype(module)
+    if dtype is not None and any(
+        t.is_floating_point() and t.dtype != dtype
+        for t in [*module.parameters(), *module.buffers()]
+    ):
+        module.to(dtype)
 
 
 # Building a module whose parameters land on the meta device but whose buffers are real
