@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"latentkit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(commands)
+    _add_interpolate(commands)
     _add_info(commands)
     _add_inspect(commands)
     return parser
@@ -61,6 +62,64 @@ def _add_generate(commands) -> None:
     p.add_argument("-o", "--out", type=Path, default=Path("out.png"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_generate)
+
+
+def _add_interpolate(commands) -> None:
+    p = commands.add_parser(
+        "interpolate", help="frames between two seeds and/or two prompts, as one strip PNG"
+    )
+    p.add_argument("prompt")
+    p.add_argument("--to-prompt", default=None, help="the prompt of the last frame")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--to-seed", type=int, default=None, help="the seed of the last frame")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--model", required=True, help="a diffusers folder or a .safetensors file")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--negative", default="")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-o", "--out", type=Path, default=Path("interpolation.png"))
+    p.set_defaults(run=run_interpolate)
+
+
+def run_interpolate(args: argparse.Namespace) -> None:
+    from .interpolate import frame_strip, interpolation_frames
+    from .pipeline import GenerateOptions
+    from .runtime import Progress, resolve_device, resolve_dtype
+    from .weights import load
+
+    options = GenerateOptions(
+        args.prompt,
+        negative_prompt=args.negative,
+        steps=args.steps,
+        cfg=args.cfg,
+        sampler=args.sampler,
+        seed=args.seed,
+    )
+    options.validate()
+    (path,) = output_paths(args.out, 1, args.overwrite)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    components = load(args.model, dtype=dtype, device=device)
+    progress = Progress(args.frames, "frames")
+    frames = []
+    for image in interpolation_frames(
+        components,
+        options,
+        frames=args.frames,
+        seed_to=args.to_seed,
+        prompt_to=args.to_prompt,
+        device=device,
+        dtype=dtype,
+    ):
+        frames.append(image)
+        progress.update(len(frames))
+    progress.close()
+    frame_strip(frames).save(path)
+    print(path)
 
 
 def _add_info(commands) -> None:

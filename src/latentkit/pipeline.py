@@ -190,10 +190,14 @@ def generate(
     mask: Image.Image | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    noise: torch.Tensor | None = None,
+    contexts: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> Iterator[Step | Result]:
     """Yield a :class:`Step` per denoising step, then one :class:`Result` with the images.
 
-    Stop iterating to cancel: the sampler stops at its next step.
+    Stop iterating to cancel: the sampler stops at its next step. ``noise`` (unit-variance
+    initial noise of the latent shape) and ``contexts`` ((cond, uncond) text contexts, already
+    batched) replace the seed's noise and the prompts' encoding: interpolation uses them.
     """
     options.validate()
     width, height = image_size(components, options)
@@ -204,7 +208,9 @@ def generate(
     source = prepare_source(
         components, init_image, mask, (width, height), generators, device, dtype
     )
-    cond, uncond = encode_contexts(components, options, device, dtype)
+    if contexts is None:
+        contexts = encode_contexts(components, options, device, dtype)
+    cond, uncond = contexts
 
     family = SPACING_FAMILY[options.sampler]
     denoiser = Denoiser(
@@ -216,7 +222,9 @@ def generate(
     sigmas = sigmas_for(denoiser, options.steps, options.schedule, options.sampler)
     if source is not None and options.strength < 1.0:
         sigmas = sigmas[strength_start(options.steps, options.strength) :]
-    noise = draw_noise(shape, generators).to(device, dtype)
+    if noise is None:
+        noise = draw_noise(shape, generators)
+    noise = noise.to(device, dtype)
     if source is None or options.strength == 1.0:
         x = noise * initial_scale(
             options.sampler, components.schedule.timestep_spacing, float(sigmas[0])
