@@ -106,3 +106,12 @@ def test_existing_output_is_not_overwritten(sd1_dir, tmp_path, capsys):
     code, _, err = run(capsys, "generate", "a cat", "--model", str(sd1_dir), "-o", str(out))
     assert code == 2 and "already exists" in err
     assert out.read_bytes() == b"precious"
+
+
+def test_data_shapes_writes_a_captioned_folder(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    code, printed, _ = run(capsys, "data", "shapes", "--n", "6", "--out", str(out), "--seed", "2")
+    assert code == 0 and "wrote 6 train images" in printed
+    assert len(list(out.glob("*.png"))) == 6 and len(list(out.glob("*.txt"))) == 6
+    code, _, err = run(capsys, "data", "shapes", "--n", "6", "--out", str(out))
+    assert code == 2 and err.count("\n") == 1

@@ -22,7 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_interpolate(commands)
     _add_info(commands)
     _add_inspect(commands)
+    _add_data(commands)
     return parser
+
+
+def _add_data(commands) -> None:
+    from .data import shapes
+
+    p = commands.add_parser("data", help="make datasets (the procedural shapes world)")
+    shapes.add_cli(p.add_subparsers(dest="data_command", metavar="DATASET", required=True))
 
 
 def _add_generate(commands) -> None:
