@@ -107,7 +107,6 @@ def tiny_model_dir(tmp_path_factory):
     """``tiny_model_dir("sd1" | "sd2")``: a diffusers folder of a tiny random model (from
     latentkit's TINY / TINY_SD2 presets), saved once per session by diffusers itself.
     Treat it as read-only; copy it (``shutil.copytree``) before changing anything."""
-    pytest.importorskip("diffusers")
     made: dict[str, Path] = {}
 
     def get(family: str = "sd1") -> Path:

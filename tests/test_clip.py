@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import transformers  # test-only oracle, installed with the test extras
 
 from latentkit.config import TINY, CLIPConfig, TextConfig, VisionConfig, to_dict
 from latentkit.config_json import text_to_json
@@ -17,8 +18,6 @@ from latentkit.models.clip import (
     contrastive_loss,
     pooled_positions,
 )
-
-transformers = pytest.importorskip("transformers")
 
 BOS, EOS = 49406, 49407
 
