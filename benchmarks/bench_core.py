@@ -33,7 +33,9 @@ def reference_models(dtype: torch.dtype, device: str):
     unet = diffusers.UNet2DConditionModel.from_config(unet_to_json(SD15.unet))
     vae = diffusers.AutoencoderKL.from_config(vae_to_json(SD15.vae))
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_to_json(SD15.text)))
-    return {k: m.to(device, dtype).eval() for k, m in {"unet": unet, "vae": vae, "text": text}.items()}
+    return {
+        k: m.to(device, dtype).eval() for k, m in {"unet": unet, "vae": vae, "text": text}.items()
+    }
 
 
 def our_models(reference: dict, dtype: torch.dtype, device: str):

@@ -81,7 +81,6 @@ def test_text_to_image_matches_reference(tiny_model_dir, family, sampler, schedu
 
 def test_image_to_image_matches_reference(sd1_dir):
     import diffusers
-
     from conftest import load_reference_pipeline
 
     init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
