@@ -166,3 +166,26 @@ def test_inpainting_keeps_the_unmasked_region(sd1_dir):
         generator=torch.Generator().manual_seed(0),
     )
     assert torch.allclose(z_masked[..., :8], src[..., :8], atol=1e-5)
+
+
+class OverflowingVAE(torch.nn.Module):
+    """Decodes to inf in half precision, as SD's VAE can on some latents."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def images_from_latents(self, latents):
+        if latents.dtype != torch.float32:
+            return torch.full_like(latents[:, :3], float("inf"))
+        return torch.tanh(latents[:, :3] * self.weight)
+
+
+def test_half_precision_decode_that_overflows_is_redone_in_fp32():
+    from latentkit.pipeline import decode_latents
+
+    vae = OverflowingVAE().to(torch.bfloat16)
+    latents = torch.randn(1, 4, 4, 4, dtype=torch.bfloat16)
+    images = decode_latents(vae, latents)
+    assert torch.isfinite(images).all()
+    assert next(vae.parameters()).dtype == torch.bfloat16  # the VAE is left as it was
