@@ -15,6 +15,28 @@ from torch import nn
 
 # Called with (attention probabilities [batch, heads, queries, keys]) when set on a layer.
 AttentionCapture = Callable[[torch.Tensor], None]
+# attend(q, k, v) -> out, each [batch, heads, tokens, head_dim].
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sliced_attention(
+    attend: AttendFn,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slice_size: int | None,
+) -> torch.Tensor:
+    """``attend`` over chunks of at most ``slice_size`` queries, concatenated.
+
+    Each query's row of the attention matrix depends only on that query, so chunking the
+    queries gives the same result while only a [slice, keys] block of scores exists at a
+    time. ``None`` (or a slice as long as the sequence) is one plain call.
+    """
+    n = q.shape[-2]
+    if slice_size is None or slice_size >= n:
+        return attend(q, k, v)
+    chunks = [attend(q[..., i : i + slice_size, :], k, v) for i in range(0, n, slice_size)]
+    return torch.cat(chunks, dim=-2)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -123,7 +145,9 @@ class Attention(nn.Module):
 
     With ``capture`` set, probabilities are computed explicitly and handed to it (attention
     maps); otherwise nothing extra is computed. ``upcast`` runs the softmax in fp32, which
-    SD 2.x needs in half precision.
+    SD 2.x needs in half precision. ``slice_size`` (None: off) processes that many queries
+    at a time, bounding the score matrix when SDPA falls back to its math kernel or the
+    explicit path above runs (``latentkit.memory.set_attention_slice`` sets it).
     """
 
     def __init__(
@@ -142,6 +166,7 @@ class Attention(nn.Module):
         self.heads = heads
         self.upcast = upcast
         self.capture: AttentionCapture | None = None
+        self.slice_size: int | None = None
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
@@ -162,21 +187,35 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.capture is None and not (self.upcast and q.dtype != torch.float32):
-            return F.scaled_dot_product_attention(q, k, v)
-        scale = q.shape[-1] ** -0.5
-        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-        probs = scores.softmax(dim=-1)
+            return sliced_attention(F.scaled_dot_product_attention, q, k, v, self.slice_size)
+        maps: list[torch.Tensor] = []
+
+        def explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            scale = q.shape[-1] ** -0.5
+            scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+            probs = scores.softmax(dim=-1)
+            if self.capture is not None:
+                maps.append(probs)
+            return (probs @ v.float()).to(q.dtype)
+
+        out = sliced_attention(explicit, q, k, v, self.slice_size)
         if self.capture is not None:
-            self.capture(probs)
-        return (probs @ v.float()).to(q.dtype)
+            # The hook's contract is the whole map, so the slices are joined for it.
+            self.capture(maps[0] if len(maps) == 1 else torch.cat(maps, dim=-2))
+        return out
 
 
 class SpatialAttention(nn.Module):
-    """Single-head self-attention over the pixels of a feature map (the VAE's mid block)."""
+    """Single-head self-attention over the pixels of a feature map (the VAE's mid block).
+
+    Its score matrix is pixels x pixels, the largest tensor of a big decode when SDPA
+    materialises it; ``slice_size`` (None: off) bounds it as in :class:`Attention`.
+    """
 
     def __init__(self, channels: int, *, groups: int, eps: float = 1e-6):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.slice_size: int | None = None
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -186,7 +225,7 @@ class SpatialAttention(nn.Module):
         b, c, h, w = x.shape
         tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
         q, k, v = (p(tokens)[:, None] for p in (self.to_q, self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v)[:, 0]
+        out = sliced_attention(F.scaled_dot_product_attention, q, k, v, self.slice_size)[:, 0]
         out = self.to_out[0](out)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
