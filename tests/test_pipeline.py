@@ -189,3 +189,21 @@ def test_half_precision_decode_that_overflows_is_redone_in_fp32():
     images = decode_latents(vae, latents)
     assert torch.isfinite(images).all()
     assert next(vae.parameters()).dtype == torch.bfloat16  # the VAE is left as it was
+
+
+def test_a_size_that_cannot_fit_is_refused_before_any_work(sd1_dir):
+    model = latentkit.load(sd1_dir)
+    with pytest.raises(ConfigError, match=r"65536x65536 needs about .* GiB but only"):
+        next(generate(model, GenerateOptions("a cat", width=65536, height=65536)))
+
+
+def test_tiled_decoding_runs_through_the_pipeline(sd1_dir):
+    model = latentkit.load(sd1_dir)
+    options = GenerateOptions("a cat", steps=2, seed=1)
+    plain = run_to_result(generate(model, options))
+    tiled = run_to_result(
+        generate(model, GenerateOptions("a cat", steps=2, seed=1, vae_tiling=True))
+    )
+    # 32 px pictures fit in one tile, where tiling is exactly the plain decode
+    assert np.array_equal(pixels(plain.images[0]), pixels(tiled.images[0]))
+    assert tiled.records[0]["vae_tiling"] is True

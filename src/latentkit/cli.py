@@ -65,6 +65,24 @@ def _add_generate(commands) -> None:
         default=None,
         help="replay the settings stored in a PNG made by latentkit",
     )
+    p.add_argument(
+        "--vae-tiling",
+        action="store_true",
+        default=None,
+        help="decode in overlapping tiles (large pictures in little memory)",
+    )
+    p.add_argument(
+        "--attention-slice",
+        type=int,
+        default=None,
+        help="attend in slices of this many queries (less memory, a little slower)",
+    )
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the U-Net (minutes of warm-up per size)",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt weights")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-o", "--out", type=Path, default=Path("out.png"))
@@ -204,6 +222,7 @@ def _read_image(path: Path | None, what: str):
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    from .memory import optimize
     from .pipeline import Result, generate, image_size
     from .pngmeta import save_png
     from .runtime import Progress, resolve_device, resolve_dtype
@@ -218,6 +237,12 @@ def run_generate(args: argparse.Namespace) -> None:
     dtype = resolve_dtype(args.dtype, device)
     model_path = args.model or _model_from_record(args)
     components = load(model_path, allow_pickle=args.allow_pickle, dtype=dtype, device=device)
+    optimize(
+        components,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        attention_slice=args.attention_slice,
+    )
     width, height = image_size(components, options)
     progress = Progress(options.steps, f"{width}x{height}", enabled=not args.quiet)
     for item in generate(

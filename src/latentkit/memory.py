@@ -317,7 +317,7 @@ def check_fits(
         return
     images = f"{options.n} image{'s' if options.n > 1 else ''}"
     raise ConfigError(
-        f"{images} of {width}x{height} need about {needed / GIB:.1f} GiB but only "
+        f"{images} of {width}x{height} {'need' if options.n > 1 else 'needs'} about {needed / GIB:.1f} GiB but only "
         f"{free / GIB:.1f} GiB is free on {device}; "
         f"{_suggestion(need, free, vae_tile, slice_)}."
     )

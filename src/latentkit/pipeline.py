@@ -24,7 +24,9 @@ from .diffusion.guidance import CFGDenoiser
 from .diffusion.samplers import SAMPLERS, SPACING_FAMILY, get_sampler, sigmas_for
 from .errors import ConfigError, LatentkitError
 from .img2img import prepare_source, tensor_to_images
+from .memory import check_fits
 from .prompts import encode_prompt, match_lengths
+from .tiling import DECODE_TILE, images_from_latents_tiled
 
 SCHEDULES = ("default", "karras", "exponential")
 PROMPT_MODES = ("chunks", "truncate")
@@ -49,6 +51,7 @@ class GenerateOptions:
     clip_skip: int = 1
     prompt_mode: str = "chunks"
     strength: float = 0.75
+    vae_tiling: bool = False
 
     def validate(self) -> None:
         """One sentence per problem, before any work starts."""
@@ -201,6 +204,9 @@ def generate(
     """
     options.validate()
     width, height = image_size(components, options)
+    check_fits(
+        components, options, device, dtype, vae_tile=DECODE_TILE if options.vae_tiling else None
+    )
     cfg = components.config
     factor = cfg.vae.downscale_factor
     shape = (options.n, cfg.vae.latent_channels, height // factor, width // factor)
@@ -258,7 +264,7 @@ def generate(
             latents = value
     if source is not None and source.blend:
         latents = source.final_blend(latents)
-    images = tensor_to_images(decode_latents(components.vae, latents))
+    images = tensor_to_images(decode_latents(components.vae, latents, tiled=options.vae_tiling))
     record = generation_record(components, options, width, height, dtype)
     yield Result(images, latents, [dict(record, seed=options.seed + i) for i in range(options.n)])
 
@@ -306,16 +312,20 @@ def iterate_callback(run) -> Iterator[tuple[str, object]]:
                 pass
 
 
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Decode to [-1, 1] pixels; a half-precision decode that overflows is redone in fp32,
-    so there are no black images."""
+def decode_latents(vae, latents: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
+    """Decode to [-1, 1] pixels (in overlapping tiles when ``tiled``, for large pictures); a
+    half-precision decode that overflows is redone in fp32, so there are no black images."""
+
+    def decode(x: torch.Tensor) -> torch.Tensor:
+        return images_from_latents_tiled(vae, x) if tiled else vae.images_from_latents(x)
+
     dtype = next(vae.parameters()).dtype
     with torch.inference_mode():
-        images = vae.images_from_latents(latents.to(dtype))
+        images = decode(latents.to(dtype))
         if dtype != torch.float32 and not torch.isfinite(images).all():
             vae.float()
             try:
-                images = vae.images_from_latents(latents.float())
+                images = decode(latents.float())
             finally:
                 vae.to(dtype)
     return images
