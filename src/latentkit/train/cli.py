@@ -1,0 +1,145 @@
+"""``latentkit train PHASE --config FILE`` and ``latentkit plot RUN_DIR``.
+
+Thin: parse, resolve the run file (``recipes``), call the loop, print. Under torchrun
+(``torchrun --nproc_per_node N -m latentkit train ...``) every process runs this; the loop
+reads torchrun's environment, and only rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..errors import LatentkitError
+from . import checkpoint
+from .recipes import PHASES, RunConfig, load_run, model_sizes, phase_classes, to_toml
+
+RUN_FILE = "config.toml"
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``train`` and ``plot``; each sets ``args.run``."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a VAE, a CLIP text encoder or a U-Net from a run file",
+        description="Train one phase with the settings of a run file (TOML: a [train] table "
+        "for the loop, a [recipe] table for the phase). Everything lands in --out: "
+        "checkpoints, metrics.jsonl, samples/, weights/ (and weights-ema/).",
+    )
+    p.add_argument("phase", choices=list(PHASES), help="what to train")
+    p.add_argument("--config", type=Path, default=None, help="run file (.toml, .yaml, .json)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set train.steps=200 --set recipe.data.size=32 "
+        "(repeatable; the value is read as TOML)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="run folder (required unless --dry-run)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved run file and the networks' sizes, then stop",
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto, which torchrun needs)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(run=run_train)
+
+    p = subparsers.add_parser("plot", help="draw a training run's curves to a PNG")
+    p.add_argument("run_dir", type=Path, help="the --out folder of latentkit train")
+    p.add_argument("-o", "--out", type=Path, default=None, help="default: RUN_DIR/curves.png")
+    p.set_defaults(run=run_plot)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    run = load_run(args.phase, args.config, args.overrides)
+    main_process = os.environ.get("RANK", "0") == "0"
+    if args.dry_run:
+        if main_process:
+            print(describe(run), end="")
+        return
+    if args.out is None:
+        raise LatentkitError("give --out, the folder to write the run to (or use --dry-run).")
+    _, phase_class = phase_classes(run.phase)
+    phase = phase_class(run.recipe)
+    if main_process:
+        save_run_file(run, args.out, args.resume)
+    from .loop import train
+
+    summary = train(
+        phase, run.train, args.out, resume=args.resume, progress=not args.quiet, device=args.device
+    )
+    if main_process:
+        print(summary_line(run, summary, args.out))
+
+
+def describe(run: RunConfig) -> str:
+    """The resolved run file as TOML, then the networks' sizes as TOML comments (so the
+    whole output can be saved and used as a run file)."""
+    sizes = "\n".join(f"# {line}" for line in model_sizes(run.recipe))
+    return f"{to_toml(run.to_dict())}\n# networks\n{sizes}\n"
+
+
+def save_run_file(run: RunConfig, out: Path, resume: bool) -> None:
+    """Keep the resolved run file beside the run; never replace the one of a run that has
+    checkpoints (the loop then refuses a fresh start, or continues it on --resume)."""
+    path = out / RUN_FILE
+    if checkpoint.has_checkpoints(out):
+        if not resume:
+            return  # the loop refuses to start over there; leave the folder as it is
+        if path.exists():
+            if path.read_text(encoding="utf-8") != to_toml(run.to_dict()):
+                print(
+                    f"latentkit: resuming with settings that differ from {path}; it is kept.",
+                    file=sys.stderr,
+                )
+            return
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(RUN_FILE + ".tmp")
+    temporary.write_text(to_toml(run.to_dict()), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def summary_line(run: RunConfig, summary: dict, out: Path) -> str:
+    loss = summary.get("loss")
+    shown = f"{loss:.4g}" if isinstance(loss, float) else "n/a"
+    ema = f" (EMA: {out / 'weights-ema'})" if run.train.ema_decay else ""
+    return (
+        f"trained {run.phase} to step {summary['steps']} in {summary['seconds']:.0f} s, "
+        f"last loss {shown}; weights in {out / 'weights'}{ema}"
+    )
+
+
+def run_plot(args: argparse.Namespace) -> None:
+    from .plot import plot_run
+
+    if not args.run_dir.is_dir():
+        raise LatentkitError(f"run folder {args.run_dir} does not exist.")
+    print(plot_run(args.run_dir, args.out or args.run_dir / "curves.png"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m latentkit.train.cli``: these two commands alone, as ``latentkit`` runs them."""
+    parser = argparse.ArgumentParser(prog="latentkit", description="Train and plot runs.")
+    add_cli(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except LatentkitError as err:
+        print(f"latentkit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nlatentkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Training phases by name, and run files: the loop's settings plus a phase's recipe.
+
+A run file is TOML (or YAML when PyYAML is installed, or JSON) with two tables::
+
+    phase = "unet"            # optional; when present it must match the phase asked for
+    [train]                   # TrainConfig: steps, lr, precision, checkpoint_every, ...
+    steps = 2000
+    [recipe]                  # the phase's recipe (UNetRecipe, VAERecipe, CLIPRecipe)
+    data_path = "data/shapes-64"
+    [recipe.data]
+    size = 64
+
+Both map onto frozen dataclasses through ``latentkit.config.from_dict``, so an unknown key
+is an error that lists the valid ones. TOML has no null: the string "none" stands for None
+wherever a field may be None (``ema_decay = "none"``). ``--set key.sub=value`` overrides
+any key; the value is read as TOML (``200``, ``true``, ``[1, 2]``, ``"text"``) and, when it
+is not valid TOML, taken as a bare string (``--set recipe.data_path=data/x``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import CLIPConfig, TextConfig, UNetConfig, VAEConfig, VisionConfig, from_dict
+from ..config import to_dict as config_to_dict
+from ..errors import ConfigError, LatentkitError
+from .loop import Phase, TrainConfig
+
+
+def _vae() -> tuple[type, type[Phase]]:
+    from .vae import VAEPhase, VAERecipe
+
+    return VAERecipe, VAEPhase
+
+
+def _clip() -> tuple[type, type[Phase]]:
+    from .clip import CLIPPhase, CLIPRecipe
+
+    return CLIPRecipe, CLIPPhase
+
+
+def _unet() -> tuple[type, type[Phase]]:
+    from .unet import UNetPhase, UNetRecipe
+
+    return UNetRecipe, UNetPhase
+
+
+# The one table of phases: name -> a function returning (recipe class, phase class).
+# Functions, so that each phase's module is imported only when it is used; a phase built
+# with ``phase_class(recipe)`` gets its rank and world size from the loop's bind().
+PHASES: dict[str, Callable[[], tuple[type, type[Phase]]]] = {
+    "vae": _vae,
+    "clip": _clip,
+    "unet": _unet,
+}
+SECTIONS = ("phase", "train", "recipe")
+
+
+def phase_classes(name: str) -> tuple[type, type[Phase]]:
+    """(recipe class, phase class) of the phase called ``name``."""
+    if name not in PHASES:
+        raise ConfigError(f"unknown phase {name!r}; valid phases are: {', '.join(PHASES)}.")
+    try:
+        return PHASES[name]()
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}.{name}":
+            raise
+        raise LatentkitError(
+            f"the {name} phase is not available in this version of latentkit "
+            f"({err.name} is missing)."
+        ) from None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A resolved run file: which phase, how to train (the loop) and what (the recipe)."""
+
+    phase: str
+    train: TrainConfig
+    recipe: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "train": config_to_dict(self.train),
+            "recipe": config_to_dict(self.recipe),
+        }
+
+
+def load_run(phase: str, path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read the run file at ``path`` (None: all defaults), apply ``--set`` overrides and
+    build the phase's TrainConfig and recipe."""
+    recipe_class, _ = phase_classes(phase)
+    data = read_file(Path(path)) if path is not None else {}
+    for override in overrides:
+        apply_override(data, override)
+    return build_run(phase, recipe_class, data)
+
+
+def build_run(phase: str, recipe_class: type, data: dict[str, Any]) -> RunConfig:
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {unknown[0]!r} at the top of the run file; valid keys are: "
+            f"{', '.join(SECTIONS)}."
+        )
+    named = data.get("phase", phase)
+    if named != phase:
+        raise ConfigError(f"the run file is for the {named!r} phase, not {phase!r}.")
+    train = _build(TrainConfig, data.get("train", {}), "train")
+    recipe = _build(recipe_class, data.get("recipe", {}), "recipe")
+    return RunConfig(phase, train, recipe)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{where}] must be a table of keys and values.")
+    return from_dict(cls, with_nulls(cls, data), where=where)
+
+
+def with_nulls(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the string "none" (or "null") turned into None where ``cls`` allows
+    None, nested dataclasses included; anything else is left for from_dict to judge."""
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for key, value in data.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        if isinstance(value, str) and value.lower() in ("none", "null") and _allows_none(hint):
+            out[key] = None
+        elif dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            out[key] = with_nulls(hint, value)
+    return out
+
+
+def _allows_none(hint: Any) -> bool:
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    return union and type(None) in typing.get_args(hint)
+
+
+# --- files and overrides ------------------------------------------------------------------
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """A run file as a dict: .toml, .yaml/.yml (with PyYAML) or .json."""
+    if not path.is_file():
+        raise ConfigError(f"run file {path} does not exist.")
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            data = _yaml(text, path)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"run file {path} must end in .toml, .yaml, .yml or .json.")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"run file {path} cannot be read ({err}).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"run file {path} must hold a table of keys, not a single value.")
+    return data
+
+
+def _yaml(text: str, path: Path) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(
+            f"reading {path} needs PyYAML (pip install pyyaml), or write the run file as TOML."
+        ) from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"run file {path} is not valid YAML{line}.") from None
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set ``a.b.c=value`` inside ``data`` (creating tables on the way)."""
+    key, sep, raw = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"--set takes KEY=VALUE with a dotted key, got {override!r}.")
+    if parts[0] not in SECTIONS:
+        raise ConfigError(
+            f"--set key {key.strip()!r} must start with one of: {', '.join(SECTIONS)}."
+        )
+    table = data
+    for index, part in enumerate(parts[:-1]):
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            where = ".".join(parts[: index + 1])
+            raise ConfigError(f"--set {key.strip()}: {where} is a value, not a table.")
+    table[parts[-1]] = parse_value(raw.strip())
+
+
+def parse_value(raw: str) -> Any:
+    """A value as TOML reads it, or the raw text when it is not a TOML value."""
+    try:
+        return tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """TOML text for nested dicts of scalars and lists (None written as "none")."""
+    return "\n".join(_toml_lines(data, "")) + "\n"
+
+
+def _toml_lines(data: dict[str, Any], prefix: str) -> list[str]:
+    lines = [f"{_key(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for key, table in data.items():
+        if isinstance(table, dict):
+            name = f"{prefix}.{_key(key)}" if prefix else _key(key)
+            lines += ["", f"[{name}]", *_toml_lines(table, name)]
+    return lines
+
+
+def _key(key: str) -> str:
+    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
+    return key if bare else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {value!r} as TOML.")
+
+
+# --- sizes for a dry run ------------------------------------------------------------------
+
+
+def _model_class(config: Any) -> type[nn.Module] | None:
+    from ..models.clip import CLIPModel, CLIPTextModel, CLIPVisionModel
+    from ..models.unet import UNet2DConditionModel
+    from ..models.vae import AutoencoderKL
+
+    builders = {
+        VAEConfig: AutoencoderKL,
+        TextConfig: CLIPTextModel,
+        VisionConfig: CLIPVisionModel,
+        CLIPConfig: CLIPModel,
+        UNetConfig: UNet2DConditionModel,
+    }
+    return builders.get(type(config))
+
+
+def parameter_count(config: Any) -> int | None:
+    """Parameters of the network ``config`` describes, built on the meta device (no memory,
+    no time), or None when ``config`` is not a network's config."""
+    model_class = _model_class(config)
+    if model_class is None:
+        return None
+    with torch.device("meta"):
+        model = model_class(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_sizes(recipe: Any) -> list[str]:
+    """One line per network of a recipe: the trained ones (its model-config fields) and
+    the frozen ones it names (``recipe.frozen_configs()``, when the recipe has it)."""
+    lines = []
+    for f in dataclasses.fields(recipe):
+        count = parameter_count(getattr(recipe, f.name))
+        if count is not None:
+            lines.append(f"{f.name:<13} {count:>14,} parameters, trained")
+    frozen = getattr(recipe, "frozen_configs", None)
+    for name, config in (frozen() if frozen else {}).items():
+        count = parameter_count(config)
+        if count is None:
+            lines.append(f"{name:<13} frozen, size unknown: {config}")
+        else:
+            lines.append(f"{name:<13} {count:>14,} parameters, frozen")
+    return lines

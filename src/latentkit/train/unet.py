@@ -1,0 +1,497 @@
+"""The U-Net phase: teach a text-conditioned U-Net to denoise the latents of a frozen VAE.
+
+One step (DDPM, Ho et al. 2020, with SD's conditioning): encode the images with the frozen
+VAE (a sample of its posterior) and the captions with the frozen text encoder; draw a
+timestep t and Gaussian noise; mix them as ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise``;
+the U-Net predicts the noise (epsilon), v = ``sqrt(a_t) noise - sqrt(1 - a_t) x0``
+(Salimans & Ho 2022) or x0 itself, as the schedule's ``prediction_type`` says; the loss is
+the mean squared error, optionally weighted by min-SNR-gamma (Hang et al. 2023).
+
+Captions come from the data layer with its caption dropout already applied: a dropped
+caption is "", whose context is the unconditional branch classifier-free guidance needs.
+
+Every random draw (posterior sample, noise, offset, timestep) comes from the CPU's global
+generator, which the loop seeds per rank and checkpoints, so a resumed run draws the same
+numbers and a seed means the same on every device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from torch import nn
+
+from ..components import Components, check_compatible
+from ..config import ModelConfig, ScheduleConfig, TokenizerConfig, UNetConfig, from_dict, to_dict
+from ..config_json import text_from_json, vae_from_json
+from ..data.cache import LatentCache, batch_keys
+from ..data.config import DataConfig
+from ..data.loader import ImageCaptionLoader
+from ..diffusers_folder import (
+    load_text_encoder,
+    load_tokenizer,
+    load_unet,
+    load_vae,
+    read_json,
+    save_diffusers,
+)
+from ..diffusion.samplers import SAMPLERS
+from ..diffusion.schedule import alphas_cumprod
+from ..errors import ConfigError, LatentkitError
+from ..models.tokenizer import CLIPTokenizer
+from ..models.unet import UNet2DConditionModel
+from .loop import Phase
+
+
+@dataclass(frozen=True)
+class UNetRecipe:
+    """What to train, on which data, with which frozen VAE and text encoder.
+
+    ``vae`` and ``text_encoder`` name a component folder (``vae/``, ``text_encoder/``), a
+    folder holding one (a model folder or another phase's ``weights/``) or a single-file
+    model. Fine-tuning Stable Diffusion: point both and ``init_unet`` at its folder and
+    give its U-Net config in ``unet`` (the default is SD 1.x's). ``sample_*`` set the
+    preview grid: one row per prompt, one column per seed.
+    """
+
+    data_path: str = ""
+    vae: str = ""
+    text_encoder: str = ""
+    init_unet: str | None = None
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    clip_skip: int = 1
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    gradient_checkpointing: bool = False
+    cache_latents: bool = False
+    cache_dir: str | None = None
+    init_seed: int = 0
+    sample_prompts: tuple[str, ...] = ()
+    sample_seeds: tuple[int, ...] = (0, 1, 2, 3)
+    sample_steps: int = 20
+    sample_cfg: float = 5.0
+    sample_sampler: str = "euler"
+
+    def __post_init__(self) -> None:
+        for name in ("data_path", "vae", "text_encoder"):
+            _require(getattr(self, name) != "", f"{name} is empty; it must name a path.")
+        _require(self.clip_skip >= 1, f"clip_skip is {self.clip_skip}; it must be at least 1.")
+        _require(
+            self.min_snr_gamma is None or self.min_snr_gamma > 0,
+            f"min_snr_gamma is {self.min_snr_gamma}; it must be positive, or none for off.",
+        )
+        _require(self.noise_offset >= 0, "noise_offset must not be negative.")
+        _require(self.sample_steps >= 1, "sample_steps must be at least 1.")
+        _require(self.sample_cfg >= 0, "sample_cfg must not be negative.")
+        _require(all(s >= 0 for s in self.sample_seeds), "sample_seeds must not be negative.")
+        _require(
+            self.sample_sampler in SAMPLERS,
+            f"sample_sampler is {self.sample_sampler!r}; valid: {', '.join(sorted(SAMPLERS))}.",
+        )
+        _require(
+            not self.cache_latents or self.cache_dir,
+            "cache_latents needs cache_dir, a folder to keep the cached latents in.",
+        )
+        _require(
+            not self.cache_latents or self.data.crop == "center",
+            "cache_latents needs data.crop = 'center', since a cached latent fixes its crop.",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UNetRecipe:
+        return from_dict(cls, data, where="recipe")
+
+    def frozen_configs(self) -> dict[str, Any]:
+        """The frozen models' configs by name, read from their config.json alone (for a dry
+        run); a string in place of a config says why there is none."""
+        out: dict[str, Any] = {}
+        for name, path, read in (
+            ("vae", self.vae, vae_from_json),
+            ("text_encoder", self.text_encoder, text_from_json),
+        ):
+            try:
+                folder = component_folder(path, name)
+            except LatentkitError as err:
+                out[name] = str(err)
+                continue
+            if folder is None:
+                out[name] = f"inside the single file {path} (not read in a dry run)"
+            else:
+                out[name] = read(read_json(folder / "config.json", f"{name} config"))
+        return out
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"recipe: {message}")
+
+
+class UNetPhase(Phase):
+    """Trains a U-Net on ``recipe``; the data are sliced by the rank and world size the loop
+    binds, so the same object works alone and under torchrun."""
+
+    def __init__(self, recipe: UNetRecipe):
+        self.recipe = recipe
+        self.vae, self.text_encoder, self.tokenizer = load_frozen(recipe)
+        self.unet = build_unet(recipe)
+        self.unet.gradient_checkpointing = recipe.gradient_checkpointing
+        self.model_config = ModelConfig(
+            vae=self.vae.config,
+            text=self.text_encoder.config,
+            unet=recipe.unet,
+            schedule=recipe.schedule,
+            tokenizer=TokenizerConfig(self.tokenizer.max_length, self.tokenizer.pad_token),
+        )
+        check_sizes(self.model_config, recipe.data.size)
+        self.alphas = alphas_cumprod(recipe.schedule)
+        self.loader: ImageCaptionLoader | None = None
+        self.caches = open_caches(recipe, self.vae, self.text_encoder, self.tokenizer)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet}
+
+    def bind(self, world, nets) -> None:
+        super().bind(world, nets)
+        for frozen in (self.vae, self.text_encoder):
+            frozen.to(world.device)
+        self.alphas = self.alphas.to(world.device)
+        self.loader = ImageCaptionLoader(
+            self.recipe.data_path, self.recipe.data, rank=world.rank, world=world.size
+        )
+
+    # --- training -------------------------------------------------------------------------
+
+    def batches(self, start_state: dict | None) -> Iterator[dict[str, Any]]:
+        if start_state is not None:
+            self.loader.load_state_dict(start_state)
+        while True:  # the loader ends each epoch; training runs for steps, not epochs
+            for batch in self.loader:
+                yield {
+                    "pixels": batch["pixels"],
+                    "captions": batch["captions"],
+                    "keys": batch_keys(batch),
+                }
+
+    def data_state(self) -> dict:
+        return self.loader.state_dict()
+
+    def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        latents, context = self.encode(batch)
+        recipe = self.recipe
+        return diffusion_loss(
+            self.nets["unet"],
+            latents,
+            context,
+            self.alphas,
+            prediction_type=recipe.schedule.prediction_type,
+            min_snr_gamma=recipe.min_snr_gamma,
+            noise_offset=recipe.noise_offset,
+        )
+
+    @torch.no_grad()
+    def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled latents (a posterior sample) and text contexts, computed in fp32 outside
+        autocast, so that targets and cached values do not depend on the precision."""
+        device = batch["pixels"].device
+        with torch.autocast(device.type, enabled=False):
+            mean, std = self._posterior(batch)
+            eps = torch.randn(mean.shape).to(device)
+            latents = self.vae.scale_latents(mean + std * eps)
+            context = self._contexts(batch["captions"], device)
+        return latents, context
+
+    def _posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = batch["pixels"]
+
+        def compute(rows: list[int]) -> dict[str, torch.Tensor]:
+            posterior = self.vae.encode(pixels[rows])
+            return {"mean": posterior.mean.float(), "std": posterior.std.float()}
+
+        if self.caches is None:
+            out = compute(list(range(len(pixels))))
+        else:
+            out = self.caches[0].get_or_compute(batch["keys"], compute)
+        return out["mean"].to(pixels.device), out["std"].to(pixels.device)
+
+    def _contexts(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        def compute(rows: list[int]) -> dict[str, torch.Tensor]:
+            ids = self.tokenizer([captions[i] for i in rows])["input_ids"].to(device)
+            return {"context": self.text_encoder.encode(ids, clip_skip=self.recipe.clip_skip)}
+
+        if self.caches is None:
+            return compute(list(range(len(captions))))["context"].float()
+        keys = [f"caption|{text}" for text in captions]
+        return self.caches[1].get_or_compute(keys, compute)["context"].to(device).float()
+
+    # --- looking and saving ---------------------------------------------------------------
+
+    def components(self) -> Components:
+        """The whole model as generation sees it (the unwrapped U-Net, EMA when swapped in)."""
+        return Components(self.model_config, self.tokenizer, self.text_encoder, self.unet, self.vae)
+
+    def sample(self, step: int, out_dir: Path) -> None:
+        """A grid PNG: one row per sample prompt, one column per sample seed."""
+        if not self.recipe.sample_prompts:
+            return
+        images = sample_images(self.components(), self.recipe, self.world.device)
+        grid = image_grid(images, len(self.recipe.sample_seeds))
+        info = PngInfo()
+        info.add_text("prompts", "\n".join(self.recipe.sample_prompts))
+        info.add_text("seeds", " ".join(map(str, self.recipe.sample_seeds)))
+        grid.save(out_dir / f"unet-{step:06d}.png", pnginfo=info)
+
+    def save_weights(self, out_dir: Path) -> None:
+        """A complete diffusers model folder (``latentkit generate --model`` opens it)."""
+        save_diffusers(self.components(), out_dir, overwrite=True)
+
+
+# --- the objective ------------------------------------------------------------------------
+
+
+def diffusion_loss(
+    unet: nn.Module,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    alphas: torch.Tensor,
+    *,
+    prediction_type: str = "epsilon",
+    min_snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The denoising loss of one batch at random timesteps (see the module docstring).
+
+    ``alphas`` is the schedule's alpha-bar on the latents' device. The noise offset
+    (Guttenberg 2023) adds a per-channel constant to the noise, so that the model learns
+    to change an image's mean brightness, which plain noise almost never asks of it.
+    """
+    b, c = latents.shape[:2]
+    device = latents.device
+    noise = torch.randn(latents.shape)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(b, c, 1, 1)
+    t = torch.randint(0, len(alphas), (b,))
+    noise, t = noise.to(device), t.to(device)
+    a = alphas[t].view(b, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    prediction = unet(noisy, t, context).float()
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = a.sqrt() * noise - (1 - a).sqrt() * latents
+    else:  # "sample"
+        target = latents
+    mse = (prediction - target).pow(2).mean(dim=(1, 2, 3))
+    loss = mse
+    if min_snr_gamma is not None:
+        loss = mse * min_snr_weight(a.view(b), min_snr_gamma, prediction_type)
+    return loss.mean(), {"mse": float(mse.detach().mean())}
+
+
+def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via
+    Min-SNR Weighting Strategy"), with SNR = a / (1 - a).
+
+    The x0 loss weighted by min(SNR, gamma) is, in the other parametrisations, the epsilon
+    loss times min(SNR, gamma) / SNR and the v loss times min(SNR, gamma) / (SNR + 1).
+    The epsilon weight is written as min(gamma / SNR, 1), which stays finite where a zero
+    terminal SNR makes SNR 0.
+    """
+    snr = alpha_bar / (1 - alpha_bar)
+    if prediction_type == "epsilon":
+        return torch.clamp(gamma / snr, max=1.0)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped
+
+
+# --- building the models ------------------------------------------------------------------
+
+
+def component_folder(path: str, name: str) -> Path | None:
+    """The ``name/`` folder ``path`` means (None: ``path`` is a single-file model).
+
+    ``path`` may be the component folder itself (it holds config.json) or a folder with
+    a ``name/`` subfolder: a diffusers model folder or another phase's ``weights/``.
+    """
+    where = Path(path)
+    if where.is_file():
+        return None
+    if (where / name / "config.json").is_file():
+        return where / name
+    if (where / "config.json").is_file():
+        return where
+    if not where.exists():
+        raise ConfigError(f"recipe: {name} path {where} does not exist.")
+    raise ConfigError(
+        f"recipe: {name} path {where} holds neither config.json nor a {name}/ folder with "
+        "one; give a component folder, a model folder or a single-file model."
+    )
+
+
+def load_frozen(recipe: UNetRecipe) -> tuple[nn.Module, nn.Module, CLIPTokenizer]:
+    """The VAE, text encoder and tokenizer, in fp32, in eval mode and without gradients."""
+    singles: dict[str, Components] = {}
+
+    def single(path: str) -> Components:
+        from ..weights import load  # weights imports much; only single files need it
+
+        if path not in singles:
+            singles[path] = load(path, dtype=torch.float32)
+        return singles[path]
+
+    folder = component_folder(recipe.vae, "vae")
+    vae = single(recipe.vae).vae if folder is None else load_vae(folder, dtype=torch.float32)
+    folder = component_folder(recipe.text_encoder, "text_encoder")
+    if folder is None:
+        text_encoder = single(recipe.text_encoder).text_encoder
+        tokenizer = single(recipe.text_encoder).tokenizer
+    else:
+        text_encoder = load_text_encoder(folder, dtype=torch.float32)
+        tokenizer = _tokenizer_beside(folder, text_encoder.config)
+    for module in (vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return vae, text_encoder, tokenizer
+
+
+def _tokenizer_beside(folder: Path, text_config) -> CLIPTokenizer:
+    """The ``tokenizer/`` next to a ``text_encoder/`` folder, else the standard CLIP one."""
+    if (folder.parent / "tokenizer").is_dir():
+        tokenizer = load_tokenizer(folder.parent / "tokenizer")
+    else:
+        tokenizer = CLIPTokenizer.default(max_length=text_config.max_position_embeddings)
+    if tokenizer.vocab_size != text_config.vocab_size:
+        raise ConfigError(
+            f"the text encoder in {folder} has {text_config.vocab_size} token embeddings but "
+            f"its tokenizer has {tokenizer.vocab_size} tokens; they must match."
+        )
+    return tokenizer
+
+
+def build_unet(recipe: UNetRecipe) -> UNet2DConditionModel:
+    """A fresh U-Net seeded by ``init_seed`` (the caller's RNG untouched) or ``init_unet``'s."""
+    if recipe.init_unet is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.init_seed)
+            return UNet2DConditionModel(recipe.unet)
+    folder = component_folder(recipe.init_unet, "unet")
+    if folder is None:
+        from ..weights import load
+
+        unet = load(recipe.init_unet, dtype=torch.float32).unet
+    else:
+        unet = load_unet(folder, dtype=torch.float32)
+    if unet.config != recipe.unet:
+        ours, theirs = to_dict(recipe.unet), to_dict(unet.config)
+        differ = ", ".join(f"{k} = {theirs[k]}" for k in theirs if theirs[k] != ours[k])
+        raise ConfigError(
+            f"recipe: init_unet {recipe.init_unet} is a U-Net with {differ}; set these in "
+            "recipe.unet to fine-tune it."
+        )
+    return unet.train().requires_grad_(True)
+
+
+def check_sizes(config: ModelConfig, size: int) -> None:
+    """The networks must fit each other and the image size (one sentence per problem)."""
+    check_compatible(config)
+    if config.unet.out_channels != config.unet.in_channels:
+        raise ConfigError(
+            f"recipe.unet: out_channels {config.unet.out_channels} must equal in_channels "
+            f"{config.unet.in_channels} (the U-Net predicts noise of the latent's shape)."
+        )
+    factor = config.vae.downscale_factor
+    halvings = 2 ** (len(config.unet.block_out_channels) - 1)
+    if size % (factor * halvings):
+        raise ConfigError(
+            f"recipe.data.size {size} must be a multiple of {factor * halvings}: the VAE "
+            f"divides it by {factor} and the U-Net halves that {halvings.bit_length() - 1} times."
+        )
+
+
+# --- caching ------------------------------------------------------------------------------
+
+
+def open_caches(recipe, vae, text_encoder, tokenizer) -> tuple[LatentCache, LatentCache] | None:
+    """(posterior cache, text-context cache) under ``cache_dir``, or None when off.
+
+    Each is fingerprinted by everything that shapes its entries, weights included, so a
+    retrained VAE or another crop never reads stale latents. Posteriors (mean and std)
+    are cached rather than samples, so every epoch still draws a fresh sample.
+    """
+    if not recipe.cache_latents:
+        return None
+    data = recipe.data
+    latents = {
+        "kind": "vae-posterior",
+        "vae": to_dict(vae.config),
+        "weights": weights_digest(vae),
+        "dataset": str(Path(recipe.data_path).resolve()),
+        "size": data.size,
+        "crop": data.crop,
+        "buckets": [list(b) for b in data.buckets],
+        "max_pixels": data.max_pixels,
+    }
+    texts = {
+        "kind": "text-context",
+        "text": to_dict(text_encoder.config),
+        "weights": weights_digest(text_encoder),
+        "clip_skip": recipe.clip_skip,
+        "tokenizer": [tokenizer.max_length, tokenizer.pad_token, tokenizer.vocab_size],
+    }
+    root = Path(recipe.cache_dir)
+    return LatentCache(root / "latents", latents), LatentCache(root / "text", texts)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """A hash of a module's tensors, names and shapes included."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    return digest.hexdigest()[:32]
+
+
+# --- previews -----------------------------------------------------------------------------
+
+
+def sample_images(components: Components, recipe: UNetRecipe, device) -> list[Image.Image]:
+    """The preview images, prompt by prompt and seed by seed, encoded as in training."""
+    from ..pipeline import GenerateOptions, generate, run_to_result
+
+    images = []
+    for prompt in recipe.sample_prompts:
+        for seed in recipe.sample_seeds:
+            options = GenerateOptions(
+                prompt,
+                width=recipe.data.size,
+                height=recipe.data.size,
+                steps=recipe.sample_steps,
+                cfg=recipe.sample_cfg,
+                sampler=recipe.sample_sampler,
+                seed=seed,
+                clip_skip=recipe.clip_skip,
+                prompt_mode="truncate",  # the tokenizer's plain row, as training sees it
+            )
+            images.append(run_to_result(generate(components, options, device=device)).images[0])
+    return images
+
+
+def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    """Tile equally sized images row by row, ``columns`` to a row."""
+    width, height = images[0].size
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid

@@ -1,0 +1,325 @@
+"""The U-Net phase on the shapes world at 32 px, with a tiny frozen random VAE and text
+encoder saved as a diffusers folder: the loss falls, the variants run, previews and the
+exported model work, and a resumed run is bit-identical to a straight one."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentkit.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+from latentkit.data.config import DataConfig
+from latentkit.data.shapes import write_dataset
+from latentkit.diffusion.schedule import alphas_cumprod
+from latentkit.errors import ConfigError
+from latentkit.models.clip import CLIPTextModel
+from latentkit.models.tokenizer import CLIPTokenizer
+from latentkit.models.unet import UNet2DConditionModel
+from latentkit.models.vae import AutoencoderKL
+from latentkit.pipeline import GenerateOptions, generate, run_to_result
+from latentkit.train import TrainConfig, World, checkpoint, read_records, train
+from latentkit.train.unet import UNetPhase, UNetRecipe, diffusion_loss, min_snr_weight
+from latentkit.weights import Components, load, save_diffusers
+
+SIZE = 32
+TEXT = TextConfig(
+    hidden_size=16,
+    intermediate_size=32,
+    projection_dim=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+)
+# Three levels: 4x down, so 32 px images give 8x8 latents.
+VAE = VAEConfig(
+    block_out_channels=(8, 8, 16), layers_per_block=1, norm_num_groups=4, sample_size=SIZE
+)
+UNET = UNetConfig(
+    sample_size=SIZE // 4,
+    block_out_channels=(16, 32),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    num_attention_heads=2,
+    cross_attention_dim=16,
+    norm_num_groups=8,
+)
+
+
+def make_frozen_model(folder: Path, dataset: Path) -> Path:
+    """A random tiny model folder whose VAE scaling factor gives unit-variance latents on
+    ``dataset``, as the VAE phase would measure it."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAE).eval()
+    pixels = torch.stack([_pixels(p) for p in sorted(dataset.glob("*.png"))[:16]])
+    with torch.no_grad():
+        std = float(vae.encode(pixels).sample().std())
+    vae.config = dataclasses.replace(VAE, scaling_factor=1.0 / std)
+    config = ModelConfig(vae=vae.config, text=TEXT, unet=UNET)
+    components = Components(
+        config, CLIPTokenizer.default(), CLIPTextModel(TEXT), UNet2DConditionModel(UNET), vae
+    )
+    return save_diffusers(components, folder)
+
+
+def _pixels(path: Path) -> torch.Tensor:
+    image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).float()
+    return image.permute(2, 0, 1) / 127.5 - 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run many small ops; on a busy machine extra intra-op threads only spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("unet-world")
+    write_dataset(root / "shapes", 32, seed=0, size=SIZE)
+    make_frozen_model(root / "frozen", root / "shapes")
+    return {"root": root, "data": root / "shapes", "model": root / "frozen"}
+
+
+def recipe(world, **changes) -> UNetRecipe:
+    base = dict(
+        data_path=str(world["data"]),
+        vae=str(world["model"]),
+        text_encoder=str(world["model"] / "text_encoder"),
+        unet=UNET,
+        data=DataConfig(size=SIZE, global_batch=8, caption_dropout=0.2),
+    )
+    return UNetRecipe(**{**base, **changes})
+
+
+def config(**changes) -> TrainConfig:
+    base = dict(steps=6, lr=2e-3, warmup_steps=2, log_every=1, checkpoint_every=0, seed=3)
+    return TrainConfig(**{**base, **changes})
+
+
+# --- the objective ------------------------------------------------------------------------
+
+
+class Zero(torch.nn.Module):
+    """A 'U-Net' that predicts 0, so the loss is the weighted mean square of the target."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, context):
+        return x * self.scale
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_loss_targets_and_min_snr_weights(prediction, gamma):
+    alphas = alphas_cumprod(UNetRecipe.__dataclass_fields__["schedule"].default_factory())
+    latents, context = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 16)
+    torch.manual_seed(11)
+    loss, metrics = diffusion_loss(
+        Zero(), latents, context, alphas, prediction_type=prediction, min_snr_gamma=gamma
+    )
+    torch.manual_seed(11)  # the same draws, in the same order
+    noise, t = torch.randn(latents.shape), torch.randint(0, 1000, (4,))
+    a = alphas[t].view(4, 1, 1, 1)
+    target = {
+        "epsilon": noise,
+        "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * latents,
+        "sample": latents,
+    }[prediction]
+    mse = target.pow(2).mean(dim=(1, 2, 3))
+    snr = alphas[t] / (1 - alphas[t])
+    weight = torch.ones(4)
+    if gamma is not None:  # the paper's form: min(SNR, gamma) over the target's SNR factor
+        divisor = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones(4)}
+        weight = torch.minimum(snr, torch.full_like(snr, gamma)) / divisor[prediction]
+    torch.testing.assert_close(loss, (mse * weight).mean())
+    assert metrics["mse"] == pytest.approx(float(mse.mean()), rel=1e-5)
+
+
+def test_min_snr_weight_is_finite_at_zero_terminal_snr():
+    weights = min_snr_weight(torch.tensor([0.0, 0.5, 0.999]), 5.0, "epsilon")
+    assert torch.isfinite(weights).all() and weights[0] == 1.0
+
+
+def test_noise_offset_changes_the_noise_per_channel():
+    alphas = alphas_cumprod(UNetRecipe.__dataclass_fields__["schedule"].default_factory())
+    latents, context = torch.zeros(2, 4, 8, 8), torch.zeros(2, 77, 16)
+    torch.manual_seed(0)
+    plain, _ = diffusion_loss(Zero(), latents, context, alphas)
+    torch.manual_seed(0)
+    offset, _ = diffusion_loss(Zero(), latents, context, alphas, noise_offset=1.0)
+    assert not torch.equal(plain, offset)
+
+
+# --- recipes ------------------------------------------------------------------------------
+
+
+def test_recipe_errors_are_one_sentence(world):
+    with pytest.raises(ConfigError, match="cache_latents needs cache_dir"):
+        recipe(world, cache_latents=True)
+    with pytest.raises(ConfigError, match="sample_sampler is 'nope'"):
+        recipe(world, sample_sampler="nope")
+    with pytest.raises(ConfigError, match="vae path .* does not exist"):
+        UNetPhase(recipe(world, vae=str(world["root"] / "missing")))
+    wide = dataclasses.replace(UNET, cross_attention_dim=32)
+    with pytest.raises(ConfigError, match="cross_attention_dim 32"):
+        UNetPhase(recipe(world, unet=wide))
+    deep = dataclasses.replace(
+        UNET,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    with pytest.raises(ConfigError, match="size 24 must be a multiple of 16"):
+        UNetPhase(recipe(world, unet=deep, data=DataConfig(size=24, global_batch=8)))
+
+
+def test_init_unet_must_match_the_recipe(world):
+    phase = UNetPhase(recipe(world, init_unet=str(world["model"])))
+    saved = load(world["model"]).unet.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in phase.unet.state_dict().items())
+    assert all(p.requires_grad for p in phase.unet.parameters())
+    other = dataclasses.replace(UNET, layers_per_block=2)
+    with pytest.raises(ConfigError, match="layers_per_block = 1; set these in recipe.unet"):
+        UNetPhase(recipe(world, init_unet=str(world["model"]), unet=other))
+
+
+def test_cached_encoding_equals_direct_encoding(world, tmp_path):
+    direct = UNetPhase(recipe(world))
+    cached = UNetPhase(recipe(world, cache_latents=True, cache_dir=str(tmp_path / "cache")))
+    for phase in (direct, cached):
+        phase.bind(World(), {"unet": phase.unet})
+    batch = next(direct.batches(None))
+    for _ in range(2):  # a miss, then a hit
+        torch.manual_seed(5)
+        want = direct.encode(batch)
+        torch.manual_seed(5)
+        got = cached.encode(batch)
+        for a, b in zip(want, got, strict=True):
+            torch.testing.assert_close(a, b)
+    assert cached.caches[0].hits == 8 and cached.caches[0].misses == 8
+
+
+# --- a real run ---------------------------------------------------------------------------
+
+STEPS = 200
+PROMPTS = ("a red circle", "a blue square")
+
+
+@pytest.fixture(scope="module")
+def run(world) -> dict:
+    """One training run that the tests below look at from several sides."""
+    out = world["root"] / "run"
+    phase = UNetPhase(
+        recipe(
+            world,
+            cache_latents=True,
+            cache_dir=str(world["root"] / "cache"),
+            sample_prompts=PROMPTS,
+            sample_seeds=(0, 1, 2),
+            sample_steps=3,
+        )
+    )
+    train_config = config(
+        steps=STEPS, lr=3e-3, warmup_steps=10, ema_decay=0.9, log_every=5, sample_every=STEPS
+    )
+    summary = train(phase, train_config, out, progress=False)
+    return {"out": out, "phase": phase, "summary": summary}
+
+
+def test_loss_falls(run):
+    losses = [r["loss"] for r in read_records(run["out"] / "metrics.jsonl") if "metrics" in r]
+    assert len(losses) == STEPS // 5
+    # The first window averages steps 1-5 (about 1.1: unit noise against a near-zero
+    # prediction); the last eight windows average about 0.42.
+    start, end = losses[0], sum(losses[-8:]) / 8
+    assert end < 0.55 * start, losses
+    assert run["phase"].caches[0].hits > 0  # later epochs read the cached posteriors
+
+
+def test_sample_writes_a_grid(run):
+    grid = Image.open(run["out"] / "samples" / f"unet-{STEPS:06d}.png")
+    assert grid.size == (3 * SIZE, len(PROMPTS) * SIZE)
+    assert grid.text["prompts"] == "\n".join(PROMPTS)
+
+
+def test_saved_folder_loads_and_generates(run):
+    for name in ("weights", "weights-ema"):
+        components = load(run["out"] / name)
+        assert components.config.unet == UNET
+        assert components.config.vae == run["phase"].vae.config
+        options = GenerateOptions("a red circle", steps=2, seed=1)
+        image = run_to_result(generate(components, options)).images[0]
+        assert image.size == (SIZE, SIZE)
+    final = load(run["out"] / "weights").unet.state_dict()
+    trained = run["phase"].unet.state_dict()
+    assert all(torch.equal(v, final[k]) for k, v in trained.items())
+
+
+VARIANTS = {
+    "min_snr": {"min_snr_gamma": 5.0},
+    "v_prediction": {"min_snr_gamma": 5.0, "prediction_type": "v_prediction"},
+    "offset_checkpointing_clip_skip": {
+        "noise_offset": 0.1,
+        "gradient_checkpointing": True,
+        "clip_skip": 1,
+    },
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_run(world, tmp_path, variant):
+    changes = dict(VARIANTS[variant])
+    prediction = changes.pop("prediction_type", "epsilon")
+    base = recipe(world)
+    changes["schedule"] = dataclasses.replace(base.schedule, prediction_type=prediction)
+    summary = train(UNetPhase(recipe(world, **changes)), config(steps=3), tmp_path, progress=False)
+    assert summary["skipped_steps"] == 0 and summary["loss"] > 0
+    assert load(tmp_path / "weights").config.schedule.prediction_type == prediction
+
+
+# --- exact resume -------------------------------------------------------------------------
+
+
+class Stop(Exception):
+    pass
+
+
+class StoppingPhase(UNetPhase):
+    """Dies at the start of ``stop_at``, as if the process had been killed."""
+
+    def __init__(self, recipe, stop_at):
+        super().__init__(recipe)
+        self.stop_at = stop_at
+
+    def loss(self, batch, step):
+        if step == self.stop_at:
+            raise Stop
+        return super().loss(batch, step)
+
+
+def test_resume_is_exact(world, tmp_path):
+    steps = 6  # 4 batches an epoch: the resumed half crosses into epoch 1
+    settings = config(steps=steps, checkpoint_every=3, ema_decay=0.9)
+    straight = tmp_path / "straight"
+    train(UNetPhase(recipe(world)), settings, straight, progress=False)
+    halves = tmp_path / "halves"
+    with pytest.raises(Stop):
+        train(StoppingPhase(recipe(world), stop_at=3), settings, halves, progress=False)
+    summary = train(UNetPhase(recipe(world)), settings, halves, resume=True, progress=False)
+    assert summary["start_step"] == 3
+    want = checkpoint.latest(straight).tensors
+    got = checkpoint.latest(halves).tensors
+    assert set(want) == set(got) == {"model.unet", "ema.unet", "optimizer"}
+    for stem, tensors in want.items():
+        for key, tensor in tensors.items():
+            assert torch.equal(tensor, got[stem][key]), f"{stem} {key}"
