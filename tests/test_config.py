@@ -110,3 +110,15 @@ def test_unsupported_families_are_named():
 def test_sampler_specific_scheduler_keys_are_accepted():
     raw = dict(diffusers.EulerDiscreteScheduler.from_config(schedule_to_json(SD21.schedule)).config)
     assert schedule_from_json(raw).prediction_type == "v_prediction"
+
+
+def test_missing_required_key_and_nested_union_errors_are_config_errors():
+    @dataclasses.dataclass(frozen=True)
+    class Recipe:
+        data_path: str
+        vae: VAEConfig | None = None
+
+    with pytest.raises(ConfigError, match="needs the key 'data_path'"):
+        from_dict(Recipe, {})
+    with pytest.raises(ConfigError, match=r"unknown key 'bogus' in Recipe\.vae"):
+        from_dict(Recipe, {"data_path": "x", "vae": {"bogus": 1}})

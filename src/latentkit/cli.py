@@ -23,7 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(commands)
     _add_inspect(commands)
     _add_data(commands)
+    _add_train(commands)
     return parser
+
+
+def _add_train(commands) -> None:
+    from .train.cli import add_cli
+
+    add_cli(commands)  # "train" and "plot"
 
 
 def _add_data(commands) -> None:

@@ -235,6 +235,15 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -
         raise ConfigError(
             f"unknown key {unknown[0]!r} in {where}; valid keys are: {', '.join(valid)}."
         )
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where} needs the key {missing[0]!r}.")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
 
@@ -249,8 +258,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             try:
                 return _coerce(option, value, where)
             except ConfigError as err:
-                errors.append(err)
-        raise errors[-1]
+                errors.append((option, err))
+        # A value that is not null failed as something other than null: that error says why.
+        informative = [err for option, err in errors if option is not type(None)]
+        raise (informative or [err for _, err in errors])[0]
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}.")
