@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import latentkit
+from latentkit.diffusion.samplers import SAMPLERS
 from latentkit.errors import ConfigError
 from latentkit.pipeline import GenerateOptions, Result, Step, generate, run_to_result
 
@@ -207,3 +208,13 @@ def test_tiled_decoding_runs_through_the_pipeline(sd1_dir):
     # 32 px pictures fit in one tile, where tiling is exactly the plain decode
     assert np.array_equal(pixels(plain.images[0]), pixels(tiled.images[0]))
     assert tiled.records[0]["vae_tiling"] is True
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("schedule", ["default", "karras", "exponential"])
+def test_every_sampler_and_schedule_makes_a_finite_picture(sd1_dir, sampler, schedule):
+    model = latentkit.load(sd1_dir)
+    options = GenerateOptions("a cat", steps=4, sampler=sampler, schedule=schedule, seed=2)
+    result = run_to_result(generate(model, options))
+    assert torch.isfinite(result.latents).all()
+    assert result.images[0].size == (32, 32)
