@@ -1,0 +1,271 @@
+"""The CLIP phase: train a text and an image tower into one embedding space (Radford et
+al. 2021), for the text encoder that later conditions the U-Net.
+
+Each step embeds a batch of images and their captions, scores every image against every
+caption (cosine similarity times the learned ``exp(logit_scale)``) and applies the
+symmetric contrastive loss: caption i should pick image i among the batch, and image i
+caption i. The temperature is clamped to CLIP's cap of 100 at the start of each ``loss``
+call, which is right after the previous optimizer step, so every forward pass sees a
+clamped value; ``save_weights`` clamps once more for the last step.
+
+Captions are tokenized without an attention mask, as Stable Diffusion feeds its text
+encoder: the text tower is causal and pools the first end token, so padding after it
+changes nothing the loss sees, and the U-Net later gets states computed the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import CLIPConfig, TextConfig, from_dict, to_dict
+from ..config_json import text_to_json
+from ..data.config import DataConfig
+from ..data.loader import ImageCaptionLoader
+
+# The transformers text encoder layout (config.json + model.safetensors) is written by
+# diffusers_folder's own helper, so load_text_encoder reads exactly what it writes. It is
+# private there; a public save_text_encoder(module, folder) would be the better seam.
+from ..diffusers_folder import _TEXT_STEM, _save_model, read_json, save_tokenizer, write_json
+from ..errors import ConfigError
+from ..models.clip import CLIPModel, CLIPTextModel, contrastive_loss
+from ..models.tokenizer import CLIPTokenizer
+from ..module_io import build_loaded
+from ..safetensors_io import read_safetensors, write_safetensors
+from .loop import Phase
+from .metrics import chance_top1, fixed_batches, retrieval_accuracy
+
+# The full model's own folder: our CLIPConfig as JSON beside the CLIPModel state dict.
+CLIP_CONFIG, CLIP_WEIGHTS = "config.json", "model.safetensors"
+
+
+@dataclass(frozen=True)
+class CLIPRecipe:
+    """What to train and on which data; the loop's TrainConfig says how.
+
+    ``data_path`` is the training set; ``eval_path`` a separate held-out set whose first
+    ``eval_samples`` pairs (in file order) give the retrieval accuracies in ``evaluate``
+    (none without it). Images are resized to ``model.vision.image_size`` when
+    ``data.size`` differs. Every caption is needed (``data.caption_dropout`` must be 0: an
+    empty caption cannot name its image), and images must be square (no ``data.buckets``).
+    Captions are cut to ``context_length`` tokens, start and end included (77 for SD).
+    ``init_seed`` fixes the initial weights without touching the global random state.
+    """
+
+    model: CLIPConfig = field(default_factory=CLIPConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(caption_dropout=0.0))
+    data_path: str = ""
+    eval_path: str | None = None
+    eval_samples: int = 256
+    context_length: int = 77
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.data_path), "data_path is empty; give the training pairs' folder.")
+        _require(
+            self.data.caption_dropout == 0,
+            f"data.caption_dropout is {self.data.caption_dropout}; CLIP needs every caption, "
+            "so set it to 0.",
+        )
+        _require(not self.data.buckets, "data.buckets must be empty; CLIP takes square images.")
+        _require(self.eval_samples >= 1, "eval_samples must be at least 1.")
+        longest = self.model.text.max_position_embeddings
+        _require(
+            2 <= self.context_length <= longest,
+            f"context_length is {self.context_length}; it must lie between 2 and the text "
+            f"tower's max_position_embeddings ({longest}).",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CLIPRecipe:
+        return from_dict(cls, data)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"CLIPRecipe: {message}")
+
+
+def text_encoder_config(config: CLIPConfig) -> TextConfig:
+    """The CLIPTextModel that holds a CLIPModel's text half: its tower plus the projection
+    (``with_projection``), so the exported encoder keeps everything CLIP learned for text."""
+    return dataclasses.replace(
+        config.text, with_projection=True, projection_dim=config.projection_dim
+    )
+
+
+class CLIPPhase(Phase):
+    """Trains ``recipe.model`` from scratch with the contrastive loss.
+
+    The data are sliced by the rank and world size the loop binds, so the same object
+    works alone and under torchrun.
+    """
+
+    def __init__(self, recipe: CLIPRecipe):
+        self.recipe = recipe
+        self.tokenizer = CLIPTokenizer.default(max_length=recipe.context_length)
+        _check_tokenizer(recipe.model.text, self.tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.init_seed)
+            self.clip = CLIPModel(recipe.model)
+        self.loader: ImageCaptionLoader | None = None
+        self._eval: dict[str, torch.Tensor] | None = None
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"clip": self.clip}
+
+    def bind(self, world, nets) -> None:
+        super().bind(world, nets)
+        self.loader = ImageCaptionLoader(
+            self.recipe.data_path, self.recipe.data, rank=world.rank, world=world.size
+        )
+
+    # --- training -------------------------------------------------------------------------
+
+    def batches(self, start_state: dict | None) -> Iterator[dict[str, torch.Tensor]]:
+        if start_state is not None:
+            self.loader.load_state_dict(start_state)
+        while True:  # the loader ends each epoch; training runs for steps, not epochs
+            for batch in self.loader:
+                yield self._pairs(batch)
+
+    def _pairs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Loader batch -> the tower inputs: resized pixels and padded token ids."""
+        size = self.recipe.model.vision.image_size
+        pixels = batch["pixels"]
+        if pixels.shape[-2:] != (size, size):
+            pixels = F.interpolate(
+                pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False
+            ).clamp(-1.0, 1.0)
+        return {"pixels": pixels, "input_ids": self.tokenizer(batch["captions"])["input_ids"]}
+
+    def data_state(self) -> dict:
+        return self.loader.state_dict()
+
+    def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        self.clip.clamp_logit_scale()  # after the previous step's update, before this use
+        logits = self.nets["clip"](batch["input_ids"], batch["pixels"])
+        loss = contrastive_loss(logits.logits_per_text.float())
+        targets = torch.arange(len(batch["input_ids"]), device=loss.device)
+        hits = (logits.logits_per_image.argmax(dim=1) == targets).float().mean()
+        hits = hits + (logits.logits_per_text.argmax(dim=1) == targets).float().mean()
+        return loss, {
+            "accuracy": float(hits) / 2,  # in-batch, both directions
+            "logit_scale": float(self.clip.logit_scale.detach().exp()),  # the multiplier
+        }
+
+    # --- evaluation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float] | None:
+        """Top-1 and top-5 retrieval accuracy over the held-out pairs, both directions.
+
+        A retrieved caption counts as correct when its token ids equal the true caption's:
+        the shapes world (and real data) repeat captions, and identical tokens give
+        identical embeddings, so no model could tell those apart. Scenes described in
+        other words still count as misses, so the numbers are a lower bound.
+        ``chance_top1`` is what random ranking scores under the same rule.
+        """
+        held_out = self._held_out()
+        if held_out is None:
+            return None
+        device = next(self.clip.parameters()).device
+        images, texts = [], []
+        chunks = zip(held_out["pixels"].split(64), held_out["input_ids"].split(64), strict=True)
+        for pixels, ids in chunks:
+            images.append(self.clip.get_image_features(pixels.to(device)).float())
+            texts.append(self.clip.get_text_features(ids.to(device)).float())
+        image = F.normalize(torch.cat(images), dim=-1).cpu()
+        text = F.normalize(torch.cat(texts), dim=-1).cpu()
+        labels = held_out["labels"]
+        i2t = retrieval_accuracy(image @ text.t(), labels, labels)
+        t2i = retrieval_accuracy(text @ image.t(), labels, labels)
+        return {
+            "i2t_top1": i2t[1],
+            "i2t_top5": i2t[5],
+            "t2i_top1": t2i[1],
+            "t2i_top5": t2i[5],
+            "chance_top1": chance_top1(labels),
+        }
+
+    def _held_out(self) -> dict[str, torch.Tensor] | None:
+        if self.recipe.eval_path is None:
+            return None
+        if self._eval is None:  # read once: the same pairs at every evaluation
+            parts = [
+                self._pairs(b)
+                for b in fixed_batches(
+                    self.recipe.eval_path, self.recipe.data, self.recipe.eval_samples
+                )
+            ]
+            ids = torch.cat([p["input_ids"] for p in parts])
+            self._eval = {
+                "pixels": torch.cat([p["pixels"] for p in parts]),
+                "input_ids": ids,
+                "labels": torch.unique(ids, dim=0, return_inverse=True)[1],
+            }
+        return self._eval
+
+    # --- export ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def save_weights(self, out_dir: Path) -> None:
+        """Three folders: ``clip/`` (the whole model, ``load_clip``), ``text_encoder/`` (a
+        transformers CLIPTextModelWithProjection folder, ``load_text_encoder``) and
+        ``tokenizer/`` (``load_tokenizer``), the last two as in a diffusers model folder."""
+        self.clip.clamp_logit_scale()
+        save_clip(self.clip, out_dir / "clip")
+        config = text_encoder_config(self.recipe.model)
+        encoder = text_encoder_of(self.clip)
+        text_json = text_to_json(config)
+        text_json["torch_dtype"] = str(next(encoder.parameters()).dtype).removeprefix("torch.")
+        _save_model(out_dir / "text_encoder", text_json, encoder, _TEXT_STEM, None)
+        save_tokenizer(self.tokenizer, out_dir / "tokenizer")
+
+
+def _check_tokenizer(text: TextConfig, tokenizer: CLIPTokenizer) -> None:
+    if text.vocab_size != tokenizer.vocab_size or text.eos_token_id != tokenizer.eos_id:
+        raise ConfigError(
+            f"CLIPRecipe: model.text needs vocab_size {tokenizer.vocab_size} and "
+            f"eos_token_id {tokenizer.eos_id} to match the CLIP tokenizer (it has "
+            f"{text.vocab_size} and {text.eos_token_id})."
+        )
+
+
+def text_encoder_of(clip: CLIPModel) -> CLIPTextModel:
+    """A CLIPTextModel sharing ``clip``'s text tower and projection tensors (strictly loaded,
+    so a key or shape that does not fit is an error, not a silent gap)."""
+    state = {
+        k: v
+        for k, v in clip.state_dict().items()
+        if k.startswith("text_model.") or k == "text_projection.weight"
+    }
+    config = text_encoder_config(clip.config)
+    return build_loaded(lambda: CLIPTextModel(config), state, "text encoder")
+
+
+def save_clip(clip: CLIPModel, folder: Path) -> None:
+    """The whole CLIPModel: its config as our JSON and its weights as safetensors."""
+    folder.mkdir()
+    write_json(folder / CLIP_CONFIG, to_dict(clip.config))
+    write_safetensors(clip.state_dict(), folder / CLIP_WEIGHTS, metadata={"format": "pt"})
+
+
+def load_clip(folder: str | Path) -> CLIPModel:
+    """A CLIPModel written by ``save_clip`` (or ``CLIPPhase.save_weights``' ``clip/``)."""
+    folder = Path(folder)
+    config = from_dict(
+        CLIPConfig, read_json(folder / CLIP_CONFIG, "CLIP config"), where="CLIP config"
+    )
+    weights = read_safetensors(folder / CLIP_WEIGHTS)
+    return build_loaded(lambda: CLIPModel(config), weights, "CLIP model")

@@ -1,0 +1,209 @@
+"""The CLIP phase on the shapes world at 32 px: it learns to retrieve, resumes exactly, and
+exports a text encoder, tokenizer and whole model that read back to the same outputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from latentkit.config import CLIPConfig, TextConfig, VisionConfig
+from latentkit.data.config import DataConfig
+from latentkit.data.shapes import write_dataset
+from latentkit.errors import ConfigError
+from latentkit.train import TrainConfig, checkpoint, read_records, train
+from latentkit.train.clip import CLIPPhase, CLIPRecipe, load_clip
+from latentkit.train.metrics import chance_top1, retrieval_accuracy
+from latentkit.weights import load_text_encoder, load_tokenizer
+
+TINY_CLIP = CLIPConfig(
+    text=TextConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=32,
+    ),
+    vision=VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    ),
+    projection_dim=32,
+)
+
+
+class Stop(Exception):
+    """Raised part-way through a run, as if the process had died."""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Other processes share these few cores; a second intra-op thread that has to wait for
+    # one of them makes every small kernel many times slower, and resume is exact either way.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_dataset(root / "train", 512, seed=0, size=32)
+    write_dataset(root / "eval", 64, seed=1, size=32)
+    return root
+
+
+def recipe(shapes, **changes) -> CLIPRecipe:
+    base = dict(
+        model=TINY_CLIP,
+        data=DataConfig(size=32, global_batch=32, caption_dropout=0.0, seed=3),
+        data_path=str(shapes / "train"),
+        eval_path=str(shapes / "eval"),
+    )
+    return CLIPRecipe(**{**base, **changes})
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_records(run_dir / "metrics.jsonl") if "metrics" in r]
+
+
+def stop_at(phase, step: int):
+    original = phase.loss
+
+    def loss(batch, at):
+        if at == step:
+            raise Stop
+        return original(batch, at)
+
+    phase.loss = loss
+    return phase
+
+
+# --- learning and export ------------------------------------------------------------------
+
+
+def test_learns_to_retrieve_and_exports(shapes, tmp_path):
+    phase = CLIPPhase(recipe(shapes))
+    before = phase.evaluate(0)
+    settings = TrainConfig(
+        steps=200, lr=2e-3, warmup_steps=20, weight_decay=0.0, log_every=1,
+        checkpoint_every=0, eval_every=200,
+    )  # fmt: skip
+    summary = train(phase, settings, tmp_path, progress=False)
+    curve = losses(tmp_path)
+    first, last = np.mean(curve[:20]), np.mean(curve[-20:])
+    after = summary["eval"]
+    print(f"loss {first:.3f} -> {last:.3f}; before {before}; after {after}")
+    assert last < 0.4 * first
+    chance = after["chance_top1"]
+    assert chance == pytest.approx(1 / 64, abs=0.01)
+    assert after["i2t_top1"] > 5 * chance and after["t2i_top1"] > 5 * chance
+    assert after["i2t_top5"] >= after["i2t_top1"] and after["t2i_top5"] >= after["t2i_top1"]
+    assert phase.clip.logit_scale <= math.log(100.0)
+
+    weights = tmp_path / "weights"
+    captions = ["a red circle at the top", "there is a small blue star left of a green square"]
+    tokenizer = load_tokenizer(weights / "tokenizer")
+    ids = tokenizer(captions)["input_ids"]
+    assert torch.equal(ids, phase.tokenizer(captions)["input_ids"]) and ids.shape[1] == 77
+    encoder = load_text_encoder(weights / "text_encoder")
+    assert encoder.config.with_projection and encoder.config.projection_dim == 32
+    clip = load_clip(weights / "clip")
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        out = encoder(ids)
+        assert torch.equal(out.text_embeds, phase.clip.get_text_features(ids))
+        assert torch.equal(out.last_hidden_state, phase.clip.text_model(ids).last_hidden_state)
+        assert torch.equal(
+            clip(ids, pixels).logits_per_text, phase.clip(ids, pixels).logits_per_text
+        )
+
+
+# --- exact resume -------------------------------------------------------------------------
+
+
+def test_resume_is_bit_exact(shapes, tmp_path):
+    settings = TrainConfig(steps=6, lr=1e-3, log_every=1, checkpoint_every=2, seed=5)
+    small = recipe(shapes, data=DataConfig(size=32, global_batch=8, caption_dropout=0.0))
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train(CLIPPhase(small), settings, straight, progress=False)
+    with pytest.raises(Stop):
+        train(stop_at(CLIPPhase(small), 5), settings, broken, progress=False)
+    assert checkpoint.latest(broken).step == 4
+    # Fresh objects with other initial weights: everything must come from the checkpoint.
+    train(
+        CLIPPhase(CLIPRecipe(**{**vars(small), "init_seed": 9})),
+        settings,
+        broken,
+        resume=True,
+        progress=False,
+    )
+
+    a, b = checkpoint.latest(straight), checkpoint.latest(broken)
+    assert a.step == b.step == 6
+    assert a.tensors.keys() == {"model.clip", "optimizer"}
+    for stem, tensors in a.tensors.items():
+        for name, tensor in tensors.items():
+            assert torch.equal(tensor, b.tensors[stem][name]), f"{stem}/{name}"
+    for key in ("optimizer", "scheduler", "data_state", "rng"):
+        assert a.meta[key] == b.meta[key], key
+    assert losses(straight) == losses(broken)
+
+
+# --- pieces -------------------------------------------------------------------------------
+
+
+def test_images_are_resized_to_the_vision_tower():
+    phase = CLIPPhase(CLIPRecipe(model=TINY_CLIP, data_path="unused"))
+    batch = {"pixels": torch.rand(3, 3, 64, 64) * 2 - 1, "captions": ["a", "b", ""]}
+    pairs = phase._pairs(batch)
+    assert pairs["pixels"].shape == (3, 3, 32, 32) and pairs["pixels"].abs().max() <= 1
+    assert pairs["input_ids"].shape == (3, 77)
+
+
+def test_retrieval_counts_equal_captions_as_correct():
+    # Queries 0 and 1 share a label (the same caption twice); query 2 is alone.
+    labels = torch.tensor([0, 0, 1])
+    similarity = torch.tensor([[0.1, 0.9, 0.0], [0.2, 0.1, 0.8], [0.3, 0.2, 0.1]])
+    # Row 0 picks target 1 (same label: correct); row 1 picks target 2 (wrong, but target 0
+    # is second); row 2 picks target 0 (wrong) and finds target 2 only third.
+    assert retrieval_accuracy(similarity, labels, labels, ks=(1, 2, 3)) == {
+        1: pytest.approx(1 / 3),
+        2: pytest.approx(2 / 3),
+        3: 1.0,
+    }
+    assert chance_top1(labels) == pytest.approx((2 / 3 + 2 / 3 + 1 / 3) / 3)
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"data_path": "x", "context": 77}, "unknown key 'context'"),
+        ({"data_path": "x", "data": {"caption_dropout": 0.1}}, "caption_dropout is 0.1"),
+        ({"data_path": "x", "data": {"buckets": [[64, 128]], "caption_dropout": 0.0}}, "square"),
+        ({"data_path": "x", "context_length": 78}, "context_length is 78"),
+        ({"data_path": "x", "model": {"vision": {"image_size": 30}}}, "patch_size"),
+        ({}, "data_path is empty"),
+    ],
+)
+def test_bad_recipe_is_one_sentence(data, words):
+    with pytest.raises(ConfigError) as err:
+        CLIPRecipe.from_dict(data)
+    message = str(err.value)
+    assert words in message and "\n" not in message and message.endswith(".")
+
+
+def test_text_tower_must_fit_the_tokenizer():
+    text = TextConfig(hidden_size=32, num_attention_heads=4, vocab_size=1000)
+    config = CLIPConfig(text=text, vision=TINY_CLIP.vision, projection_dim=32)
+    with pytest.raises(ConfigError, match="vocab_size 49408") as err:
+        CLIPPhase(CLIPRecipe(model=config, data_path="x"))
+    assert "\n" not in str(err.value)

@@ -1,0 +1,257 @@
+"""The VAE phase on the shapes world at 32 px: it learns, resumes exactly, exports a folder
+load_vae reads, and its GAN terms reach only their own player. Also PSNR/SSIM by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.signal import correlate2d
+
+from latentkit.config import VAEConfig
+from latentkit.data.config import DataConfig
+from latentkit.data.shapes import write_dataset
+from latentkit.errors import ConfigError, LatentkitError
+from latentkit.train import TrainConfig, World, checkpoint, read_records, train
+from latentkit.train.metrics import fixed_batches, gaussian_window, psnr, ssim
+from latentkit.train.vae import VAEPhase, VAERecipe, hinge_discriminator_loss
+from latentkit.weights import load_vae
+
+TINY_VAE = VAEConfig(
+    block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32
+)
+
+
+class Stop(Exception):
+    """Raised part-way through a run, as if the process had died."""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Other processes share these few cores; a second intra-op thread that has to wait for
+    # one of them makes every small kernel many times slower, and resume is exact either way.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_dataset(root / "train", 192, seed=0, size=32)
+    write_dataset(root / "eval", 32, seed=1, size=32)
+    return root
+
+
+def recipe(shapes, **changes) -> VAERecipe:
+    base = dict(
+        model=TINY_VAE,
+        data=DataConfig(size=32, global_batch=8, caption_dropout=0.0, seed=3),
+        data_path=str(shapes / "train"),
+        eval_path=str(shapes / "eval"),
+        disc_weight=0.0,
+        scale_samples=32,
+    )
+    return VAERecipe(**{**base, **changes})
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_records(run_dir / "metrics.jsonl") if "metrics" in r]
+
+
+def stop_at(phase, step: int):
+    original = phase.loss
+
+    def loss(batch, at):
+        if at == step:
+            raise Stop
+        return original(batch, at)
+
+    phase.loss = loss
+    return phase
+
+
+# --- learning and export ------------------------------------------------------------------
+
+
+def test_learns_and_exports_a_folder_load_vae_reads(shapes, tmp_path):
+    phase = VAEPhase(recipe(shapes))
+    before = phase.evaluate(0)
+    settings = TrainConfig(
+        steps=200,
+        lr=3e-3,
+        warmup_steps=10,
+        log_every=1,
+        checkpoint_every=0,
+        eval_every=200,
+        sample_every=200,
+    )
+    summary = train(phase, settings, tmp_path, progress=False)
+    curve = losses(tmp_path)
+    first, last = np.mean(curve[:20]), np.mean(curve[-20:])
+    after = summary["eval"]
+    print(f"loss {first:.3f} -> {last:.3f}; PSNR {before['psnr']:.1f} -> {after['psnr']:.1f} dB")
+    assert last < 0.4 * first
+    assert after["psnr"] > before["psnr"] + 6.0
+    assert after["ssim"] > before["ssim"] + 0.3
+
+    with Image.open(tmp_path / "samples" / "vae-000200.png") as grid:
+        assert grid.size == (8 * 32, 2 * 32)  # held-out images above reconstructions
+
+    loaded = load_vae(tmp_path / "weights" / "vae")
+    factor = loaded.config.scaling_factor
+    assert loaded.config == VAEConfig(**{**vars(TINY_VAE), "scaling_factor": factor})
+    images = next(fixed_batches(str(shapes / "eval"), phase.recipe.data, 8))["pixels"]
+    with torch.no_grad():
+        assert torch.equal(loaded(images), phase.vae(images))
+        # The factor scales the latents it was measured on to unit spread.
+        generator = torch.Generator().manual_seed(phase.recipe.data.seed)
+        batches = fixed_batches(str(shapes / "train"), phase.recipe.data, 32, shuffle=True)
+        latents = [loaded.encode(b["pixels"]).sample(generator) for b in batches]
+        assert loaded.scale_latents(torch.cat(latents)).std() == pytest.approx(1.0, abs=1e-4)
+    assert factor == pytest.approx(phase.scaling_factor())
+
+
+# --- exact resume with the discriminator on -----------------------------------------------
+
+
+def test_resume_with_gan_is_bit_exact(shapes, tmp_path):
+    gan = recipe(shapes, disc_weight=0.5, disc_start=2, disc_channels=8, disc_layers=2)
+    settings = TrainConfig(steps=6, lr=1e-3, log_every=1, checkpoint_every=2, keep_checkpoints=3)
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train(VAEPhase(gan), settings, straight, progress=False)
+    with pytest.raises(Stop):
+        train(stop_at(VAEPhase(gan), 5), settings, broken, progress=False)
+    assert checkpoint.latest(broken).step == 4
+    # Fresh objects with other initial weights: everything must come from the checkpoint.
+    other = VAEPhase(VAERecipe(**{**vars(gan), "init_seed": 9}))
+    train(other, settings, broken, resume=True, progress=False)
+
+    a, b = checkpoint.latest(straight), checkpoint.latest(broken)
+    assert a.step == b.step == 6
+    assert a.tensors.keys() == {"model.vae", "model.disc", "optimizer"}
+    for stem, tensors in a.tensors.items():
+        for name, tensor in tensors.items():
+            assert torch.equal(tensor, b.tensors[stem][name]), f"{stem}/{name}"
+    for key in ("optimizer", "scheduler", "data_state", "rng"):
+        assert a.meta[key] == b.meta[key], key
+    assert losses(straight) == losses(broken)
+
+    # The critic sat still until disc_start, then the GAN terms were on.
+    start = VAEPhase(gan).disc.state_dict()
+    at_two = checkpoint.read(straight / "checkpoints" / "step-000002").tensors["model.disc"]
+    assert all(torch.equal(start[k], at_two[k]) for k in start)
+    records = [r for r in read_records(straight / "metrics.jsonl") if "metrics" in r]
+    assert all(r["metrics"]["gan_weight"] == 0 for r in records[:2])
+    assert all(r["metrics"]["gan_weight"] > 0 for r in records[2:])
+
+
+def test_each_gan_term_moves_only_its_own_player(shapes):
+    """One backward of the summed loss gives the VAE the gradient of recon + KL + GAN
+    (critic frozen) and the critic the gradient of its hinge loss (reconstruction fixed)."""
+    phase = VAEPhase(recipe(shapes, disc_weight=0.5, disc_start=0, disc_channels=8, disc_layers=2))
+    phase.bind(World(), phase.modules())
+    images = next(fixed_batches(str(shapes / "train"), phase.recipe.data, 4))["pixels"]
+    vae, disc = phase.reconstruction, phase.disc
+
+    torch.manual_seed(0)
+    loss, metrics = phase.loss({"pixels": images}, step=0)
+    loss.backward()
+    together = {n: p.grad.clone() for n, p in [*vae.named_parameters(), *disc.named_parameters()]}
+
+    torch.manual_seed(0)
+    output, kl = vae(images)
+    recon = (output - images).abs().mean()
+    disc.requires_grad_(False)
+    generator = -disc(output).mean()
+    vae_loss = recon + phase.recipe.kl_weight * kl.mean() / images[0].numel()
+    vae_loss = vae_loss + metrics["gan_weight"] * generator
+    vae_grads = torch.autograd.grad(vae_loss, list(vae.parameters()))
+    disc.requires_grad_(True)
+    critic = hinge_discriminator_loss(disc(images), disc(output.detach()))
+    disc_grads = torch.autograd.grad(critic, list(disc.parameters()))
+
+    names = [n for n, _ in vae.named_parameters()] + [n for n, _ in disc.named_parameters()]
+    for name, alone in zip(names, [*vae_grads, *disc_grads], strict=True):
+        torch.testing.assert_close(together[name], alone, rtol=1e-4, atol=1e-7, msg=name)
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def test_psnr_by_hand():
+    a = torch.zeros(2, 3, 16, 16)
+    b = a.clone()
+    b[0] += 0.1  # MSE 0.01 -> 20 dB
+    b[1, :, :8] += 0.2  # half the values off by 0.2: MSE 0.02 -> 10 log10(50) dB
+    assert psnr(b, a).tolist() == pytest.approx([20.0, 10 * math.log10(50)], abs=1e-4)
+
+
+def test_ssim_identical_constant_and_reference():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 24, 24, generator=generator)
+    assert ssim(x, x).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+
+    # Flat images have no variance or covariance: SSIM is the luminance term alone,
+    # (2ab + C1) / (a^2 + b^2 + C1) with C1 = (0.01 * range)^2.
+    a, b, c1 = 0.2, 0.6, 0.01**2
+    flat = ssim(torch.full((1, 1, 16, 16), a), torch.full((1, 1, 16, 16), b))
+    assert float(flat) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-6)
+
+    # Against the paper's recipe written out with scipy (valid 11x11 Gaussian, sigma 1.5).
+    y = (x + 0.2 * torch.randn(x.shape, generator=generator)).clamp(0, 1)
+    assert ssim(x, y).tolist() == pytest.approx(reference_ssim(x, y), abs=1e-6)
+    assert ssim(x, y).tolist() == pytest.approx(ssim(y, x).tolist(), abs=1e-7)
+    assert float(ssim(x, y).max()) < 1.0
+
+
+def reference_ssim(x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    window = gaussian_window().numpy()
+    c1, c2 = 0.01**2, 0.03**2
+    scores = []
+    for xi, yi in zip(x.double().numpy(), y.double().numpy(), strict=True):
+        maps = []
+        for a, b in zip(xi, yi, strict=True):
+
+            def blur(t):
+                return correlate2d(t, window, mode="valid")
+
+            ma, mb = blur(a), blur(b)
+            va, vb, cov = blur(a * a) - ma**2, blur(b * b) - mb**2, blur(a * b) - ma * mb
+            maps.append(
+                (2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+            )
+        scores.append(float(np.mean(maps)))
+    return scores
+
+
+# --- recipe errors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"data_path": "x", "klweight": 1e-6}, "unknown key 'klweight'"),
+        ({"data_path": "x", "recon": "l3"}, "recon is 'l3'"),
+        ({"data_path": "x", "kl_weight": -1}, "kl_weight"),
+        ({}, "data_path is empty"),
+        ({"data_path": "x", "data": {"size": 36}}, "multiple of 8"),
+        ({"data_path": "x", "model": {"block_out_channels": [8] * 5}, "data": {"size": 8}}, "16"),
+    ],
+)
+def test_bad_recipe_is_one_sentence(data, words):
+    with pytest.raises(ConfigError) as err:
+        VAERecipe.from_dict(data)
+    message = str(err.value)
+    assert words in message and "\n" not in message and message.endswith(".")
+
+
+def test_missing_data_folder_is_one_sentence(tmp_path):
+    phase = VAEPhase(VAERecipe(model=TINY_VAE, data_path=str(tmp_path / "nowhere")))
+    with pytest.raises(LatentkitError, match="does not exist") as err:
+        train(phase, TrainConfig(steps=1), tmp_path / "run", progress=False)
+    assert "\n" not in str(err.value)
