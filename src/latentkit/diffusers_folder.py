@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .components import Components
-from .config import ModelConfig, ScheduleConfig, TokenizerConfig
+from .config import ModelConfig, ScheduleConfig, TextConfig, TokenizerConfig, UNetConfig, VAEConfig
 from .config_json import (
     DIFFUSERS_VERSION,
     schedule_from_json,
@@ -190,11 +190,9 @@ def save_diffusers(components: Components, folder, *, dtype=None, overwrite=Fals
     c = components.config
     with replace_atomically(folder, overwrite=overwrite, folder=True) as tmp:
         write_json(tmp / "model_index.json", _model_index())
-        _save_model(tmp / "unet", unet_to_json(c.unet), components.unet, _UNET_STEM, dtype)
-        _save_model(tmp / "vae", vae_to_json(c.vae), components.vae, _UNET_STEM, dtype)
-        text_json = text_to_json(c.text)
-        text_json["torch_dtype"] = str(dtype or _dtype_of(components.text_encoder))[6:]
-        _save_model(tmp / "text_encoder", text_json, components.text_encoder, _TEXT_STEM, dtype)
+        save_unet(components.unet, c.unet, tmp / "unet", dtype=dtype)
+        save_vae(components.vae, c.vae, tmp / "vae", dtype=dtype)
+        save_text_encoder(components.text_encoder, c.text, tmp / "text_encoder", dtype=dtype)
         (tmp / "scheduler").mkdir()
         write_json(tmp / "scheduler" / "scheduler_config.json", schedule_to_json(c.schedule))
         save_tokenizer(components.tokenizer, tmp / "tokenizer")
@@ -244,6 +242,24 @@ def _model_index() -> dict:
         "requires_safety_checker": False,
         **_INDEX_CLASSES,
     }
+
+
+def save_unet(unet: nn.Module, config: UNetConfig, folder: Path, *, dtype=None) -> None:
+    """A diffusers ``unet/`` folder (``load_unet`` reads it); ``folder`` must not exist."""
+    _save_model(Path(folder), unet_to_json(config), unet, _UNET_STEM, resolve_dtype(dtype))
+
+
+def save_vae(vae: nn.Module, config: VAEConfig, folder: Path, *, dtype=None) -> None:
+    """A diffusers ``vae/`` folder (``load_vae`` reads it); ``folder`` must not exist."""
+    _save_model(Path(folder), vae_to_json(config), vae, _UNET_STEM, resolve_dtype(dtype))
+
+
+def save_text_encoder(encoder: nn.Module, config: TextConfig, folder: Path, *, dtype=None) -> None:
+    """A transformers-style ``text_encoder/`` folder (``load_text_encoder`` reads it)."""
+    dtype = resolve_dtype(dtype)
+    text_json = text_to_json(config)
+    text_json["torch_dtype"] = str(dtype or _dtype_of(encoder)).removeprefix("torch.")
+    _save_model(Path(folder), text_json, encoder, _TEXT_STEM, dtype)
 
 
 def _save_model(folder: Path, config: dict, module: nn.Module, stem: str, dtype) -> None:

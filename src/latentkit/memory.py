@@ -315,9 +315,9 @@ def check_fits(
     needed = need(vae_tile, slice_)
     if needed <= free:
         return
-    images = f"{options.n} image{'s' if options.n > 1 else ''}"
+    images, verb = (f"{options.n} images", "need") if options.n > 1 else ("1 image", "needs")
     raise ConfigError(
-        f"{images} of {width}x{height} {'need' if options.n > 1 else 'needs'} about {needed / GIB:.1f} GiB but only "
+        f"{images} of {width}x{height} {verb} about {needed / GIB:.1f} GiB but only "
         f"{free / GIB:.1f} GiB is free on {device}; "
         f"{_suggestion(need, free, vae_tile, slice_)}."
     )

@@ -29,6 +29,9 @@ from .diffusers_folder import (
     load_vae,
     rename_vae_attention,
     save_diffusers,
+    save_text_encoder,
+    save_unet,
+    save_vae,
 )
 from .errors import ConfigError, WeightsError
 from .ldm_infer import infer_config
@@ -52,6 +55,9 @@ __all__ = [
     "rename_vae_attention",
     "save_diffusers",
     "save_single_file",
+    "save_text_encoder",
+    "save_unet",
+    "save_vae",
 ]
 
 # Single files we write carry their exact config, so reading them back needs no guessing.

@@ -26,14 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CLIPConfig, TextConfig, from_dict, to_dict
-from ..config_json import text_to_json
 from ..data.config import DataConfig
 from ..data.loader import ImageCaptionLoader
 
 # The transformers text encoder layout (config.json + model.safetensors) is written by
 # diffusers_folder's own helper, so load_text_encoder reads exactly what it writes. It is
 # private there; a public save_text_encoder(module, folder) would be the better seam.
-from ..diffusers_folder import _TEXT_STEM, _save_model, read_json, save_tokenizer, write_json
+from ..diffusers_folder import read_json, save_text_encoder, save_tokenizer, write_json
 from ..errors import ConfigError
 from ..models.clip import CLIPModel, CLIPTextModel, contrastive_loss
 from ..models.tokenizer import CLIPTokenizer
@@ -227,9 +226,7 @@ class CLIPPhase(Phase):
         save_clip(self.clip, out_dir / "clip")
         config = text_encoder_config(self.recipe.model)
         encoder = text_encoder_of(self.clip)
-        text_json = text_to_json(config)
-        text_json["torch_dtype"] = str(next(encoder.parameters()).dtype).removeprefix("torch.")
-        _save_model(out_dir / "text_encoder", text_json, encoder, _TEXT_STEM, None)
+        save_text_encoder(encoder, config, out_dir / "text_encoder")
         save_tokenizer(self.tokenizer, out_dir / "tokenizer")
 
 

@@ -44,15 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig, from_dict, to_dict
-from ..config_json import vae_to_json
 from ..data.config import DataConfig
 from ..data.loader import ImageCaptionLoader
 
 # The diffusers VAE folder layout (config.json + diffusion_pytorch_model.safetensors) is
 # written by diffusers_folder's own helper, so load_vae reads exactly what it writes. It
 # is private there; a public save_vae(vae, folder) would be the better seam.
-from ..diffusers_folder import _UNET_STEM as _VAE_STEM
-from ..diffusers_folder import _save_model
+from ..diffusers_folder import save_vae
 from ..errors import ConfigError, LatentkitError
 from ..img2img import tensor_to_images
 from ..models.vae import AutoencoderKL
@@ -340,7 +338,7 @@ class VAEPhase(Phase):
         """``out_dir/vae``: a diffusers VAE folder (``load_vae`` reads it) whose config
         carries the measured latent scaling factor."""
         config = dataclasses.replace(self.vae.config, scaling_factor=self.scaling_factor())
-        _save_model(out_dir / "vae", vae_to_json(config), self.vae, _VAE_STEM, None)
+        save_vae(self.vae, config, out_dir / "vae")
 
     @torch.no_grad()
     def scaling_factor(self) -> float:
