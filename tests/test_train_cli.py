@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from latentkit.cli import main
 from latentkit.data.shapes import write_dataset
 from latentkit.errors import ConfigError, LatentkitError
-from latentkit.train.cli import main
 from latentkit.train.recipes import (
     PHASES,
     apply_override,

@@ -123,23 +123,3 @@ def run_plot(args: argparse.Namespace) -> None:
     if not args.run_dir.is_dir():
         raise LatentkitError(f"run folder {args.run_dir} does not exist.")
     print(plot_run(args.run_dir, args.out or args.run_dir / "curves.png"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m latentkit.train.cli``: these two commands alone, as ``latentkit`` runs them."""
-    parser = argparse.ArgumentParser(prog="latentkit", description="Train and plot runs.")
-    add_cli(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except LatentkitError as err:
-        print(f"latentkit: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nlatentkit: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
