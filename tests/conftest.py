@@ -130,3 +130,14 @@ def sd1_dir(tiny_model_dir) -> Path:
 def sd2_dir(tiny_model_dir) -> Path:
     """A tiny SD 2.x-like diffusers folder (gelu CLIP, linear projections, pad "!", v)."""
     return tiny_model_dir("sd2")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the training tests: their tiny models run many small kernels,
+    and on a busy 2-core machine a second thread mostly waits, making each step many times
+    slower. Results are exact either way."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

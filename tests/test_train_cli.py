@@ -8,7 +8,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from latentkit.cli import main
@@ -23,16 +22,11 @@ from latentkit.train.recipes import (
     to_toml,
 )
 
+# Tiny models run many small kernels; see the one_thread fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 SHAPES_CONFIGS = REPO / "configs" / "shapes"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -18,6 +18,9 @@ from latentkit.train.clip import CLIPPhase, CLIPRecipe, load_clip
 from latentkit.train.metrics import chance_top1, retrieval_accuracy
 from latentkit.weights import load_text_encoder, load_tokenizer
 
+# Tiny models run many small kernels; see the one_thread fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_CLIP = CLIPConfig(
     text=TextConfig(
         hidden_size=32,
@@ -41,16 +44,6 @@ TINY_CLIP = CLIPConfig(
 
 class Stop(Exception):
     """Raised part-way through a run, as if the process had died."""
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Other processes share these few cores; a second intra-op thread that has to wait for
-    # one of them makes every small kernel many times slower, and resume is exact either way.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

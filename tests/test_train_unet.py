@@ -49,6 +49,9 @@ UNET = UNetConfig(
     norm_num_groups=8,
 )
 
+# Tiny models run many small kernels; see the one_thread fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def make_frozen_model(folder: Path, dataset: Path) -> Path:
     """A random tiny model folder whose VAE scaling factor gives unit-variance latents on
@@ -69,15 +72,6 @@ def make_frozen_model(folder: Path, dataset: Path) -> Path:
 def _pixels(path: Path) -> torch.Tensor:
     image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).float()
     return image.permute(2, 0, 1) / 127.5 - 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run many small ops; on a busy machine extra intra-op threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,9 @@ from latentkit.train.metrics import fixed_batches, gaussian_window, psnr, ssim
 from latentkit.train.vae import VAEPhase, VAERecipe, hinge_discriminator_loss
 from latentkit.weights import load_vae
 
+# Tiny models run many small kernels; see the one_thread fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_VAE = VAEConfig(
     block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32
 )
@@ -27,16 +30,6 @@ TINY_VAE = VAEConfig(
 
 class Stop(Exception):
     """Raised part-way through a run, as if the process had died."""
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Other processes share these few cores; a second intra-op thread that has to wait for
-    # one of them makes every small kernel many times slower, and resume is exact either way.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
