@@ -1,0 +1,165 @@
+"""Loading the shipped judge, reading images into attributes, and scoring a reading.
+
+``read_attributes`` returns dicts in the format of ``Scene.attributes()`` without the
+geometry (no ``centre`` or ``diameter``): count, background, objects in canonical order
+(shape, colour, size, and position for a single object), relation ("above" or "left of"
+for two objects) and held_out (the held-out combinations the reading contains).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from importlib.resources import as_file, files
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import shapes
+from ..errors import WeightsError
+from ..safetensors_io import read_safetensors, write_safetensors
+from .model import Judge, JudgeConfig, default_vocab, to_batch
+
+WEIGHTS = "judge.safetensors"
+CONFIG = "judge.json"
+ATTRIBUTES = ("count", "shape", "colour", "size", "position_or_relation", "background")
+
+
+def save_judge(judge: Judge, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Write ``judge.safetensors`` and ``judge.json`` (config, vocabularies, ``extra``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in judge.state_dict().items()}
+    write_safetensors(state, folder / WEIGHTS)
+    data = {"config": judge.config.to_json(), **(extra or {})}
+    (folder / CONFIG).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def load_judge(folder: str | Path | None = None, device: str | torch.device = "cpu") -> Judge:
+    """The judge in ``folder``, by default the one packaged in latentkit/assets/judge."""
+    with ExitStack() as stack:
+        if folder is None:
+            # as_file: the package may live in a zip; this gives a real folder either way.
+            folder = stack.enter_context(as_file(files("latentkit") / "assets" / "judge"))
+        folder = Path(folder)
+        if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
+            raise WeightsError(
+                f"{folder} holds no judge; it needs {WEIGHTS} and {CONFIG} "
+                "(train one with python -m latentkit.judge.train)."
+            )
+        data = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+        config = JudgeConfig.from_json(data["config"])
+        if config.vocab != default_vocab():
+            raise WeightsError(
+                f"The judge in {folder} was trained on a different shapes world (its "
+                "vocabularies differ from latentkit.data.shapes); retrain it."
+            )
+        judge = Judge(config)
+        judge.load_state_dict(read_safetensors(folder / WEIGHTS))  # copies out of the map
+    return judge.to(device).eval()
+
+
+@torch.no_grad()
+def read_attributes(judge: Judge, images, batch_size: int = 256) -> list[dict[str, Any]]:
+    """What the judge reads in each image (PIL images or a tensor, as ``to_batch`` takes)."""
+    was_training = judge.training
+    judge.eval()
+    try:
+        x = to_batch(images, judge.device)
+        out: list[dict[str, Any]] = []
+        for start in range(0, x.shape[0], batch_size):
+            logits = judge(x[start : start + batch_size]).logits
+            best = {head: v.argmax(1).tolist() for head, v in logits.items()}
+            out += [_decode(best, i, judge.config.vocab) for i in range(len(best["count"]))]
+        return out
+    finally:
+        judge.train(was_training)
+
+
+def _decode(best: dict[str, list[int]], i: int, vocab: dict[str, list[str]]) -> dict:
+    count = int(vocab["count"][best["count"][i]])
+    objects = [
+        {key: vocab[key][best[f"{key}{slot}"][i]] for key in ("shape", "colour", "size")}
+        for slot in range(1, count + 1)
+    ]
+    single = count == 1
+    objects[0]["position"] = vocab["position"][best["position"][i]] if single else None
+    if not single:
+        objects[1]["position"] = None
+    relation = None if single else vocab["relation"][best["relation"][i]]
+    return {
+        "count": count,
+        "background": vocab["background"][best["background"][i]],
+        "objects": objects,
+        "relation": relation,
+        "held_out": held_out_of(objects, relation),
+    }
+
+
+def held_out_of(objects: list[dict], relation: str | None) -> list[str]:
+    """The held-out combinations named in an attribute dict (as ``held_out_combos`` does
+    for a Scene, which a reading without geometry cannot be turned into)."""
+    found = [
+        f"{o['colour']} {o['shape']}"
+        for o in objects
+        if (o["colour"], o["shape"]) in shapes.HELD_OUT_PAIRS
+    ]
+    if relation is not None:
+        triple = (objects[0]["shape"], relation, objects[1]["shape"])
+        if triple in shapes.HELD_OUT_RELATIONS:
+            found.append(" ".join(triple))
+    return found
+
+
+def canonical(attributes: dict[str, Any]) -> dict[str, Any]:
+    """``attributes`` with a two-object relation as "above"/"left of" (objects swapped if
+    needed), so two descriptions of one scene compare slot by slot."""
+    relation = attributes.get("relation")
+    if relation is None or relation in shapes.CANONICAL_RELATIONS:
+        return attributes
+    return {
+        **attributes,
+        "objects": list(reversed(attributes["objects"])),
+        "relation": shapes.INVERSE[relation],
+    }
+
+
+def score(predicted: dict[str, Any], expected: dict[str, Any]) -> dict[str, bool]:
+    """Which attributes of ``expected`` (the prompt's scene) ``predicted`` got right.
+
+    Objects are compared slot by slot in canonical order: "shape" is right only if every
+    slot's shape is. When the counts differ the object attributes cannot be matched and
+    are all wrong; background is judged on its own. ``all`` is every attribute at once.
+    Note that a pair drawn the wrong way round (red above blue asked, blue above red drawn)
+    keeps the relation word but swaps the slots, so it loses shape/colour, not relation.
+    """
+    predicted, expected = canonical(predicted), canonical(expected)
+    same_count = predicted["count"] == expected["count"]
+    slots = list(zip(predicted["objects"], expected["objects"], strict=False))
+
+    def objects_agree(key: str) -> bool:
+        return same_count and all(p[key] == e[key] for p, e in slots)
+
+    if expected["count"] == 1:
+        where = objects_agree("position")
+    else:
+        where = same_count and predicted["relation"] == expected["relation"]
+    result = {
+        "count": same_count,
+        "shape": objects_agree("shape"),
+        "colour": objects_agree("colour"),
+        "size": objects_agree("size"),
+        "position_or_relation": where,
+        "background": predicted["background"] == expected["background"],
+    }
+    result["all"] = all(result.values())
+    return result
+
+
+def accuracy(predicted: list[dict], expected: list[dict]) -> dict[str, float]:
+    """Mean of ``score`` over pairs: the fraction right per attribute (and ``all``)."""
+    if len(predicted) != len(expected) or not predicted:
+        raise ValueError("accuracy needs equally many, and some, predictions and expectations.")
+    scores = [score(p, e) for p, e in zip(predicted, expected, strict=True)]
+    return {key: sum(s[key] for s in scores) / len(scores) for key in scores[0]}
