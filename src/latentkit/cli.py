@@ -24,7 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(commands)
     _add_data(commands)
     _add_train(commands)
+    _add_eval(commands)
     return parser
+
+
+def _add_eval(commands) -> None:
+    from .judge.eval_cli import add_cli
+
+    add_cli(commands)
 
 
 def _add_train(commands) -> None:
@@ -47,7 +54,11 @@ def _add_generate(commands) -> None:
     p = commands.add_parser("generate", help="make pictures from a prompt")
     p.add_argument("prompt", nargs="?", help="what to draw (AUTOMATIC1111 (weight:1.2) syntax)")
     p.add_argument("--negative", default=None, help="what to steer away from")
-    p.add_argument("--model", default=None, help="a diffusers folder or a .safetensors file")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a diffusers folder, a .safetensors file or a shipped name (default: shapes)",
+    )
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
     p.add_argument("--schedule", choices=SCHEDULES, default=None)
     p.add_argument("--steps", type=int, default=None)
@@ -265,13 +276,14 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def _model_from_record(args: argparse.Namespace) -> str:
+    from .models_registry import DEFAULT_MODEL
     from .pngmeta import read_png_record
 
     if args.from_png is not None:
         model = read_png_record(args.from_png).get("model")
         if model:
             return model
-    raise ConfigError("give --model PATH (a diffusers folder or a .safetensors file).")
+    return DEFAULT_MODEL  # the model shipped inside the package
 
 
 def run_info(args: argparse.Namespace) -> None:

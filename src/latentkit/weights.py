@@ -36,6 +36,7 @@ from .diffusers_folder import (
 from .errors import ConfigError, WeightsError
 from .ldm_infer import infer_config
 from .ldm_keys import detect_family, join_checkpoint, split_checkpoint
+from .models_registry import resolve as resolve_model
 from .module_io import build_loaded, load_module, read_weights, replace_atomically, sniff
 from .safetensors_io import read_metadata, read_safetensors, write_safetensors
 
@@ -78,8 +79,9 @@ def load(
     """A model from a diffusers folder or a single-file checkpoint (.safetensors, or
     .ckpt/.pt with ``allow_pickle``). ``dtype`` casts float weights as they are read;
     ``prediction_type`` overrides the schedule's ("v_prediction" for SD 2.x 768-v files).
+    A shipped model's name (``"shapes"``) stands for its packaged folder.
     """
-    path = Path(path)
+    path = resolve_model(path)
     if not path.exists():
         raise WeightsError(f"{path} does not exist; give a diffusers model folder or a file.")
     if path.is_dir():

@@ -1,0 +1,78 @@
+"""``latentkit eval``: text-following of a model on the shapes world, read by the judge."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import ConfigError
+from .text_following import DEFAULT_PROMPTS, EVAL_SPLITS, EvalSettings
+
+
+def add_cli(commands) -> None:
+    p = commands.add_parser(
+        "eval",
+        help="score a model's text-following on shapes-world prompts with the judge",
+        description="Generate K images for each of a fixed set of shapes-world prompts, read "
+        "them with the judge, and print per-attribute accuracy, a CLIP score and a Fréchet "
+        "distance; write OUT/report.json and OUT/grid.png.",
+    )
+    p.add_argument("--model", default=None, help="a model folder or name (default: shapes)")
+    p.add_argument("--split", choices=sorted(EVAL_SPLITS), default="held-out")
+    p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (default 7.5)")
+    p.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS, help="how many prompts")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in OUT")
+    p.add_argument("--out", type=Path, required=True, help="folder for report.json and grid.png")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from ..models_registry import resolve
+    from ..runtime import Progress, resolve_device, resolve_dtype
+    from ..weights import load
+    from .text_following import (
+        evaluate_text_following,
+        format_table,
+        load_score_clip,
+        sample_grid,
+        write_outputs,
+    )
+
+    settings = EvalSettings(
+        split=args.split,
+        per_prompt=args.per_prompt,
+        cfg=args.cfg,
+        prompts=args.prompts,
+        steps=args.steps,
+        seed=args.seed,
+    )
+    settings.validate()
+    if (args.out / "report.json").exists() and not args.overwrite:
+        raise ConfigError(f"{args.out / 'report.json'} already exists; pass --overwrite.")
+    path = resolve(args.model)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    components = load(path, dtype=dtype, device=device)
+    clip = load_score_clip(path, components.text_encoder) if path.is_dir() else None
+    progress = Progress(settings.prompts, "prompts")
+    report, images, prompts = evaluate_text_following(
+        components,
+        settings,
+        clip=clip,
+        device=device,
+        dtype=dtype,
+        on_prompt=lambda i, n: progress.update(i),
+    )
+    progress.close()
+    report["model"] = str(path)
+    report["dtype"] = str(dtype).removeprefix("torch.")
+    write_outputs(args.out, report, sample_grid(images, prompts, settings.per_prompt))
+    s = settings
+    print(f"{s.split}: {s.prompts} prompts x {s.per_prompt} images, cfg {s.cfg}")
+    print(format_table(report))
+    print(f"{report['seconds_per_image']:.2f} s per image; report in {args.out / 'report.json'}")

@@ -1,0 +1,286 @@
+"""Does a model draw what its prompt says? Generate from shapes-world captions, read the
+pictures back with the judge, and compare with the scenes the captions came from.
+
+The prompt set of a split is fixed: the canonical captions of the first distinct scenes a
+split-specific seed draws (``prompt_scenes``), so every model and every run is scored on
+the same prompts. Besides per-attribute accuracy the report holds a CLIP score (our own
+CLIP's cosine similarity between each image and its prompt) and a Fréchet distance between
+the judge's features of the samples and of the prompts' scenes rendered exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from ..data import shapes
+from ..errors import ConfigError
+from .read import accuracy, load_judge, read_attributes
+
+# Evaluation names for the shapes splits: "seen" combinations are the training split's.
+EVAL_SPLITS = {"seen": "train", "held-out": "held-out"}
+# Seeds of the prompt sets, away from the small seeds datasets are written with, so the
+# prompts' exact scenes are not training images.
+PROMPT_SEEDS = {"seen": 90_210, "held-out": 90_211}
+DEFAULT_PROMPTS = 64
+REPORT_KEYS = ("count", "shape", "colour", "size", "position_or_relation", "background", "all")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    split: str = "held-out"
+    per_prompt: int = 4
+    cfg: float = 7.5
+    prompts: int = DEFAULT_PROMPTS
+    steps: int = 20
+    seed: int = 0
+    sampler: str = "euler"
+
+    def validate(self) -> None:
+        if self.split not in EVAL_SPLITS:
+            raise ConfigError(f"split {self.split!r} is unknown; choose seen or held-out.")
+        if not 1 <= self.per_prompt <= 64:
+            raise ConfigError(f"per-prompt must be between 1 and 64, got {self.per_prompt}.")
+        if self.prompts < 1:
+            raise ConfigError(f"prompts must be at least 1, got {self.prompts}.")
+
+
+def prompt_scenes(split: str, n: int) -> list[shapes.Scene]:
+    """The first ``n`` scenes of ``split`` with distinct canonical captions (deterministic)."""
+    if split not in EVAL_SPLITS:
+        raise ConfigError(f"split {split!r} is unknown; choose seen or held-out.")
+    rng = np.random.default_rng(PROMPT_SEEDS[split])
+    scenes, seen = [], set()
+    # Far more draws than scenes: a split has thousands of distinct captions.
+    for _ in range(100 * n):
+        scene = shapes.sample_scene(rng, EVAL_SPLITS[split])
+        text = shapes.canonical_caption(scene)
+        if text not in seen:
+            seen.add(text)
+            scenes.append(scene)
+            if len(scenes) == n:
+                return scenes
+    raise ConfigError(f"the {split} split has fewer than {n} distinct prompts.")
+
+
+# --- Fréchet distance -------------------------------------------------------------------
+
+
+def gaussian_frechet(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians.
+
+    Tr((S1 S2)^(1/2)) equals Tr((A S2 A)^(1/2)) with A = S1^(1/2): the latter is symmetric
+    and positive semi-definite, so its square roots come from a stable eigendecomposition
+    (no complex parts, unlike scipy's general sqrtm on a product of rank-deficient
+    covariances)."""
+    mu1, mu2, sigma1, sigma2 = (
+        torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, sigma1, sigma2)
+    )
+    root1 = _psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    cross = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    value = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * cross
+    return max(float(value), 0.0)  # rounding may leave a tiny negative for equal inputs
+
+
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """The Fréchet distance between Gaussians fitted to two sets of feature rows."""
+    if features_a.shape[0] < 2 or features_b.shape[0] < 2:
+        raise ConfigError("a Fréchet distance needs at least two samples on each side.")
+    a, b = features_a.double(), features_b.double()
+    return gaussian_frechet(a.mean(0), a.T.cov(), b.mean(0), b.T.cov())
+
+
+# --- CLIP score -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def clip_score(clip, tokenizer, images: list[Image.Image], prompts: list[str]) -> float:
+    """Mean cosine similarity between each image's and its prompt's CLIP embedding."""
+    size = clip.config.vision.image_size
+    pixels = torch.stack([_pixels(im, size) for im in images])
+    ids = tokenizer(prompts)["input_ids"]
+    image = torch.cat([clip.get_image_features(p) for p in pixels.split(64)])
+    text = torch.cat([clip.get_text_features(t) for t in ids.split(64)])
+    return float(F.cosine_similarity(image.float(), text.float(), dim=-1).mean())
+
+
+def _pixels(image: Image.Image, size: int) -> torch.Tensor:
+    # CLIP trained on loader pixels in [-1, 1] at the vision tower's size.
+    image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+# --- the sample grid --------------------------------------------------------------------
+
+
+def sample_grid(
+    images: list[Image.Image], prompts: list[str], per_prompt: int, rows: int = 8, cell: int = 96
+) -> Image.Image:
+    """The first ``rows`` prompts' samples, one row each, with the prompt written above."""
+    rows = min(rows, len(prompts))
+    label = 14
+    grid = Image.new("RGB", (per_prompt * cell, rows * (cell + label)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r in range(rows):
+        top = r * (cell + label)
+        draw.text((2, top + 1), prompts[r], fill="black")
+        for k in range(per_prompt):
+            image = images[r * per_prompt + k].convert("RGB").resize((cell, cell))
+            grid.paste(image, (k * cell, top + label))
+    return grid
+
+
+# --- the whole evaluation ---------------------------------------------------------------
+
+
+def evaluate_text_following(
+    components,
+    settings: EvalSettings,
+    *,
+    clip=None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    on_prompt: Callable[[int, int], None] | None = None,
+) -> tuple[dict, list[Image.Image], list[str]]:
+    """Generate ``per_prompt`` images for each prompt of the split and score them.
+
+    Returns the report (a JSON-ready dict), the images in prompt order and the prompts.
+    ``clip`` (a CLIPModel) adds the CLIP score; without it the score is None.
+    """
+    from ..pipeline import GenerateOptions, generate, run_to_result
+
+    settings.validate()
+    scenes = prompt_scenes(settings.split, settings.prompts)
+    prompts = [shapes.canonical_caption(s) for s in scenes]
+    images: list[Image.Image] = []
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        options = GenerateOptions(
+            prompt,
+            steps=settings.steps,
+            cfg=settings.cfg,
+            sampler=settings.sampler,
+            n=settings.per_prompt,
+            seed=settings.seed + i * settings.per_prompt,  # every image its own seed
+        )
+        result = run_to_result(generate(components, options, device=device, dtype=dtype))
+        images += result.images
+        if on_prompt:
+            on_prompt(i + 1, len(prompts))
+    seconds = time.perf_counter() - start
+    report = _score(images, scenes, prompts, settings, clip, components.tokenizer)
+    report["seconds_per_image"] = seconds / len(images)
+    return report, images, prompts
+
+
+def _score(images, scenes, prompts, settings, clip, tokenizer) -> dict:
+    judge = load_judge()
+    k = settings.per_prompt
+    expected = [s.attributes() for s in scenes for _ in range(k)]
+    read = read_attributes(judge, images)
+    real = [shapes.render(s) for s in scenes]
+    each_prompt = [p for p in prompts for _ in range(k)]
+    per_prompt = [
+        {
+            "prompt": p,
+            "accuracy": accuracy(read[i * k : (i + 1) * k], expected[i * k : (i + 1) * k]),
+        }
+        for i, p in enumerate(prompts)
+    ]
+    return {
+        "split": settings.split,
+        "prompts": len(prompts),
+        "per_prompt": k,
+        "images": len(images),
+        "cfg": settings.cfg,
+        "steps": settings.steps,
+        "sampler": settings.sampler,
+        "seed": settings.seed,
+        "accuracy": accuracy(read, expected),
+        "clip_score": None if clip is None else clip_score(clip, tokenizer, images, each_prompt),
+        # The reference is each prompt's own scene rendered once (renders are exact, so
+        # repeats would add nothing); with few prompts the covariance is rank-deficient,
+        # so compare distances only between runs of the same size.
+        "frechet_distance": frechet_distance(judge.features(images), judge.features(real)),
+        "by_prompt": per_prompt,
+    }
+
+
+def format_table(report: dict) -> str:
+    """The per-attribute accuracies as a two-column text table, then the other scores."""
+    lines = [f"{'attribute':<22}accuracy"]
+    lines += [f"{key:<22}{100 * report['accuracy'][key]:6.1f}%" for key in REPORT_KEYS]
+    clip = report["clip_score"]
+    lines.append(
+        f"{'CLIP score':<22}" + ("unavailable (no clip/)" if clip is None else f"{clip:.4f}")
+    )
+    lines.append(f"{'Fréchet distance':<22}{report['frechet_distance']:.3f}")
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, report: dict, grid: Image.Image) -> None:
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    grid.save(out / "grid.png")
+
+
+# --- our CLIP, for the score ------------------------------------------------------------
+
+# Tensors of a CLIPModel that the text encoder folder already holds.
+_TEXT_KEYS = ("text_model.", "text_projection.weight")
+
+
+def save_image_half(clip, folder: Path) -> None:
+    """``clip/`` without the text tower: the model folder's ``text_encoder/`` already holds
+    those tensors (its 49,408-token embedding is most of the model's size), so a shipped
+    model stores them once; ``load_score_clip`` puts the two halves back together."""
+    from ..config import to_dict
+    from ..diffusers_folder import write_json
+    from ..safetensors_io import write_safetensors
+    from ..train.clip import CLIP_CONFIG, CLIP_WEIGHTS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.contiguous() for k, v in clip.state_dict().items() if not k.startswith(_TEXT_KEYS)
+    }
+    write_json(folder / CLIP_CONFIG, to_dict(clip.config))
+    write_safetensors(state, folder / CLIP_WEIGHTS, metadata={"format": "pt"})
+
+
+def load_score_clip(model_folder: Path, text_encoder):
+    """The CLIPModel of ``model_folder/clip`` (whole, or its image half completed by
+    ``text_encoder``), in float32; None when the folder has no ``clip/``."""
+    from ..config import CLIPConfig, from_dict
+    from ..diffusers_folder import read_json
+    from ..models.clip import CLIPModel
+    from ..module_io import build_loaded
+    from ..safetensors_io import read_safetensors
+    from ..train.clip import CLIP_CONFIG, CLIP_WEIGHTS
+
+    folder = Path(model_folder) / "clip"
+    if not (folder / CLIP_CONFIG).is_file():
+        return None
+    config = from_dict(
+        CLIPConfig, read_json(folder / CLIP_CONFIG, "CLIP config"), where="CLIP config"
+    )
+    state = dict(read_safetensors(folder / CLIP_WEIGHTS))
+    if not any(k.startswith(_TEXT_KEYS) for k in state):
+        state.update(text_encoder.state_dict())
+    state = {k: v.float() for k, v in state.items()}
+    return build_loaded(lambda: CLIPModel(config), state, "CLIP model").float().eval()
