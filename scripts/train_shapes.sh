@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The shipped shapes model, from nothing: data, the three training phases, and the export
+# into src/latentkit/assets/models/shapes (fp16). Run from the repository root:
+#   scripts/train_shapes.sh            # everything, about 55 minutes on a 2-core CPU
+# WORK=dir puts the data and runs elsewhere (default: the repository's data/ and runs/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python}
+WORK=${WORK:-.}
+DATA=$WORK/data
+RUNS=$WORK/runs
+stamp() { echo "== $(date +%H:%M:%S) $*"; }
+paths=(--set "recipe.data_path=$DATA/shapes-64")
+
+stamp "data"
+$PY -m latentkit data shapes --n 20000 --out "$DATA/shapes-64" --overwrite
+$PY -m latentkit data shapes --n 256 --seed 1 --split held-out --out "$DATA/shapes-64-eval" --overwrite
+
+stamp "vae"
+$PY -m latentkit train vae --config configs/shapes/vae.toml --out "$RUNS/shapes-vae" \
+    "${paths[@]}" --set "recipe.eval_path=$DATA/shapes-64-eval"
+stamp "clip"
+$PY -m latentkit train clip --config configs/shapes/clip.toml --out "$RUNS/shapes-clip" \
+    "${paths[@]}" --set "recipe.eval_path=$DATA/shapes-64-eval"
+stamp "unet"
+$PY -m latentkit train unet --config configs/shapes/unet.toml --out "$RUNS/shapes-unet" \
+    "${paths[@]}" --set "recipe.vae=$RUNS/shapes-vae/weights" \
+    --set "recipe.text_encoder=$RUNS/shapes-clip/weights" \
+    --set "recipe.cache_dir=$RUNS/shapes-cache"
+
+stamp "export"
+$PY scripts/export_shapes.py --unet "$RUNS/shapes-unet/weights-ema" \
+    --clip "$RUNS/shapes-clip/weights/clip" --out src/latentkit/assets/models/shapes
+stamp "done"

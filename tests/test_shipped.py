@@ -1,0 +1,47 @@
+"""The model shipped inside the package: it loads by name and by default, and draws.
+
+A smoke test of the package data, not of quality (``latentkit eval`` measures that).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import latentkit
+from latentkit.cli import main
+from latentkit.models_registry import shipped_folder
+from latentkit.pipeline import GenerateOptions, generate, run_to_result
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_the_shipped_folder_is_fp16_and_small():
+    folder = shipped_folder("shapes")
+    weights = list(folder.rglob("*.safetensors"))
+    assert {p.parent.name for p in weights} >= {"unet", "vae", "text_encoder", "clip"}
+    assert sum(p.stat().st_size for p in weights) <= 30e6
+    index = json.loads((folder / "model_index.json").read_text())
+    assert "unet" in index
+
+
+def test_loads_by_name_and_makes_a_small_image():
+    model = latentkit.load("shapes", dtype=torch.float32)
+    assert next(model.unet.parameters()).dtype == torch.float32
+    options = GenerateOptions("a red circle above a blue square", steps=4, seed=0, n=2)
+    result = run_to_result(generate(model, options))
+    assert [im.size for im in result.images] == [(64, 64), (64, 64)]
+    assert result.latents.shape == (2, 4, 16, 16)
+    assert torch.isfinite(result.latents).all()
+    # Not a blank picture: the shapes world always has an object on its background.
+    pixels = torch.tensor(list(result.images[0].getdata()), dtype=torch.float32)
+    assert pixels.std() > 5
+
+
+def test_generate_without_model_uses_it(tmp_path, capsys):
+    out = tmp_path / "out.png"
+    code = main(["generate", "a red circle", "--steps", "2", "--quiet", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert out.is_file()
