@@ -99,12 +99,27 @@ class ResnetBlock2D(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(self.nonlinearity(self.norm1(x)))
+        # The normalised maps and the conv outputs are fresh tensors that nothing else
+        # holds, so the activation (when no gradient is wanted) and the additions may write
+        # into them: at full VAE resolution this saves several full-size allocations.
+        h = self.conv1(_silu_fresh(self.norm1(x)))
         if self.time_emb_proj is not None and temb is not None:
-            h = h + self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]
-        h = self.conv2(self.nonlinearity(self.norm2(h)))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+            h = _add_into(h, self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None])
+        h = self.conv2(_silu_fresh(self.norm2(h)))
+        return _add_into(h, x if self.conv_shortcut is None else self.conv_shortcut(x))
+
+
+def _silu_fresh(t: torch.Tensor) -> torch.Tensor:
+    """SiLU of a tensor no one else holds: in place when autograd will not need its input."""
+    return F.silu(t, inplace=not torch.is_grad_enabled())
+
+
+def _add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``fresh + other``, written into ``fresh`` (a conv output, which autograd does not
+    keep) unless that would change the result's dtype, as under mixed-precision autocast."""
+    if fresh.dtype != torch.promote_types(fresh.dtype, other.dtype):
+        return fresh + other
+    return fresh.add_(other)
 
 
 class Downsample2D(nn.Module):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -26,6 +24,7 @@ from .errors import ConfigError, LatentkitError
 from .img2img import prepare_source, tensor_to_images
 from .memory import check_fits
 from .prompts import encode_prompt, match_lengths
+from .stepping import iterate_sampler
 from .tiling import DECODE_TILE, images_from_latents_tiled
 
 SCHEDULES = ("default", "karras", "exponential")
@@ -242,22 +241,21 @@ def generate(
 
     extra = {"eta": options.eta} if options.sampler == "ddim" else {}
 
-    def run(callback):
-        with torch.inference_mode():
-            return SAMPLERS[options.sampler](
-                model,
-                x,
-                sigmas,
-                callback=callback,
-                generator=generators[0],
-                context=cond,
-                uncond_context=uncond,
-                **extra,
-            )
+    def run(model, callback):
+        return SAMPLERS[options.sampler](
+            model,
+            x,
+            sigmas,
+            callback=callback,
+            generator=generators[0],
+            context=cond,
+            uncond_context=uncond,
+            **extra,
+        )
 
     total = len(sigmas) - 1
     latents = None
-    for kind, value in iterate_callback(run):
+    for kind, value in iterate_sampler(run, model):
         if kind == "step":
             yield Step(value["i"], total, float(value["sigma"]), value["x"], value["denoised"])
         else:
@@ -267,49 +265,6 @@ def generate(
     images = tensor_to_images(decode_latents(components.vae, latents, tiled=options.vae_tiling))
     record = generation_record(components, options, width, height, dtype)
     yield Result(images, latents, [dict(record, seed=options.seed + i) for i in range(options.n)])
-
-
-class _Cancelled(Exception):
-    """Raised inside the sampler's thread when the consumer stopped iterating."""
-
-
-def iterate_callback(run) -> Iterator[tuple[str, object]]:
-    """Turn ``run(callback)`` into a generator of ("step", state) items, then ("done", result).
-
-    The sampler runs in a worker thread that waits for the consumer after each step, so the
-    caller sees every step as it happens and can cancel by closing the generator.
-    """
-    items: queue.Queue = queue.Queue(maxsize=1)
-    cancelled = threading.Event()
-
-    def callback(state: dict) -> None:
-        if cancelled.is_set():
-            raise _Cancelled
-        items.put(("step", state))
-
-    def work() -> None:
-        try:
-            items.put(("done", run(callback)))
-        except BaseException as err:  # handed to the consumer's thread
-            items.put(("error", err))
-
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
-    try:
-        while True:
-            kind, value = items.get()
-            if kind == "error":
-                raise value
-            yield kind, value
-            if kind == "done":
-                return
-    finally:
-        cancelled.set()
-        while worker.is_alive():
-            try:
-                items.get(timeout=0.05)
-            except queue.Empty:
-                pass
 
 
 def decode_latents(vae, latents: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
