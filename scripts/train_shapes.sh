@@ -13,15 +13,20 @@ stamp() { echo "== $(date +%H:%M:%S) $*"; }
 paths=(--set "recipe.data_path=$DATA/shapes-64")
 
 stamp "data"
-$PY -m latentkit data shapes --n 20000 --out "$DATA/shapes-64" --overwrite
+$PY -m latentkit data shapes --n 10000 --out "$DATA/shapes-64" --overwrite
 $PY -m latentkit data shapes --n 256 --seed 1 --split held-out --out "$DATA/shapes-64-eval" --overwrite
 
-stamp "vae"
-$PY -m latentkit train vae --config configs/shapes/vae.toml --out "$RUNS/shapes-vae" \
-    "${paths[@]}" --set "recipe.eval_path=$DATA/shapes-64-eval"
-stamp "clip"
+# The VAE and CLIP phases are independent: side by side, one thread each. One thread per
+# process also keeps a busy machine from stalling torch's spinning thread pool.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+stamp "vae + clip"
+$PY -m latentkit train vae --config configs/shapes/vae.toml --out "$RUNS/shapes-vae" --quiet \
+    "${paths[@]}" --set "recipe.eval_path=$DATA/shapes-64-eval" > "$WORK/vae.log" 2>&1 &
+vae=$!
 $PY -m latentkit train clip --config configs/shapes/clip.toml --out "$RUNS/shapes-clip" \
-    "${paths[@]}" --set "recipe.eval_path=$DATA/shapes-64-eval"
+    "${paths[@]}" --set "recipe.eval_path=$DATA/shapes-64-eval" --quiet
+wait $vae || { cat "$WORK/vae.log"; exit 1; }
+tail -1 "$WORK/vae.log"
 stamp "unet"
 $PY -m latentkit train unet --config configs/shapes/unet.toml --out "$RUNS/shapes-unet" \
     "${paths[@]}" --set "recipe.vae=$RUNS/shapes-vae/weights" \
