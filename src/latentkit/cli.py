@@ -117,7 +117,9 @@ def _add_interpolate(commands) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--to-seed", type=int, default=None, help="the seed of the last frame")
     p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--model", required=True, help="a diffusers folder or a .safetensors file")
+    p.add_argument(
+        "--model", default="shapes", help="a model folder, file or shipped name (default: shapes)"
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=7.5)
     p.add_argument("--sampler", default="euler")
