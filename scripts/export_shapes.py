@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     # Casting on load and saving at the loaded dtype keeps one rounding, fp32 -> fp16.
     components = load(args.unet, dtype="fp16")
     save_diffusers(components, args.out, dtype="fp16", overwrite=True)
