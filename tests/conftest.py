@@ -141,3 +141,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class Stop(Exception):
+    """Raised part-way through a training run, as if the process had died."""
+
+
+def losses(run_dir) -> list[float]:
+    """The logged training losses of a run, in step order."""
+    from latentkit.train import read_records
+
+    return [r["loss"] for r in read_records(run_dir / "metrics.jsonl") if "metrics" in r]
+
+
+def stop_at(phase, step: int):
+    """Make ``phase`` die (raise Stop) when the loop reaches ``step``."""
+    original = phase.loss
+
+    def loss(batch, at):
+        if at == step:
+            raise Stop
+        return original(batch, at)
+
+    phase.loss = loss
+    return phase

@@ -8,12 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import Stop, losses, stop_at
 
 from latentkit.config import CLIPConfig, TextConfig, VisionConfig
 from latentkit.data.config import DataConfig
 from latentkit.data.shapes import write_dataset
 from latentkit.errors import ConfigError
-from latentkit.train import TrainConfig, checkpoint, read_records, train
+from latentkit.train import TrainConfig, checkpoint, train
 from latentkit.train.clip import CLIPPhase, CLIPRecipe, load_clip
 from latentkit.train.metrics import chance_top1, retrieval_accuracy
 from latentkit.weights import load_text_encoder, load_tokenizer
@@ -42,10 +43,6 @@ TINY_CLIP = CLIPConfig(
 )
 
 
-class Stop(Exception):
-    """Raised part-way through a run, as if the process had died."""
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
@@ -62,22 +59,6 @@ def recipe(shapes, **changes) -> CLIPRecipe:
         eval_path=str(shapes / "eval"),
     )
     return CLIPRecipe(**{**base, **changes})
-
-
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in read_records(run_dir / "metrics.jsonl") if "metrics" in r]
-
-
-def stop_at(phase, step: int):
-    original = phase.loss
-
-    def loss(batch, at):
-        if at == step:
-            raise Stop
-        return original(batch, at)
-
-    phase.loss = loss
-    return phase
 
 
 # --- learning and export ------------------------------------------------------------------

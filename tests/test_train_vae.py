@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import Stop, losses, stop_at
 from PIL import Image
 from scipy.signal import correlate2d
 
@@ -28,10 +29,6 @@ TINY_VAE = VAEConfig(
 )
 
 
-class Stop(Exception):
-    """Raised part-way through a run, as if the process had died."""
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
@@ -50,22 +47,6 @@ def recipe(shapes, **changes) -> VAERecipe:
         scale_samples=32,
     )
     return VAERecipe(**{**base, **changes})
-
-
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in read_records(run_dir / "metrics.jsonl") if "metrics" in r]
-
-
-def stop_at(phase, step: int):
-    original = phase.loss
-
-    def loss(batch, at):
-        if at == step:
-            raise Stop
-        return original(batch, at)
-
-    phase.loss = loss
-    return phase
 
 
 # --- learning and export ------------------------------------------------------------------
