@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from latentkit.data.badlog import merged_report
 from latentkit.data.buckets import make_buckets, nearest_bucket
 from latentkit.data.cache import LatentCache, batch_keys
 from latentkit.data.config import DataConfig
@@ -328,6 +329,10 @@ def test_bad_samples_are_skipped_counted_and_replaced_alike_on_every_rank(tmp_pa
     for b, batch in enumerate(whole):
         assert batch["ids"] == parts[0][b]["ids"] + parts[1][b]["ids"]
         assert torch.equal(batch["pixels"], torch.cat([p[b]["pixels"] for p in parts]))
+    # Each rank met some of the broken files; added up, each counts once, as in one process.
+    merged = merged_report([r.bad.statuses() for r in ranks])
+    assert merged == {"seen": 20, "bad": 5, "counts": counts}
+    assert merged_report([single.bad.statuses()] * 2) == merged
 
 
 def test_lower_pixel_limit_marks_big_images_too_large(tmp_path):

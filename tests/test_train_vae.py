@@ -90,6 +90,44 @@ def test_learns_and_exports_a_folder_load_vae_reads(shapes, tmp_path):
     assert factor == pytest.approx(phase.scaling_factor())
 
 
+def broken_copy(shapes, out, broken: int):
+    """The training folder's first 40 scenes plus ``broken`` files a loader must skip."""
+    out.mkdir()
+    for name in sorted(p.stem for p in (shapes / "train").glob("*.png"))[:40]:
+        for suffix in (".png", ".txt"):
+            (out / f"{name}{suffix}").write_bytes(
+                (shapes / "train" / f"{name}{suffix}").read_bytes()
+            )
+    whole = (out / f"{name}.png").read_bytes()
+    kinds = [("truncated", whole[: len(whole) // 2]), ("empty", b""), ("text", b"not a picture")]
+    for i in range(broken):
+        kind, data = kinds[i % 3]
+        (out / f"broken-{i}.png").write_bytes(data)
+        (out / f"broken-{i}.txt").write_text(f"a {kind} file")
+    return out
+
+
+def test_broken_files_are_skipped_and_reported_then_too_many_stop_the_run(shapes, tmp_path):
+    tolerant = DataConfig(size=32, global_batch=8, caption_dropout=0.0, max_bad_fraction=0.1)
+    data = broken_copy(shapes, tmp_path / "some", broken=3)  # 3 of 43: under 10%
+    phase = VAEPhase(recipe(shapes, data=tolerant, data_path=str(data), eval_path=None))
+    settings = TrainConfig(steps=8, checkpoint_every=0, log_every=4)  # 64 reads: all 43 files
+    summary = train(phase, settings, tmp_path / "run", progress=False)
+    expected = {"seen": 43, "bad": 3, "counts": {
+        "unreadable": 0, "empty": 1, "not_an_image": 1, "too_large": 0, "truncated": 1,
+        "bad_caption": 0,
+    }}  # fmt: skip
+    assert summary["bad_samples"] == expected
+    records = read_records(tmp_path / "run" / "metrics.jsonl")
+    assert records[-1]["bad_samples"] == expected
+
+    data = broken_copy(shapes, tmp_path / "many", broken=12)  # 12 of 52: over 10%
+    phase = VAEPhase(recipe(shapes, data=tolerant, data_path=str(data), eval_path=None))
+    with pytest.raises(LatentkitError, match=r"samples read were bad .*max_bad_fraction 0.1"):
+        train(phase, settings, tmp_path / "stopped", progress=False)
+    assert not checkpoint.has_checkpoints(tmp_path / "stopped")
+
+
 # --- exact resume with the discriminator on -----------------------------------------------
 
 
@@ -152,6 +190,22 @@ def test_each_gan_term_moves_only_its_own_player(shapes):
     names = [n for n, _ in vae.named_parameters()] + [n for n, _ in disc.named_parameters()]
     for name, alone in zip(names, [*vae_grads, *disc_grads], strict=True):
         torch.testing.assert_close(together[name], alone, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("quant_conv", [True, False])
+def test_initial_logvar_sets_the_starting_posterior_variance(shapes, quant_conv):
+    """initial_logvar moves only the log-variance half of the moments: with it the
+    posterior's std starts near exp(value / 2), the mean is the reference initialisation's."""
+    model = VAEConfig(**{**TINY_VAE.__dict__, "use_quant_conv": quant_conv})
+    images = next(fixed_batches(str(shapes / "train"), DataConfig(size=32), 4))["pixels"]
+    with torch.no_grad():
+        plain = VAEPhase(recipe(shapes, model=model)).vae.encode(images)
+        started = VAEPhase(recipe(shapes, model=model, initial_logvar=-6.0)).vae.encode(images)
+    assert plain.std.mean() > 0.5
+    torch.testing.assert_close(started.mean, plain.mean)
+    shift = started.logvar - plain.logvar  # only each channel's bias changed
+    torch.testing.assert_close(shift, shift[:1, :, :1, :1].expand_as(shift), rtol=0, atol=1e-5)
+    assert math.isclose(float(started.std.mean()), math.exp(-3.0), rel_tol=0.5)
 
 
 # --- metrics ------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Counting bad samples: each once, by reason, with a limit on how many may be bad.
 
-One byte per sample remembers what is known about it (unknown, good, bad), so a bad file
-is decoded and counted once however many epochs or replacements run into it, and the
-fraction of bad samples is over distinct samples read, not over reads.
+One byte per sample remembers what is known about it (unknown, good, or bad for which
+reason), so a bad file is decoded and counted once however many epochs or replacements run
+into it, and the fraction of bad samples is over distinct samples read, not over reads.
+The same bytes let the processes of a distributed run add up what they found without
+counting a sample twice (``merged_report``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 from ..errors import LatentkitError
 from .decode import REASONS
 
+# A status byte: unknown, good, or _BAD + the index of the reason in REASONS.
 _UNKNOWN, _GOOD, _BAD = 0, 1, 2
 
 # Below this many samples read, a fraction is noise (the first file being broken would be
@@ -37,7 +40,7 @@ class BadSampleLog:
         self._lock = threading.Lock()
 
     def is_bad(self, index: int) -> bool:
-        return self._status[index] == _BAD
+        return self._status[index] >= _BAD
 
     def good(self, index: int) -> None:
         with self._lock:
@@ -47,11 +50,11 @@ class BadSampleLog:
 
     def bad(self, index: int, reason: str, sample_id: str) -> None:
         with self._lock:
-            if self._status[index] == _BAD:
+            if self._status[index] >= _BAD:
                 return
             if self._status[index] == _UNKNOWN:
                 self._seen += 1
-            self._status[index] = _BAD
+            self._status[index] = _BAD + REASONS.index(reason)
             self._counts[reason] += 1
             if len(self._examples[reason]) < _EXAMPLES:
                 self._examples[reason].append(sample_id)
@@ -76,6 +79,11 @@ class BadSampleLog:
             "examples": {r: list(ids) for r, ids in self._examples.items() if ids},
         }
 
+    def statuses(self) -> np.ndarray:
+        """A copy of what is known of each sample, for ``merged_report`` across processes."""
+        with self._lock:
+            return self._status.copy()
+
     def check(self, max_fraction: float, *, final: bool) -> None:
         """Raise when more than ``max_fraction`` of the samples read were bad."""
         bad = sum(self._counts.values())
@@ -89,3 +97,11 @@ class BadSampleLog:
                 f"({reasons}; e.g. {examples}), more than data.max_bad_fraction "
                 f"{max_fraction}; fix or remove those files, or raise max_bad_fraction."
             )
+
+
+def merged_report(statuses: list[np.ndarray]) -> dict[str, object]:
+    """Samples read and bad ones by reason over several processes' ``statuses()`` of the
+    same dataset, each sample once however many processes read it."""
+    known = np.maximum.reduce(statuses)
+    counts = {reason: int((known == _BAD + k).sum()) for k, reason in enumerate(REASONS)}
+    return {"seen": int((known != _UNKNOWN).sum()), "bad": sum(counts.values()), "counts": counts}

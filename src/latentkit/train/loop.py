@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..config import from_dict, to_dict
+from ..data.badlog import BadSampleLog, merged_report
 from ..errors import ConfigError, LatentkitError
 from ..module_io import replace_atomically
 from . import checkpoint, distributed
@@ -81,6 +82,13 @@ class Phase(abc.ABC):
     def bind(self, world: World, nets: dict[str, nn.Module]) -> None:
         """Called once before training; override to move frozen modules to ``world.device``."""
         self.world, self.nets = world, nets
+
+    def bad_samples(self) -> BadSampleLog | None:
+        """The bad-sample log of this rank's training data, which the loop adds up over the
+        ranks and reports at the end; None when the phase reads no files. The default is
+        ``self.loader.bad``, the loader each built-in phase makes in ``bind``."""
+        loader = getattr(self, "loader", None)
+        return None if loader is None else loader.bad
 
     def evaluate(self, step: int) -> dict[str, float] | None:
         """Metrics on held-out data after every ``eval_every`` steps (``step`` = steps done).
@@ -227,6 +235,7 @@ class _Trainer:
                 self._periodic(step + 1)
             if start < self.config.steps and not self._due(self.config.steps, "checkpoint_every"):
                 self._checkpoint(self.config.steps)
+            bad_samples = self._report_bad_samples()
             self._export()
         finally:
             self.log.close()
@@ -236,6 +245,7 @@ class _Trainer:
             "start_step": start,
             "loss": self.log.last_loss,
             "skipped_steps": self.skipped,
+            "bad_samples": bad_samples,
             "eval": self.last_eval,
             "seconds": time.time() - began,
             "out_dir": str(self.out_dir),
@@ -423,6 +433,17 @@ class _Trainer:
             checkpoint.set_rng_state(rng)
         distributed.barrier(self.world)
         return result
+
+    def _report_bad_samples(self) -> dict[str, Any] | None:
+        """The bad samples every rank met, each counted once (this run's reads only: a
+        resumed run starts counting afresh)."""
+        log = self.phase.bad_samples()
+        if log is None:
+            return None
+        report = merged_report(distributed.gather(log.statuses(), self.world))
+        if self.world.is_main:
+            self.log.bad_samples(self.config.steps, report)
+        return report
 
     def _checkpoint(self, done: int) -> None:
         rngs = distributed.gather(checkpoint.rng_state(), self.world)

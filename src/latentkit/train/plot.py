@@ -2,12 +2,14 @@
 line) and drawn afterwards (``plot_run``). Both halves live here so the format of
 metrics.jsonl is defined in one place.
 
-metrics.jsonl holds one JSON object per line, of three kinds (each also with "time", the
+metrics.jsonl holds one JSON object per line, of four kinds (each also with "time", the
 Unix time, and "elapsed", the seconds since this process started training)::
 
     {"step": 10, "loss": 0.12, "lr": 1e-4, "metrics": {"grad_norm": 0.8}}
     {"step": 11, "skipped": "loss", "loss": null}     a non-finite step, not applied
     {"step": 20, "eval": {"val_loss": 0.2}}
+    {"step": 30, "bad_samples": {"seen": 900, "bad": 2, "counts": {"truncated": 2, ...}}}
+                                                      at the end: the data's broken files
 """
 
 from __future__ import annotations
@@ -74,6 +76,17 @@ class RunLog:
         self._record({"step": step, "eval": results})
         for key, value in results.items():
             self._scalar(f"eval/{key}", value, step)
+
+    def bad_samples(self, step: int, report: dict[str, Any]) -> None:
+        """The training data's bad samples over all processes, recorded and, when there
+        were any, said."""
+        self._record({"step": step, "bad_samples": report})
+        if report["bad"]:
+            reasons = ", ".join(f"{r}: {n}" for r, n in report["counts"].items() if n)
+            self.notice(
+                f"{report['bad']} of the {report['seen']} training samples read were bad "
+                f"and skipped ({reasons})."
+            )
 
     def notice(self, text: str) -> None:
         if self.write:
@@ -206,7 +219,7 @@ def _series(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]
             panels.setdefault(title, []).append((step, float(value)))
 
     for record in records:
-        if "skipped" in record:
+        if "skipped" in record or "bad_samples" in record:
             continue
         if "eval" in record:
             for key, value in record["eval"].items():

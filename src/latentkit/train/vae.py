@@ -79,6 +79,12 @@ class VAERecipe:
     The exported latent ``scaling_factor`` is 1 / std of posterior samples of the first
     ``scale_samples`` training images in the seeded epoch-0 order. ``init_seed`` fixes the
     initial weights without touching the global random state.
+
+    ``initial_logvar`` (none: the reference initialisation, log-variance about 0) starts
+    the posterior's log-variance at that value instead. With the small KL weights of LDM
+    the encoder only slowly learns to shrink a unit-variance posterior, and until it does
+    the decoder sees codes drowned in noise and learns blurred averages; starting at, say,
+    -6 (std 0.05) skips that phase. The KL term still acts on it from the first step.
     """
 
     model: VAEConfig = field(default_factory=VAEConfig)
@@ -94,6 +100,7 @@ class VAERecipe:
     disc_layers: int = 3
     scale_samples: int = 256
     init_seed: int = 0
+    initial_logvar: float | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.data_path), "data_path is empty; give the training images' folder.")
@@ -181,6 +188,15 @@ class PatchDiscriminator(nn.Module):
         return self.net(images)
 
 
+def start_log_variance(vae: AutoencoderKL, value: float) -> None:
+    """Set the bias of the layer that emits the posterior's log-variance (the second half
+    of the moments: from ``quant_conv`` when there is one, else the encoder's last conv)
+    to ``value``, so the initial posterior has variance about exp(value)."""
+    layer = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+    with torch.no_grad():
+        layer.bias[vae.config.latent_channels :] = value
+
+
 # --- losses -------------------------------------------------------------------------------
 
 
@@ -227,6 +243,8 @@ class VAEPhase(Phase):
                 self.disc = PatchDiscriminator(
                     recipe.model.out_channels, recipe.disc_channels, recipe.disc_layers
                 )
+        if recipe.initial_logvar is not None:
+            start_log_variance(self.vae, recipe.initial_logvar)
         self.reconstruction = Reconstruction(self.vae)
         self.loader: ImageCaptionLoader | None = None
         self._eval_images: torch.Tensor | None = None
