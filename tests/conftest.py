@@ -7,6 +7,7 @@ not use these fixtures do not pay for importing diffusers.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from importlib.resources import files
@@ -23,7 +24,9 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-TINY_CONFIGS: dict[str, ModelConfig] = {"sd1": TINY, "sd2": TINY_SD2}
+# an inpainting U-Net sees the noisy latents, the mask and the masked picture's latents: 4+1+4
+TINY_INPAINT = dataclasses.replace(TINY, unet=dataclasses.replace(TINY.unet, in_channels=9))
+TINY_CONFIGS: dict[str, ModelConfig] = {"sd1": TINY, "sd2": TINY_SD2, "sd1-inpaint": TINY_INPAINT}
 CLIP_BPE = files("latentkit") / "assets" / "clip_bpe"
 
 
@@ -104,8 +107,9 @@ def _quiet_reference_libraries() -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """``tiny_model_dir("sd1" | "sd2")``: a diffusers folder of a tiny random model (from
-    latentkit's TINY / TINY_SD2 presets), saved once per session by diffusers itself.
+    """``tiny_model_dir("sd1" | "sd2" | "sd1-inpaint")``: a diffusers folder of a tiny random
+    model (from latentkit's TINY / TINY_SD2 presets; "sd1-inpaint" is TINY with a 9-channel
+    U-Net), saved once per session by diffusers itself.
     Treat it as read-only; copy it (``shutil.copytree``) before changing anything."""
     made: dict[str, Path] = {}
 
@@ -130,6 +134,12 @@ def sd1_dir(tiny_model_dir) -> Path:
 def sd2_dir(tiny_model_dir) -> Path:
     """A tiny SD 2.x-like diffusers folder (gelu CLIP, linear projections, pad "!", v)."""
     return tiny_model_dir("sd2")
+
+
+@pytest.fixture(scope="session")
+def sd1_inpaint_dir(tiny_model_dir) -> Path:
+    """A tiny SD 1.x-like inpainting model (9-channel U-Net) as a diffusers folder."""
+    return tiny_model_dir("sd1-inpaint")
 
 
 @pytest.fixture(scope="module")

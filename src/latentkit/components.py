@@ -101,8 +101,15 @@ def check_compatible(config: ModelConfig) -> None:
             f"the text encoder's width {config.text.hidden_size} must equal the U-Net's "
             f"cross_attention_dim {config.unet.cross_attention_dim}."
         )
-    if config.vae.latent_channels != config.unet.in_channels:
+    latent = config.vae.latent_channels
+    if config.unet.in_channels != latent and not is_inpainting(config):
         raise ConfigError(
-            f"the VAE's latent_channels {config.vae.latent_channels} must equal the U-Net's "
-            f"in_channels {config.unet.in_channels}."
+            f"the U-Net's in_channels {config.unet.in_channels} must equal the VAE's "
+            f"latent_channels {latent} (or be {2 * latent + 1} for an inpainting U-Net)."
         )
+
+
+def is_inpainting(config: ModelConfig) -> bool:
+    """Whether the U-Net is an inpainting one: it sees the noisy latents, the mask and the
+    masked picture's latents side by side (9 input channels for SD's 4-channel latents)."""
+    return config.unet.in_channels == 2 * config.vae.latent_channels + 1

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .components import is_inpainting
 from .errors import ConfigError
 
 
@@ -51,7 +52,8 @@ def fit_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 class Source:
     """What an init image (and mask) contribute to a run, in latent space."""
 
-    latents: torch.Tensor  # scaled latents of the init image, one per output image
+    # scaled latents of the init image, one per output image; None when the run needs none
+    latents: torch.Tensor | None
     mask: torch.Tensor | None = None  # latent-resolution mask, 1 = repaint
     extra_channels: torch.Tensor | None = None  # inpainting U-Nets' mask + masked latents
 
@@ -77,13 +79,43 @@ class Source:
         return mask * latents + (1 - mask) * self.latents
 
 
+def draw_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
+    """One ``torch.randn`` per image from its own generator, as the reference draws its
+    initial noise and its VAE posterior samples."""
+    return torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
+
+
+@torch.inference_mode()
 def encode_images(vae, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """Scaled latents, one posterior sample per image, each from its own generator."""
     posterior = vae.encode(images.to(next(vae.parameters()).dtype))
     mean, std = posterior.mean, posterior.std
-    noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
-    z = mean + std * noise.to(mean.device, mean.dtype)
+    z = mean + std * draw_noise(mean.shape, generators).to(mean.device, mean.dtype)
     return vae.scale_latents(z)
+
+
+def latent_shape(components, size: tuple[int, int], n: int) -> tuple[int, int, int, int]:
+    """(n, channels, height, width) of the latents of ``n`` pictures of ``size`` (w, h)."""
+    vae = components.config.vae
+    return (
+        n,
+        vae.latent_channels,
+        size[1] // vae.downscale_factor,
+        size[0] // vae.downscale_factor,
+    )
+
+
+def check_inputs(components, init_image: Image.Image | None, mask: Image.Image | None) -> None:
+    """One sentence for a missing init image or mask."""
+    inpainting_unet = is_inpainting(components.config)
+    if init_image is None and mask is not None:
+        raise ConfigError("a mask needs an init image to paint into; pass --init-image.")
+    if inpainting_unet and init_image is None:
+        raise ConfigError(
+            "this is an inpainting model (9-channel U-Net): it needs an init image and a mask."
+        )
+    if inpainting_unet and mask is None:
+        raise ConfigError("this inpainting model needs a mask beside the init image; pass --mask.")
 
 
 def prepare_source(
@@ -94,29 +126,45 @@ def prepare_source(
     generators: list[torch.Generator],
     device,
     dtype,
-) -> Source | None:
-    """Encode the init image (and mask) for a run; ``None`` for plain text-to-image."""
-    inpainting_unet = components.config.unet.in_channels == 9
+    *,
+    strength: float,
+    noise: torch.Tensor | None = None,
+) -> tuple[Source | None, torch.Tensor]:
+    """What the init image and mask contribute to a run (``None`` for plain text-to-image),
+    and the run's initial noise: ``noise`` when given, else one draw per image.
+
+    Each image's generator is drawn from in the reference's (diffusers') order, so that a
+    seed gives the reference's picture, also with the stochastic samplers that draw from it
+    next:
+
+    1. the init image's posterior sample, unless an inpainting U-Net runs at strength 1
+       (it then neither starts from the init image nor blends towards it);
+    2. the initial noise;
+    3. with a mask, the masked picture's posterior sample. Only inpainting U-Nets use it,
+       but the reference encodes it for every U-Net, so the others make the same draw.
+    """
+    check_inputs(components, init_image, mask)
+    shape = latent_shape(components, size, len(generators))
+
+    def initial_noise() -> torch.Tensor:
+        return draw_noise(shape, generators) if noise is None else noise
+
     if init_image is None:
-        if mask is not None:
-            raise ConfigError("a mask needs an init image to paint into; pass --init-image.")
-        if inpainting_unet:
-            raise ConfigError(
-                "this is an inpainting model (9-channel U-Net): it needs an init image and a mask."
-            )
-        return None
-    if inpainting_unet and mask is None:
-        raise ConfigError("this inpainting model needs a mask beside the init image; pass --mask.")
-    n = len(generators)
-    pixels = image_to_tensor(fit_image(init_image, size)).to(device).repeat(n, 1, 1, 1)
-    with torch.inference_mode():
+        return None, initial_noise()
+    inpainting_unet = is_inpainting(components.config)
+    pixels = image_to_tensor(fit_image(init_image, size)).to(device).repeat(shape[0], 1, 1, 1)
+    latents = None
+    if not (inpainting_unet and strength == 1.0):
         latents = encode_images(components.vae, pixels, generators).to(dtype)
-        if mask is None:
-            return Source(latents)
-        pixel_mask = mask_to_tensor(mask, size).to(device)
-        latent_mask = F.interpolate(pixel_mask, size=latents.shape[-2:]).repeat(n, 1, 1, 1)
-        if not inpainting_unet:
-            return Source(latents, mask=latent_mask.to(dtype))
-        masked = encode_images(components.vae, pixels * (pixel_mask < 0.5), generators)
-        extra = torch.cat([latent_mask.to(dtype), masked.to(dtype)], dim=1)
-        return Source(latents, mask=latent_mask.to(dtype), extra_channels=extra)
+    start_noise = initial_noise()
+    if mask is None:
+        return Source(latents), start_noise
+    pixel_mask = mask_to_tensor(mask, size).to(device)
+    # a nearest-neighbour resize of the binary mask, as the reference's
+    latent_mask = F.interpolate(pixel_mask, size=shape[-2:]).repeat(shape[0], 1, 1, 1).to(dtype)
+    if not inpainting_unet:
+        draw_noise(shape, generators)  # the reference's unused masked-picture sample
+        return Source(latents, mask=latent_mask), start_noise
+    masked = encode_images(components.vae, pixels * (pixel_mask < 0.5), generators)
+    extra = torch.cat([latent_mask, masked.to(dtype)], dim=1)
+    return Source(latents, mask=latent_mask, extra_channels=extra), start_noise

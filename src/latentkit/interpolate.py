@@ -11,9 +11,9 @@ from PIL import Image
 
 from .components import Components
 from .errors import ConfigError
+from .img2img import draw_noise, latent_shape
 from .pipeline import (
     GenerateOptions,
-    draw_noise,
     encode_contexts,
     generate,
     image_size,
@@ -59,8 +59,7 @@ def interpolation_frames(
         raise ConfigError("give a second seed or a second prompt to interpolate towards.")
     options = dataclasses.replace(options, n=1)
     width, height = image_size(components, options)
-    factor = components.config.vae.downscale_factor
-    shape = (1, components.config.vae.latent_channels, height // factor, width // factor)
+    shape = latent_shape(components, (width, height), 1)
     noise_a = draw_noise(shape, seeded_generators(options.seed, 1))
     noise_b = draw_noise(shape, seeded_generators(options.seed if seed_to is None else seed_to, 1))
     cond_a, uncond = encode_contexts(components, options, device, dtype)

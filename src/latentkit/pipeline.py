@@ -123,11 +123,6 @@ def seeded_generators(seed: int, n: int) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
 
 
-def draw_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
-    """One ``torch.randn`` per image from its own generator: the reference's initial noise."""
-    return torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
-
-
 def initial_scale(sampler: str, spacing: str, sigma_max: float) -> float:
     """The standard deviation the reference's scheduler starts from, in sigma space.
 
@@ -206,13 +201,19 @@ def generate(
     check_fits(
         components, options, device, dtype, vae_tile=DECODE_TILE if options.vae_tiling else None
     )
-    cfg = components.config
-    factor = cfg.vae.downscale_factor
-    shape = (options.n, cfg.vae.latent_channels, height // factor, width // factor)
     generators = seeded_generators(options.seed, options.n)
-    source = prepare_source(
-        components, init_image, mask, (width, height), generators, device, dtype
+    source, noise = prepare_source(
+        components,
+        init_image,
+        mask,
+        (width, height),
+        generators,
+        device,
+        dtype,
+        strength=options.strength,
+        noise=noise,
     )
+    noise = noise.to(device, dtype)
     if contexts is None:
         contexts = encode_contexts(components, options, device, dtype)
     cond, uncond = contexts
@@ -227,9 +228,6 @@ def generate(
     sigmas = sigmas_for(denoiser, options.steps, options.schedule, options.sampler)
     if source is not None and options.strength < 1.0:
         sigmas = sigmas[strength_start(options.steps, options.strength) :]
-    if noise is None:
-        noise = draw_noise(shape, generators)
-    noise = noise.to(device, dtype)
     if source is None or options.strength == 1.0:
         x = noise * initial_scale(
             options.sampler, components.schedule.timestep_spacing, float(sigmas[0])
