@@ -11,7 +11,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from .errors import ConfigError
 
@@ -305,6 +305,29 @@ def _check_choice(name: str, value: Any, valid: tuple[Any, ...]) -> None:
 def _check_divides(where: str, channels: int, heads: int) -> None:
     if heads <= 0 or channels % heads:
         raise ConfigError(f"{where}: {channels} channels cannot be split into {heads} heads.")
+
+
+# --- for config dataclasses defined elsewhere (the training recipes) ---------------------
+
+
+class DictForm:
+    """Gives a config dataclass ``to_dict()`` and ``from_dict(data)`` methods: the module's
+    functions of those names, applied to it (errors name the class; a subclass that wants
+    another name overrides ``from_dict`` to pass its own ``where``)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        return from_dict(cls, data)
+
+
+def require(condition: object, message: str, *, owner: str) -> None:
+    """Raise ``ConfigError("<owner>: <message>")`` unless ``condition`` holds. A module binds
+    its owner once: ``_require = functools.partial(require, owner="TrainConfig")``."""
+    if not condition:
+        raise ConfigError(f"{owner}: {message}")
 
 
 # --- presets ----------------------------------------------------------------------------

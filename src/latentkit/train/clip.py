@@ -16,16 +16,16 @@ changes nothing the loss sees, and the U-Net later gets states computed the same
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import CLIPConfig, TextConfig, from_dict, to_dict
+from ..config import CLIPConfig, DictForm, TextConfig, from_dict, require, to_dict
 from ..data.config import DataConfig
 from ..data.loader import ImageCaptionLoader
 
@@ -46,7 +46,7 @@ CLIP_CONFIG, CLIP_WEIGHTS = "config.json", "model.safetensors"
 
 
 @dataclass(frozen=True)
-class CLIPRecipe:
+class CLIPRecipe(DictForm):
     """What to train and on which data; the loop's TrainConfig says how.
 
     ``data_path`` is the training set; ``eval_path`` a separate held-out set whose first
@@ -82,17 +82,8 @@ class CLIPRecipe:
             f"tower's max_position_embeddings ({longest}).",
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CLIPRecipe:
-        return from_dict(cls, data)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"CLIPRecipe: {message}")
+_require = functools.partial(require, owner="CLIPRecipe")
 
 
 def text_encoder_config(config: CLIPConfig) -> TextConfig:

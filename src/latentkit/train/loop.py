@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -21,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import from_dict, to_dict
+from ..config import DictForm, require
 from ..data.badlog import BadSampleLog, merged_report
-from ..errors import ConfigError, LatentkitError
+from ..errors import LatentkitError
 from ..module_io import replace_atomically
 from . import checkpoint, distributed
 from .checkpoint import EMA, trainable
@@ -104,7 +105,7 @@ class Phase(abc.ABC):
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DictForm):
     """How to train: optimizer, schedule, precision, and how often to save, log and look.
 
     The learning rate rises linearly over ``warmup_steps``, then stays (``constant``) or
@@ -153,17 +154,8 @@ class TrainConfig:
         for name in ("warmup_steps", "checkpoint_every", "eval_every", "sample_every"):
             _require(getattr(self, name) >= 0, f"{name} must not be negative.")
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return from_dict(cls, data)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"TrainConfig: {message}")
+_require = functools.partial(require, owner="TrainConfig")
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:

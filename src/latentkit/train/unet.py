@@ -17,6 +17,7 @@ numbers and a seed means the same on every device.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +30,16 @@ from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
 from ..components import Components, check_compatible
-from ..config import ModelConfig, ScheduleConfig, TokenizerConfig, UNetConfig, from_dict, to_dict
+from ..config import (
+    DictForm,
+    ModelConfig,
+    ScheduleConfig,
+    TokenizerConfig,
+    UNetConfig,
+    from_dict,
+    require,
+    to_dict,
+)
 from ..config_json import text_from_json, vae_from_json
 from ..data.cache import LatentCache, batch_keys
 from ..data.config import DataConfig
@@ -51,7 +61,7 @@ from .loop import Phase
 
 
 @dataclass(frozen=True)
-class UNetRecipe:
+class UNetRecipe(DictForm):
     """What to train, on which data, with which frozen VAE and text encoder.
 
     ``vae`` and ``text_encoder`` name a component folder (``vae/``, ``text_encoder/``), a
@@ -106,9 +116,6 @@ class UNetRecipe:
             "cache_latents needs data.crop = 'center', since a cached latent fixes its crop.",
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UNetRecipe:
         return from_dict(cls, data, where="recipe")
@@ -133,9 +140,7 @@ class UNetRecipe:
         return out
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"recipe: {message}")
+_require = functools.partial(require, owner="recipe")
 
 
 class UNetPhase(Phase):

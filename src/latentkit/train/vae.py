@@ -33,17 +33,17 @@ critic gets no gradient and AdamW leaves it untouched).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from math import gcd
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import VAEConfig, from_dict, to_dict
+from ..config import DictForm, VAEConfig, require
 from ..data.config import DataConfig
 from ..data.loader import ImageCaptionLoader
 
@@ -51,7 +51,7 @@ from ..data.loader import ImageCaptionLoader
 # written by diffusers_folder's own helper, so load_vae reads exactly what it writes. It
 # is private there; a public save_vae(vae, folder) would be the better seam.
 from ..diffusers_folder import save_vae
-from ..errors import ConfigError, LatentkitError
+from ..errors import LatentkitError
 from ..img2img import tensor_to_images
 from ..models.vae import AutoencoderKL
 from .loop import Phase
@@ -64,7 +64,7 @@ _ADAPTIVE_EPS = 1e-4
 
 
 @dataclass(frozen=True)
-class VAERecipe:
+class VAERecipe(DictForm):
     """What to train and on which data; the loop's TrainConfig says how.
 
     ``data_path`` is the training set (a folder or shards, see ``ImageCaptionLoader``).
@@ -125,17 +125,8 @@ class VAERecipe:
             f"VAE's downscale factor {factor}.",
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VAERecipe:
-        return from_dict(cls, data)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"VAERecipe: {message}")
+_require = functools.partial(require, owner="VAERecipe")
 
 
 # --- networks -----------------------------------------------------------------------------
