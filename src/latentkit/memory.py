@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -72,50 +71,6 @@ def attention_slice_of(module: nn.Module) -> int | None:
 # --- the estimate ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """The parts of ``estimate_peak_bytes``, in bytes."""
-
-    weights: int
-    unet: int
-    vae: int
-
-    @property
-    def peak(self) -> int:
-        return self.weights + max(self.unet, self.vae)
-
-
-def estimate(
-    config: ModelConfig,
-    width: int,
-    height: int,
-    n: int,
-    dtype: torch.dtype,
-    cfg: float,
-    *,
-    device: str | torch.device | None = None,
-    vae_tile: int | None = None,
-    attention_slice: int | None = None,
-) -> Estimate:
-    """:func:`estimate_peak_bytes`, broken into weights, U-Net and VAE peaks."""
-    batch = 2 * n if cfg != 1.0 else n  # guidance adds the unconditional pass
-    cpu = device is not None and torch.device(device).type == "cpu"
-    return Estimate(
-        weights=weight_bytes(config, dtype),
-        unet=unet_activation_bytes(config, width, height, batch, dtype, attention_slice),
-        vae=vae_decode_bytes(
-            config,
-            width,
-            height,
-            n,
-            dtype,
-            tile=vae_tile,
-            materialised=not cpu,
-            attention_slice=attention_slice,
-        ),
-    )
-
-
 def estimate_peak_bytes(
     config: ModelConfig,
     width: int,
@@ -129,22 +84,26 @@ def estimate_peak_bytes(
     attention_slice: int | None = None,
 ) -> int:
     """Rough peak memory of generating ``n`` images of ``width`` x ``height`` with guidance
-    scale ``cfg`` (1.0: no unconditional pass): weights + the larger activation peak.
+    scale ``cfg`` (1.0: no unconditional pass): weights + the larger activation peak
+    (:func:`weight_bytes`, :func:`unet_activation_bytes`, :func:`vae_decode_bytes`).
 
     ``device`` None assumes the worst (materialised VAE attention); ``vae_tile`` (latent
     pixels) and ``attention_slice`` account for tiled decoding and attention slicing.
     """
-    return estimate(
+    batch = 2 * n if cfg != 1.0 else n  # guidance adds the unconditional pass
+    cpu = device is not None and torch.device(device).type == "cpu"
+    unet = unet_activation_bytes(config, width, height, batch, dtype, attention_slice)
+    vae = vae_decode_bytes(
         config,
         width,
         height,
         n,
         dtype,
-        cfg,
-        device=device,
-        vae_tile=vae_tile,
+        tile=vae_tile,
+        materialised=not cpu,
         attention_slice=attention_slice,
-    ).peak
+    )
+    return weight_bytes(config, dtype) + max(unet, vae)
 
 
 def weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
