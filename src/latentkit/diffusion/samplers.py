@@ -168,9 +168,10 @@ def _dpmpp_2m_x0(denoised, old, h: float, h_last: float | None):
     return denoised + (denoised - old) / (2 * h_last / h)
 
 
-def sample_dpmpp_2m(denoiser, x, sigmas, *, callback=None, generator=None, **extra):
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): second-order multistep in log-SNR, with
-    first-order first and last steps (diffusers' DPMSolverMultistepScheduler defaults)."""
+def _dpmpp_2m_loop(denoiser, x, sigmas, callback, extra, step):
+    """The loop both DPM-Solver++(2M) forms share: each step calls the model, reports, and
+    moves x by ``step(x, s, s_next, h, x0)`` with the multistep x0 estimate; the last step,
+    to sigma 0, lands on the model's x0."""
     old, h_last = None, None
     for i, s, s_next in _pairs(sigmas):
         denoised = denoiser(x, _sigma(s, x), **extra)
@@ -179,28 +180,31 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, callback=None, generator=None, **ext
         if s_next == 0:
             x = denoised
         else:
-            x = (s_next / s) * x - math.expm1(-h) * _dpmpp_2m_x0(denoised, old, h, h_last)
+            x = step(x, s, s_next, h, _dpmpp_2m_x0(denoised, old, h, h_last))
         old, h_last = denoised, h
     return x
+
+
+def sample_dpmpp_2m(denoiser, x, sigmas, *, callback=None, generator=None, **extra):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): second-order multistep in log-SNR, with
+    first-order first and last steps (diffusers' DPMSolverMultistepScheduler defaults)."""
+
+    def step(x, s, s_next, h, x0):
+        return (s_next / s) * x - math.expm1(-h) * x0
+
+    return _dpmpp_2m_loop(denoiser, x, sigmas, callback, extra, step)
 
 
 def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, callback=None, generator=None, **extra):
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, sec. 5 / appendix), midpoint form with eta = 1:
     diffusers' DPMSolverMultistepScheduler with algorithm_type="sde-dpmsolver++"."""
-    old, h_last = None, None
-    for i, s, s_next in _pairs(sigmas):
-        denoised = denoiser(x, _sigma(s, x), **extra)
-        _report(callback, i, s, s_next, x, denoised)
-        h = _log_step(s, s_next)
-        if s_next == 0:
-            x = denoised
-        else:
-            decay = math.exp(-2 * h)
-            x0 = _dpmpp_2m_x0(denoised, old, h, h_last)
-            x = (s_next / s) * math.exp(-h) * x + (1 - decay) * x0
-            x = x + _noise(x, generator) * (s_next * math.sqrt(1 - decay))
-        old, h_last = denoised, h
-    return x
+
+    def step(x, s, s_next, h, x0):
+        decay = math.exp(-2 * h)
+        x = (s_next / s) * math.exp(-h) * x + (1 - decay) * x0
+        return x + _noise(x, generator) * (s_next * math.sqrt(1 - decay))
+
+    return _dpmpp_2m_loop(denoiser, x, sigmas, callback, extra, step)
 
 
 def _unipc_corrector_rhos(h: float, r: float | None) -> tuple[float, ...]:
