@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from torch import nn
 
 from ..config import CLIPConfig, DictForm, TextConfig, from_dict, require, to_dict
 from ..data.config import DataConfig
-from ..data.loader import ImageCaptionLoader
 
 # The transformers text encoder layout (config.json + model.safetensors) is written by
 # diffusers_folder's own helper, so load_text_encoder reads exactly what it writes. It is
@@ -38,7 +36,7 @@ from ..models.clip import CLIPModel, CLIPTextModel, contrastive_loss
 from ..models.tokenizer import CLIPTokenizer
 from ..module_io import build_loaded
 from ..safetensors_io import read_safetensors, write_safetensors
-from .loop import Phase
+from .loop import LoaderPhase
 from .metrics import chance_top1, fixed_batches, retrieval_accuracy
 
 # The full model's own folder: our CLIPConfig as JSON beside the CLIPModel state dict.
@@ -94,7 +92,7 @@ def text_encoder_config(config: CLIPConfig) -> TextConfig:
     )
 
 
-class CLIPPhase(Phase):
+class CLIPPhase(LoaderPhase):
     """Trains ``recipe.model`` from scratch with the contrastive loss.
 
     The data are sliced by the rank and world size the loop binds, so the same object
@@ -108,26 +106,15 @@ class CLIPPhase(Phase):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.init_seed)
             self.clip = CLIPModel(recipe.model)
-        self.loader: ImageCaptionLoader | None = None
         self._eval: dict[str, torch.Tensor] | None = None
 
     def modules(self) -> dict[str, nn.Module]:
         return {"clip": self.clip}
 
-    def bind(self, world, nets) -> None:
-        super().bind(world, nets)
-        self.loader = ImageCaptionLoader(
-            self.recipe.data_path, self.recipe.data, rank=world.rank, world=world.size
-        )
-
     # --- training -------------------------------------------------------------------------
 
-    def batches(self, start_state: dict | None) -> Iterator[dict[str, torch.Tensor]]:
-        if start_state is not None:
-            self.loader.load_state_dict(start_state)
-        while True:  # the loader ends each epoch; training runs for steps, not epochs
-            for batch in self.loader:
-                yield self._pairs(batch)
+    def training_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self._pairs(batch)
 
     def _pairs(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loader batch -> the tower inputs: resized pixels and padded token ids."""
@@ -138,9 +125,6 @@ class CLIPPhase(Phase):
                 pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False
             ).clamp(-1.0, 1.0)
         return {"pixels": pixels, "input_ids": self.tokenizer(batch["captions"])["input_ids"]}
-
-    def data_state(self) -> dict:
-        return self.loader.state_dict()
 
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         self.clip.clamp_logit_scale()  # after the previous step's update, before this use

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import DictForm, require
 from ..data.badlog import BadSampleLog, merged_report
+from ..data.loader import ImageCaptionLoader
 from ..errors import LatentkitError
 from ..module_io import replace_atomically
 from . import checkpoint, distributed
@@ -102,6 +103,37 @@ class Phase(abc.ABC):
     def sample(self, step: int, out_dir: Path) -> None:
         """Write previews (image grids) into ``out_dir`` every ``sample_every`` steps."""
         return None
+
+
+class LoaderPhase(Phase):
+    """A Phase that trains on ``self.recipe.data_path`` read by an ImageCaptionLoader, as
+    every built-in phase does: ``bind`` makes this rank's loader, ``batches`` runs it epoch
+    after epoch from a saved position and ``data_state`` is that position. A subclass sets
+    ``self.recipe`` (with ``data_path`` and ``data``) and says, in ``training_batch``, what
+    one loader batch becomes."""
+
+    recipe: Any
+    loader: ImageCaptionLoader | None = None
+
+    @abc.abstractmethod
+    def training_batch(self, batch: dict[str, Any]) -> Any:
+        """The batch ``loss`` gets, made from one batch of the loader."""
+
+    def bind(self, world: World, nets: dict[str, nn.Module]) -> None:
+        super().bind(world, nets)
+        self.loader = ImageCaptionLoader(
+            self.recipe.data_path, self.recipe.data, rank=world.rank, world=world.size
+        )
+
+    def batches(self, start_state: dict | None) -> Iterator[Any]:
+        if start_state is not None:
+            self.loader.load_state_dict(start_state)
+        while True:  # the loader ends each epoch; training runs for steps, not epochs
+            for batch in self.loader:
+                yield self.training_batch(batch)
+
+    def data_state(self) -> dict:
+        return self.loader.state_dict()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,6 @@ from ..config import (
 from ..config_json import text_from_json, vae_from_json
 from ..data.cache import LatentCache, batch_keys
 from ..data.config import DataConfig
-from ..data.loader import ImageCaptionLoader
 from ..diffusers_folder import (
     load_text_encoder,
     load_tokenizer,
@@ -57,7 +55,7 @@ from ..diffusion.schedule import alphas_cumprod
 from ..errors import ConfigError, LatentkitError
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet2DConditionModel
-from .loop import Phase
+from .loop import LoaderPhase
 
 
 @dataclass(frozen=True)
@@ -143,7 +141,7 @@ class UNetRecipe(DictForm):
 _require = functools.partial(require, owner="recipe")
 
 
-class UNetPhase(Phase):
+class UNetPhase(LoaderPhase):
     """Trains a U-Net on ``recipe``; the data are sliced by the rank and world size the loop
     binds, so the same object works alone and under torchrun."""
 
@@ -161,7 +159,6 @@ class UNetPhase(Phase):
         )
         check_sizes(self.model_config, recipe.data.size)
         self.alphas = alphas_cumprod(recipe.schedule)
-        self.loader: ImageCaptionLoader | None = None
         self.caches = open_caches(recipe, self.vae, self.text_encoder, self.tokenizer)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -172,25 +169,11 @@ class UNetPhase(Phase):
         for frozen in (self.vae, self.text_encoder):
             frozen.to(world.device)
         self.alphas = self.alphas.to(world.device)
-        self.loader = ImageCaptionLoader(
-            self.recipe.data_path, self.recipe.data, rank=world.rank, world=world.size
-        )
 
     # --- training -------------------------------------------------------------------------
 
-    def batches(self, start_state: dict | None) -> Iterator[dict[str, Any]]:
-        if start_state is not None:
-            self.loader.load_state_dict(start_state)
-        while True:  # the loader ends each epoch; training runs for steps, not epochs
-            for batch in self.loader:
-                yield {
-                    "pixels": batch["pixels"],
-                    "captions": batch["captions"],
-                    "keys": batch_keys(batch),
-                }
-
-    def data_state(self) -> dict:
-        return self.loader.state_dict()
+    def training_batch(self, batch: dict) -> dict[str, Any]:
+        return {"pixels": batch["pixels"], "captions": batch["captions"], "keys": batch_keys(batch)}
 
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         latents, context = self.encode(batch)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from math import gcd
 from pathlib import Path
@@ -45,7 +44,6 @@ from torch import nn
 
 from ..config import DictForm, VAEConfig, require
 from ..data.config import DataConfig
-from ..data.loader import ImageCaptionLoader
 
 # The diffusers VAE folder layout (config.json + diffusion_pytorch_model.safetensors) is
 # written by diffusers_folder's own helper, so load_vae reads exactly what it writes. It
@@ -54,7 +52,7 @@ from ..diffusers_folder import save_vae
 from ..errors import LatentkitError
 from ..img2img import tensor_to_images
 from ..models.vae import AutoencoderKL
-from .loop import Phase
+from .loop import LoaderPhase
 from .metrics import fixed_batches, psnr, ssim, to_unit_range
 
 RECONSTRUCTIONS = ("l1", "l2")
@@ -217,7 +215,7 @@ def adaptive_weight(
 # --- the phase ----------------------------------------------------------------------------
 
 
-class VAEPhase(Phase):
+class VAEPhase(LoaderPhase):
     """Trains ``recipe.model`` from scratch; see the module docstring for the objective.
 
     The data are sliced by the rank and world size the loop binds, so the same object
@@ -237,7 +235,6 @@ class VAEPhase(Phase):
         if recipe.initial_logvar is not None:
             start_log_variance(self.vae, recipe.initial_logvar)
         self.reconstruction = Reconstruction(self.vae)
-        self.loader: ImageCaptionLoader | None = None
         self._eval_images: torch.Tensor | None = None
 
     def modules(self) -> dict[str, nn.Module]:
@@ -246,23 +243,10 @@ class VAEPhase(Phase):
             modules["disc"] = self.disc
         return modules
 
-    def bind(self, world, nets) -> None:
-        super().bind(world, nets)
-        self.loader = ImageCaptionLoader(
-            self.recipe.data_path, self.recipe.data, rank=world.rank, world=world.size
-        )
-
     # --- training -------------------------------------------------------------------------
 
-    def batches(self, start_state: dict | None) -> Iterator[dict[str, torch.Tensor]]:
-        if start_state is not None:
-            self.loader.load_state_dict(start_state)
-        while True:  # the loader ends each epoch; training runs for steps, not epochs
-            for batch in self.loader:
-                yield {"pixels": batch["pixels"]}
-
-    def data_state(self) -> dict:
-        return self.loader.state_dict()
+    def training_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"pixels": batch["pixels"]}
 
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         images = batch["pixels"]
