@@ -128,6 +128,29 @@ def test_broken_files_are_skipped_and_reported_then_too_many_stop_the_run(shapes
     assert not checkpoint.has_checkpoints(tmp_path / "stopped")
 
 
+def test_decoder_only_fine_tuning_keeps_the_latent_space(shapes, tmp_path):
+    """init_vae + train_encoder = false: the encoder (hence every latent and the scaling
+    factor) stays bit for bit, the decoder learns; a VAE of another shape is refused."""
+    settings = TrainConfig(steps=6, lr=3e-3, checkpoint_every=0, log_every=3)
+    train(VAEPhase(recipe(shapes)), settings, tmp_path / "first", progress=False)
+    start = load_vae(tmp_path / "first" / "weights" / "vae")
+
+    first = str(tmp_path / "first" / "weights")
+    phase = VAEPhase(recipe(shapes, init_vae=first, train_encoder=False))
+    train(phase, settings, tmp_path / "decoder", progress=False)
+    tuned = load_vae(tmp_path / "decoder" / "weights" / "vae")
+    before, after = start.state_dict(), tuned.state_dict()
+    encoder = [n for n in before if n.startswith(("encoder.", "quant_conv."))]
+    decoder = [n for n in before if n.startswith("decoder.") and n.endswith("weight")]
+    assert encoder and all(torch.equal(before[n], after[n]) for n in encoder)
+    assert decoder and not any(torch.equal(before[n], after[n]) for n in decoder)
+    assert tuned.config.scaling_factor == start.config.scaling_factor
+
+    other = VAEConfig(**{**vars(TINY_VAE), "latent_channels": 8})
+    with pytest.raises(ConfigError, match=r"init_vae .* latent_channels 4 \(recipe: 8\)"):
+        VAEPhase(recipe(shapes, model=other, init_vae=first))
+
+
 # --- exact resume with the discriminator on -----------------------------------------------
 
 
@@ -269,6 +292,8 @@ def reference_ssim(x: torch.Tensor, y: torch.Tensor) -> list[float]:
         ({}, "data_path is empty"),
         ({"data_path": "x", "data": {"size": 36}}, "multiple of 8"),
         ({"data_path": "x", "model": {"block_out_channels": [8] * 5}, "data": {"size": 8}}, "16"),
+        ({"data_path": "x", "train_encoder": False}, "needs init_vae"),
+        ({"data_path": "x", "init_vae": "v", "initial_logvar": -6.0}, "leave it unset"),
     ],
 )
 def test_bad_recipe_is_one_sentence(data, words):

@@ -327,6 +327,19 @@ def component_folder(path: str, name: str) -> Path | None:
     )
 
 
+def load_vae_from(path: str, single_file=None) -> nn.Module:
+    """The fp32 VAE that ``path`` names: a ``vae/`` component folder, a folder holding one,
+    or a single-file model (read by ``single_file(path)``, default ``weights.load``)."""
+    folder = component_folder(path, "vae")
+    if folder is not None:
+        return load_vae(folder, dtype=torch.float32)
+    if single_file is None:
+        from ..weights import load  # weights imports much; only single files need it
+
+        return load(path, dtype=torch.float32).vae
+    return single_file(path).vae
+
+
 def load_frozen(recipe: UNetRecipe) -> tuple[nn.Module, nn.Module, CLIPTokenizer]:
     """The VAE, text encoder and tokenizer, in fp32, in eval mode and without gradients."""
     singles: dict[str, Components] = {}
@@ -338,8 +351,7 @@ def load_frozen(recipe: UNetRecipe) -> tuple[nn.Module, nn.Module, CLIPTokenizer
             singles[path] = load(path, dtype=torch.float32)
         return singles[path]
 
-    folder = component_folder(recipe.vae, "vae")
-    vae = single(recipe.vae).vae if folder is None else load_vae(folder, dtype=torch.float32)
+    vae = load_vae_from(recipe.vae, single)
     folder = component_folder(recipe.text_encoder, "text_encoder")
     if folder is None:
         text_encoder = single(recipe.text_encoder).text_encoder

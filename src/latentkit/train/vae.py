@@ -49,11 +49,12 @@ from ..data.config import DataConfig
 # written by diffusers_folder's own helper, so load_vae reads exactly what it writes. It
 # is private there; a public save_vae(vae, folder) would be the better seam.
 from ..diffusers_folder import save_vae
-from ..errors import LatentkitError
+from ..errors import ConfigError, LatentkitError
 from ..img2img import tensor_to_images
 from ..models.vae import AutoencoderKL
 from .loop import LoaderPhase
 from .metrics import fixed_batches, psnr, ssim, to_unit_range
+from .unet import load_vae_from
 
 RECONSTRUCTIONS = ("l1", "l2")
 # LDM clamps its adaptive weight so that a vanishing GAN gradient cannot make it explode.
@@ -83,6 +84,13 @@ class VAERecipe(DictForm):
     the encoder only slowly learns to shrink a unit-variance posterior, and until it does
     the decoder sees codes drowned in noise and learns blurred averages; starting at, say,
     -6 (std 0.05) skips that phase. The KL term still acts on it from the first step.
+
+    ``init_vae`` starts from a trained VAE instead (a ``vae/`` folder, a folder holding
+    one, or a single-file model) whose config must equal ``model`` but for the scaling
+    factor, which is measured afresh. ``train_encoder = false`` then freezes the encoder
+    and trains the decoder alone, as Stability AI's ft-EMA/ft-MSE decoders were made: the
+    latent space stays exactly as it was, so a U-Net trained on it keeps working and gets
+    sharper pictures.
     """
 
     model: VAEConfig = field(default_factory=VAEConfig)
@@ -99,6 +107,8 @@ class VAERecipe(DictForm):
     scale_samples: int = 256
     init_seed: int = 0
     initial_logvar: float | None = None
+    init_vae: str | None = None
+    train_encoder: bool = True
 
     def __post_init__(self) -> None:
         _require(bool(self.data_path), "data_path is empty; give the training images' folder.")
@@ -111,6 +121,15 @@ class VAERecipe(DictForm):
         for name in ("eval_samples", "disc_channels", "disc_layers", "scale_samples"):
             _require(getattr(self, name) >= 1, f"{name} must be at least 1.")
         _require(self.disc_start >= 0, "disc_start must not be negative.")
+        _require(
+            self.train_encoder or self.init_vae,
+            "train_encoder = false keeps the encoder as it is, so it needs init_vae, the "
+            "trained VAE to start from.",
+        )
+        _require(
+            self.initial_logvar is None or not self.init_vae,
+            "initial_logvar starts a VAE from scratch; leave it unset with init_vae.",
+        )
         factor = self.model.downscale_factor
         _require(
             self.data.size % factor == 0,
@@ -135,12 +154,13 @@ class Reconstruction(nn.Module):
     KL per image). One module call, so that data parallelism sees one forward pass; the
     posterior noise comes from the global RNG, which the loop checkpoints."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, *, train_encoder: bool = True):
         super().__init__()
-        self.vae = vae
+        self.vae, self.train_encoder = vae, train_encoder
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = self.vae.encode(images)
+        with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
+            posterior = self.vae.encode(images)
         return self.vae.decode(posterior.sample()), posterior.kl()
 
 
@@ -175,6 +195,22 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
+
+
+def load_initial_vae(vae: AutoencoderKL, path: str) -> None:
+    """Copy the weights of the VAE at ``path`` into ``vae``, whose config it must share
+    (the scaling factor aside)."""
+    trained = load_vae_from(path)
+    mine = dataclasses.asdict(vae.config)
+    theirs = dataclasses.asdict(trained.config)
+    differ = [k for k in mine if k != "scaling_factor" and mine[k] != theirs[k]]
+    if differ:
+        shown = ", ".join(f"{k} {theirs[k]!r} (recipe: {mine[k]!r})" for k in differ)
+        raise ConfigError(
+            f"VAERecipe: init_vae {path} has a different config: {shown}; make "
+            "recipe.model match it."
+        )
+    vae.load_state_dict(trained.state_dict())
 
 
 def start_log_variance(vae: AutoencoderKL, value: float) -> None:
@@ -234,7 +270,13 @@ class VAEPhase(LoaderPhase):
                 )
         if recipe.initial_logvar is not None:
             start_log_variance(self.vae, recipe.initial_logvar)
-        self.reconstruction = Reconstruction(self.vae)
+        if recipe.init_vae:
+            load_initial_vae(self.vae, recipe.init_vae)
+        if not recipe.train_encoder:
+            for frozen in (self.vae.encoder, self.vae.quant_conv):
+                if frozen is not None:
+                    frozen.requires_grad_(False)
+        self.reconstruction = Reconstruction(self.vae, train_encoder=recipe.train_encoder)
         self._eval_images: torch.Tensor | None = None
 
     def modules(self) -> dict[str, nn.Module]:
