@@ -1,19 +1,24 @@
 """Export a trained shapes model into the package, in fp16: the U-Net run's EMA folder (it
-already holds the frozen VAE, text encoder and tokenizer) plus the CLIP run's image half.
+already holds the frozen VAE, text encoder and tokenizer), the fine-tuned decoder's VAE in
+place of the frozen one, and the CLIP run's image half.
 
     python scripts/export_shapes.py --unet runs/shapes-unet/weights-ema \
+        --vae runs/shapes-vae-decoder/weights/vae \
         --clip runs/shapes-clip/weights/clip --out src/latentkit/assets/models/shapes
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
+
+import torch
 
 from latentkit.diffusers_folder import save_diffusers
 from latentkit.judge.text_following import save_image_half
 from latentkit.train.clip import load_clip
-from latentkit.weights import load
+from latentkit.weights import load, load_vae
 
 LIMIT_MB = 30
 
@@ -22,12 +27,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--unet", type=Path, required=True, help="the U-Net run's model folder")
     parser.add_argument("--clip", type=Path, required=True, help="the CLIP run's clip/ folder")
+    parser.add_argument(
+        "--vae", type=Path, help="a vae/ folder with the same encoder (a decoder fine-tune)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Casting on load and saving at the loaded dtype keeps one rounding, fp32 -> fp16.
     components = load(args.unet, dtype="fp16")
+    if args.vae is not None:
+        components = with_decoder_of(components, load_vae(args.vae, dtype=torch.float16))
     save_diffusers(components, args.out, dtype="fp16", overwrite=True)
     save_image_half(load_clip(args.clip).half(), args.out / "clip")
 
@@ -38,6 +48,18 @@ def main() -> None:
     print(f"total {total:.2f} MB of weights in {args.out}")
     if total > LIMIT_MB:
         raise SystemExit(f"the shipped weights must stay within {LIMIT_MB} MB")
+
+
+def with_decoder_of(components, vae):
+    """``components`` with ``vae`` in place of its VAE, which must encode alike: the same
+    config and scaling factor and the same encoder weights (only the decoder may differ)."""
+    if vae.config != components.vae.config:
+        raise SystemExit(f"--vae has config {vae.config}, the U-Net's VAE {components.vae.config}")
+    theirs, mine = vae.state_dict(), components.vae.state_dict()
+    encoder = [k for k in mine if k.startswith(("encoder.", "quant_conv."))]
+    if not all(torch.equal(theirs[k], mine[k]) for k in encoder):
+        raise SystemExit("--vae has another encoder than the U-Net was trained on")
+    return dataclasses.replace(components, vae=vae)
 
 
 if __name__ == "__main__":

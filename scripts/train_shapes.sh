@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The shipped shapes model, from nothing: data, the three training phases, and the export
 # into src/latentkit/assets/models/shapes (fp16). Run from the repository root:
-#   scripts/train_shapes.sh            # everything, about 18 minutes on a 2-core CPU with the committed step counts
+#   scripts/train_shapes.sh            # everything: about 90 minutes on a 2-core CPU
 # WORK=dir puts the data and runs elsewhere (default: the repository's data/ and runs/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,13 +17,13 @@ $PY -m latentkit data shapes --n 10000 --out "$DATA/shapes-64" --overwrite
 $PY -m latentkit data shapes --n 256 --seed 1 --split held-out --out "$DATA/shapes-64-eval" --overwrite
 
 # The VAE and CLIP phases are independent: side by side, one thread each. One thread per
-# process also keeps a busy machine from stalling torch's spinning thread pool.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# process also keeps a busy machine from stalling torch's spinning thread pool. The later
+# phases run alone, on every core.
 stamp "vae + clip"
-$PY -m latentkit train vae --config configs/shapes/vae.toml --out "$RUNS/shapes-vae" --quiet \
+OMP_NUM_THREADS=1 $PY -m latentkit train vae --config configs/shapes/vae.toml --out "$RUNS/shapes-vae" --quiet \
     "${paths[@]}" --set "recipe.eval_path=$DATA/shapes-64-eval" > "$WORK/vae.log" 2>&1 &
 vae=$!
-$PY -m latentkit train clip --config configs/shapes/clip.toml --out "$RUNS/shapes-clip" \
+OMP_NUM_THREADS=1 $PY -m latentkit train clip --config configs/shapes/clip.toml --out "$RUNS/shapes-clip" \
     "${paths[@]}" --set "recipe.eval_path=$DATA/shapes-64-eval" --quiet
 wait $vae || { cat "$WORK/vae.log"; exit 1; }
 tail -1 "$WORK/vae.log"
@@ -33,7 +33,13 @@ $PY -m latentkit train unet --config configs/shapes/unet.toml --out "$RUNS/shape
     --set "recipe.text_encoder=$RUNS/shapes-clip/weights" \
     --set "recipe.cache_dir=$RUNS/shapes-cache"
 
+stamp "vae decoder"
+$PY -m latentkit train vae --config configs/shapes/vae-decoder.toml --out "$RUNS/shapes-vae-decoder" \
+    "${paths[@]}" --set "recipe.eval_path=$DATA/shapes-64-eval" \
+    --set "recipe.init_vae=$RUNS/shapes-vae/weights" --quiet
+
 stamp "export"
 $PY scripts/export_shapes.py --unet "$RUNS/shapes-unet/weights-ema" \
+    --vae "$RUNS/shapes-vae-decoder/weights/vae" \
     --clip "$RUNS/shapes-clip/weights/clip" --out src/latentkit/assets/models/shapes
 stamp "done"
