@@ -4,6 +4,7 @@ errors, and a short real run. The commands run in-process through the train CLI'
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -86,6 +87,20 @@ def test_dry_run_prints_sizes_of_trained_and_frozen_networks(capsys):
     sizes = out.split("# networks\n")[1].splitlines()
     assert sizes[0].startswith("# unet") and sizes[0].endswith("parameters, trained")
     assert sizes[1].startswith("# vae") and "does not exist" in sizes[1]  # not trained yet
+
+
+def test_dry_run_of_the_decoder_fine_tune_counts_only_the_decoder_as_trained(capsys):
+    path = SHAPES_CONFIGS / "vae-decoder.toml"
+    code, out, err = run_cli(capsys, "train", "vae", "--config", path, "--dry-run")
+    assert code == 0, err
+    line = out.split("# networks\n")[1].splitlines()[0]
+    total, trained = (int(n.replace(",", "")) for n in re.findall(r"[\d,]{3,}", line))
+    assert 0 < trained < total
+    assert line.endswith("trained (encoder, quant_conv frozen)")
+    _, whole, _ = run_cli(
+        capsys, "train", "vae", "--config", SHAPES_CONFIGS / "vae.toml", "--dry-run"
+    )
+    assert f"{total:,} parameters, trained" in whole  # the same network, all of it trained
 
 
 def test_overrides_are_toml_values_or_bare_strings(capsys, tmp_path):

@@ -271,24 +271,37 @@ def _model_class(config: Any) -> type[nn.Module] | None:
     return builders.get(type(config))
 
 
-def parameter_count(config: Any) -> int | None:
-    """Parameters of the network ``config`` describes, built on the meta device (no memory,
-    no time), or None when ``config`` is not a network's config."""
+def parameter_count(config: Any, only: tuple[str, ...] | None = None) -> int | None:
+    """Parameters of the network ``config`` describes (those whose names start with one
+    of ``only``, when given), built on the meta device (no memory, no time), or None when
+    ``config`` is not a network's config."""
     model_class = _model_class(config)
     if model_class is None:
         return None
     with torch.device("meta"):
         model = model_class(config)
-    return sum(p.numel() for p in model.parameters())
+    named = model.named_parameters()
+    return sum(p.numel() for name, p in named if only is None or name.startswith(only))
 
 
 def model_sizes(recipe: Any) -> list[str]:
-    """One line per network of a recipe: the trained ones (its model-config fields) and
-    the frozen ones it names (``recipe.frozen_configs()``, when the recipe has it)."""
+    """One line per network of a recipe: the trained ones (its model-config fields; the
+    parameter-name prefixes ``recipe.frozen_parts()`` returns, when it has that, stay
+    frozen) and the frozen ones it names (``recipe.frozen_configs()``, when it has that)."""
     lines = []
+    kept = getattr(recipe, "frozen_parts", lambda: ())()
     for f in dataclasses.fields(recipe):
-        count = parameter_count(getattr(recipe, f.name))
-        if count is not None:
+        config = getattr(recipe, f.name)
+        count = parameter_count(config)
+        if count is None:
+            continue
+        frozen = parameter_count(config, kept) if kept else 0
+        if frozen:
+            parts = ", ".join(p.rstrip(".") for p in kept)
+            lines.append(
+                f"{f.name:<13} {count:>14,} parameters, {count - frozen:,} trained ({parts} frozen)"
+            )
+        else:
             lines.append(f"{f.name:<13} {count:>14,} parameters, trained")
     frozen = getattr(recipe, "frozen_configs", None)
     for name, config in (frozen() if frozen else {}).items():

@@ -142,6 +142,10 @@ class VAERecipe(DictForm):
             f"VAE's downscale factor {factor}.",
         )
 
+    def frozen_parts(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of ``model`` that training leaves as they are."""
+        return () if self.train_encoder else ("encoder.", "quant_conv.")
+
 
 _require = functools.partial(require, owner="VAERecipe")
 
