@@ -136,11 +136,12 @@ def test_inpainting_unet_matches_reference(sd1_inpaint_dir, sampler, strength):
     assert diff <= 2, f"max pixel difference {diff} / 255"
 
 
-def test_latent_blending_inpainting_matches_reference(sd1_dir):
-    # strength < 1 only: at strength 1 the reference feeds the first step pure noise, where
-    # latentkit already blends in the known region (2-3 levels apart here, by the mask)
-    diff = inpainting_difference(sd1_dir, "euler_a", 0.6)
-    assert diff <= 2, f"max pixel difference {diff} / 255"
+@pytest.mark.parametrize(("sampler", "strength"), [("euler_a", 0.6), ("dpmpp_2m", 1.0)])
+def test_latent_blending_inpainting_matches_reference(sd1_dir, sampler, strength):
+    # At strength 1 the first step must see pure noise, as the reference's does: blending
+    # the source into it too was 2 levels off here, so the bound is tighter than elsewhere.
+    diff = inpainting_difference(sd1_dir, sampler, strength)
+    assert diff <= 1, f"max pixel difference {diff} / 255"
 
 
 def test_generate_yields_every_step_then_the_result(sd1_dir):

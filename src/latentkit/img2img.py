@@ -61,14 +61,23 @@ class Source:
     def blend(self) -> bool:
         return self.mask is not None and self.extra_channels is None
 
-    def wrap(self, denoiser, noise: torch.Tensor):
-        """A denoiser that keeps the unmasked region equal to the source (latent blending)."""
+    def wrap(self, denoiser, noise: torch.Tensor, *, from_pure_noise: bool = False):
+        """A denoiser that keeps the unmasked region equal to the source (latent blending):
+        its input there is the source noised to the current sigma, its output the source.
+
+        ``from_pure_noise`` (strength 1) leaves the first input as it is, all noise, as the
+        reference does: it blends only after each step, so its first step sees no source.
+        """
         mask, source = self.mask.to(noise.dtype), self.latents
+        first = [from_pure_noise]
 
         def blended(x, sigma, **cond):
-            s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
-            known = source + noise * s
-            x0 = denoiser(mask * x + (1 - mask) * known, sigma, **cond)
+            if first[0]:
+                first[0] = False
+            else:
+                s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+                x = mask * x + (1 - mask) * (source + noise * s)
+            x0 = denoiser(x, sigma, **cond)
             return mask * x0 + (1 - mask) * source
 
         blended.schedule = denoiser.schedule

@@ -235,7 +235,7 @@ def generate(
     else:
         x = source.latents + noise * float(sigmas[0])
     if source is not None and source.blend:
-        model = source.wrap(model, noise)
+        model = source.wrap(model, noise, from_pure_noise=options.strength == 1.0)
 
     extra = {"eta": options.eta} if options.sampler == "ddim" else {}
 
