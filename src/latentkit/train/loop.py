@@ -87,10 +87,8 @@ class Phase(abc.ABC):
 
     def bad_samples(self) -> BadSampleLog | None:
         """The bad-sample log of this rank's training data, which the loop adds up over the
-        ranks and reports at the end; None when the phase reads no files. The default is
-        ``self.loader.bad``, the loader each built-in phase makes in ``bind``."""
-        loader = getattr(self, "loader", None)
-        return None if loader is None else loader.bad
+        ranks and reports at the end; None (the default) when the phase reads no files."""
+        return None
 
     def evaluate(self, step: int) -> dict[str, float] | None:
         """Metrics on held-out data after every ``eval_every`` steps (``step`` = steps done).
@@ -134,6 +132,9 @@ class LoaderPhase(Phase):
 
     def data_state(self) -> dict:
         return self.loader.state_dict()
+
+    def bad_samples(self) -> BadSampleLog | None:
+        return None if self.loader is None else self.loader.bad
 
 
 @dataclasses.dataclass(frozen=True)
