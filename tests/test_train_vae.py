@@ -146,6 +146,8 @@ def test_decoder_only_fine_tuning_keeps_the_latent_space(shapes, tmp_path):
     assert decoder and not any(torch.equal(before[n], after[n]) for n in decoder)
     assert tuned.config.scaling_factor == start.config.scaling_factor
 
+    with pytest.raises(ConfigError, match=r"^recipe: init_vae path \S+ does not exist\.$"):
+        VAEPhase(recipe(shapes, init_vae=str(tmp_path / "nowhere"), train_encoder=False))
     other = VAEConfig(**{**vars(TINY_VAE), "latent_channels": 8})
     with pytest.raises(ConfigError, match=r"init_vae .* latent_channels 4 \(recipe: 8\)"):
         VAEPhase(recipe(shapes, model=other, init_vae=first))

@@ -306,12 +306,14 @@ def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) 
 # --- building the models ------------------------------------------------------------------
 
 
-def component_folder(path: str, name: str) -> Path | None:
+def component_folder(path: str, name: str, key: str | None = None) -> Path | None:
     """The ``name/`` folder ``path`` means (None: ``path`` is a single-file model).
 
     ``path`` may be the component folder itself (it holds config.json) or a folder with
     a ``name/`` subfolder: a diffusers model folder or another phase's ``weights/``.
+    ``key`` is the recipe setting that gave ``path``, for the error (default ``name``).
     """
+    key = key or name
     where = Path(path)
     if where.is_file():
         return None
@@ -320,17 +322,18 @@ def component_folder(path: str, name: str) -> Path | None:
     if (where / "config.json").is_file():
         return where
     if not where.exists():
-        raise ConfigError(f"recipe: {name} path {where} does not exist.")
+        raise ConfigError(f"recipe: {key} path {where} does not exist.")
     raise ConfigError(
-        f"recipe: {name} path {where} holds neither config.json nor a {name}/ folder with "
+        f"recipe: {key} path {where} holds neither config.json nor a {name}/ folder with "
         "one; give a component folder, a model folder or a single-file model."
     )
 
 
-def load_vae_from(path: str, single_file=None) -> nn.Module:
-    """The fp32 VAE that ``path`` names: a ``vae/`` component folder, a folder holding one,
-    or a single-file model (read by ``single_file(path)``, default ``weights.load``)."""
-    folder = component_folder(path, "vae")
+def load_vae_from(path: str, single_file=None, key: str = "vae") -> nn.Module:
+    """The fp32 VAE that ``path`` (the recipe's ``key``) names: a ``vae/`` component folder,
+    a folder holding one, or a single-file model (read by ``single_file(path)``, default
+    ``weights.load``)."""
+    folder = component_folder(path, "vae", key)
     if folder is not None:
         return load_vae(folder, dtype=torch.float32)
     if single_file is None:
