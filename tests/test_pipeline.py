@@ -37,6 +37,13 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
+def parity_options(sampler: str, **changes) -> GenerateOptions:
+    """latentkit's side of the parity runs: the settings ``reference_images`` uses."""
+    return GenerateOptions(
+        PROMPT, negative_prompt=NEGATIVE, steps=8, cfg=5.0, sampler=sampler, seed=7, **changes
+    )
+
+
 def reference_images(pipe, sampler, schedule, seed=7, **kwargs):
     pipe.tokenizer.model_max_length = 77  # tokenizers saved without it read as "no limit"
     pipe.scheduler = reference_scheduler(pipe, sampler, schedule)
@@ -69,15 +76,7 @@ def test_text_to_image_matches_reference(tiny_model_dir, family, sampler, schedu
     pipe = load_reference_pipeline(folder)
     expected = reference_images(pipe, sampler, schedule)
     model = latentkit.load(folder)
-    options = GenerateOptions(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        steps=8,
-        cfg=5.0,
-        sampler=sampler,
-        schedule=schedule,
-        seed=7,
-    )
+    options = parity_options(sampler, schedule=schedule)
     result = run_to_result(generate(model, options))
     diff = np.abs(pixels(result.images[0]) - pixels(expected[0])).max()
     assert diff <= 2, f"max pixel difference {diff} / 255"
@@ -91,9 +90,7 @@ def test_image_to_image_matches_reference(sd1_dir):
     pipe = diffusers.StableDiffusionImg2ImgPipeline(**load_reference_pipeline(sd1_dir).components)
     expected = reference_images(pipe, "euler", "default", image=init, strength=0.6)
     model = latentkit.load(sd1_dir)
-    options = GenerateOptions(
-        PROMPT, negative_prompt=NEGATIVE, steps=8, cfg=5.0, sampler="euler", seed=7, strength=0.6
-    )
+    options = parity_options("euler", strength=0.6)
     result = run_to_result(generate(model, options, init_image=init))
     diff = np.abs(pixels(result.images[0]) - pixels(expected[0])).max()
     assert diff <= 2, f"max pixel difference {diff} / 255"
@@ -114,15 +111,7 @@ def inpainting_difference(folder, sampler: str, strength: float) -> int:
         pipe, sampler, "default", image=init, mask_image=mask, strength=strength
     )
     model = latentkit.load(folder)
-    options = GenerateOptions(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        steps=8,
-        cfg=5.0,
-        sampler=sampler,
-        seed=7,
-        strength=strength,
-    )
+    options = parity_options(sampler, strength=strength)
     result = run_to_result(generate(model, options, init_image=init, mask=mask))
     return np.abs(pixels(result.images[0]) - pixels(expected[0])).max()
 

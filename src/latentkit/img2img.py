@@ -69,11 +69,12 @@ class Source:
         reference does: it blends only after each step, so its first step sees no source.
         """
         mask, source = self.mask.to(noise.dtype), self.latents
-        first = [from_pure_noise]
+        skip_next = from_pure_noise
 
         def blended(x, sigma, **cond):
-            if first[0]:
-                first[0] = False
+            nonlocal skip_next
+            if skip_next:
+                skip_next = False
             else:
                 s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
                 x = mask * x + (1 - mask) * (source + noise * s)
