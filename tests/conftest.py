@@ -175,3 +175,12 @@ def stop_at(phase, step: int):
 
     phase.loss = loss
     return phase
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``latentkit`` with ``argv`` (paths allowed) in this process: (exit code, stdout, stderr)."""
+    from latentkit.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

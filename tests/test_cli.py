@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
 from latentkit.cli import main
 from latentkit.pngmeta import read_png_record
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_help_lists_the_commands(capsys):
@@ -26,7 +21,7 @@ def test_help_lists_the_commands(capsys):
 
 def test_generate_info_and_replay(sd1_dir, tmp_path, capsys):
     out = tmp_path / "cat.png"
-    code, printed, _ = run(
+    code, printed, _ = run_cli(
         capsys,
         "generate",
         "a (red:1.2) cat",
@@ -52,18 +47,20 @@ def test_generate_info_and_replay(sd1_dir, tmp_path, capsys):
     assert record["prompt"] == "a (red:1.2) cat" and record["seed"] == 5
     assert record["sampler"] == "dpmpp_2m" and record["negative_prompt"] == "dog"
 
-    code, printed, _ = run(capsys, "info", str(out))
+    code, printed, _ = run_cli(capsys, "info", str(out))
     assert "Sampler: DPM++ 2M, Schedule type: Karras" in printed and "Seed: 5" in printed
 
     again = tmp_path / "again.png"
-    code, _, _ = run(capsys, "generate", "--from", str(out), "--dtype", "fp32", "-o", str(again))
+    code, _, _ = run_cli(
+        capsys, "generate", "--from", str(out), "--dtype", "fp32", "-o", str(again)
+    )
     assert code == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
 
 
 def test_batch_writes_numbered_files_with_their_seeds(sd1_dir, tmp_path, capsys):
     out = tmp_path / "b.png"
-    code, printed, _ = run(
+    code, printed, _ = run_cli(
         capsys,
         "generate",
         "a cat",
@@ -95,7 +92,7 @@ def test_batch_writes_numbered_files_with_their_seeds(sd1_dir, tmp_path, capsys)
 )
 def test_bad_input_is_one_line(sd1_dir, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
-    code, _, err = run(capsys, "generate", "a cat", "--model", str(sd1_dir), *extra)
+    code, _, err = run_cli(capsys, "generate", "a cat", "--model", str(sd1_dir), *extra)
     assert code == 2
     assert message in err and err.count("\n") == 1
 
@@ -103,15 +100,17 @@ def test_bad_input_is_one_line(sd1_dir, tmp_path, capsys, monkeypatch, extra, me
 def test_existing_output_is_not_overwritten(sd1_dir, tmp_path, capsys):
     out = tmp_path / "keep.png"
     out.write_bytes(b"precious")
-    code, _, err = run(capsys, "generate", "a cat", "--model", str(sd1_dir), "-o", str(out))
+    code, _, err = run_cli(capsys, "generate", "a cat", "--model", str(sd1_dir), "-o", str(out))
     assert code == 2 and "already exists" in err
     assert out.read_bytes() == b"precious"
 
 
 def test_data_shapes_writes_a_captioned_folder(tmp_path, capsys):
     out = tmp_path / "shapes"
-    code, printed, _ = run(capsys, "data", "shapes", "--n", "6", "--out", str(out), "--seed", "2")
+    code, printed, _ = run_cli(
+        capsys, "data", "shapes", "--n", "6", "--out", str(out), "--seed", "2"
+    )
     assert code == 0 and "wrote 6 train images" in printed
     assert len(list(out.glob("*.png"))) == 6 and len(list(out.glob("*.txt"))) == 6
-    code, _, err = run(capsys, "data", "shapes", "--n", "6", "--out", str(out))
+    code, _, err = run_cli(capsys, "data", "shapes", "--n", "6", "--out", str(out))
     assert code == 2 and err.count("\n") == 1

@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from scipy import linalg
 
 from latentkit import models_registry
-from latentkit.cli import main
 from latentkit.config import CLIPConfig, TextConfig, VisionConfig
 from latentkit.data import shapes
 from latentkit.errors import ConfigError, WeightsError
@@ -121,18 +121,12 @@ def test_clip_image_half_is_completed_by_the_text_encoder(tmp_path):
 # --- the command --------------------------------------------------------------------------
 
 
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 ARGS = ("--prompts", "3", "--per-prompt", "2", "--steps", "2", "--dtype", "fp32")
 
 
 def test_eval_writes_report_and_grid(sd1_dir, tmp_path, capsys):
     out = tmp_path / "eval"
-    code, text, err = run(
+    code, text, err = run_cli(
         capsys,
         "eval",
         "--model",
@@ -157,7 +151,7 @@ def test_eval_writes_report_and_grid(sd1_dir, tmp_path, capsys):
     for key in REPORT_KEYS:
         assert key in text
     # A second run does not replace the first unless asked to.
-    code, _, err = run(capsys, "eval", "--model", str(sd1_dir), *ARGS, "--out", str(out))
+    code, _, err = run_cli(capsys, "eval", "--model", str(sd1_dir), *ARGS, "--out", str(out))
     assert code == 2 and "--overwrite" in err
 
 
@@ -167,14 +161,14 @@ def test_eval_with_a_clip_gives_a_clip_score(sd1_dir, tmp_path, capsys):
     torch.manual_seed(0)
     save_clip(CLIPModel(TINY_CLIP), model / "clip")
     out = tmp_path / "eval"
-    code, _, err = run(capsys, "eval", "--model", str(model), *ARGS, "--out", str(out))
+    code, _, err = run_cli(capsys, "eval", "--model", str(model), *ARGS, "--out", str(out))
     assert code == 0, err
     score = json.loads((out / "report.json").read_text())["clip_score"]
     assert -1 <= score <= 1
 
 
 def test_bad_split_and_counts_are_one_line(sd1_dir, tmp_path, capsys):
-    code, _, err = run(
+    code, _, err = run_cli(
         capsys, "eval", "--model", str(sd1_dir), "--per-prompt", "0", "--out", str(tmp_path / "x")
     )
     assert code == 2 and "per-prompt" in err and err.count("\n") == 1
@@ -188,7 +182,7 @@ def test_missing_shipped_model_is_one_sentence(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(WeightsError, match="not in this installation yet"):
         models_registry.resolve("shapes")
-    code, _, err = run(capsys, "generate", "a red circle", "-o", str(tmp_path / "x.png"))
+    code, _, err = run_cli(capsys, "generate", "a red circle", "-o", str(tmp_path / "x.png"))
     assert code == 2 and "shapes" in err and err.count("\n") == 1
 
 

@@ -9,9 +9,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from latentkit.cli import main
 from latentkit.data.shapes import write_dataset
 from latentkit.errors import ConfigError, LatentkitError
 from latentkit.train.recipes import (
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES_CONFIGS = REPO / "configs" / "shapes"
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def error_line(err: str) -> str:
