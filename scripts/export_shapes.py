@@ -39,7 +39,7 @@ def main() -> None:
     if args.vae is not None:
         components = with_decoder_of(components, load_vae(args.vae, dtype=torch.float16))
     save_diffusers(components, args.out, dtype="fp16", overwrite=True)
-    save_image_half(load_clip(args.clip).half(), args.out / "clip")
+    save_image_half(load_clip(args.clip).half(), args.out / "clip", components.text_encoder)
 
     weights = sorted(args.out.rglob("*.safetensors"))
     total = sum(p.stat().st_size for p in weights) / 1e6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -24,6 +25,7 @@ from latentkit.judge.text_following import (
     save_image_half,
 )
 from latentkit.models.clip import CLIPModel
+from latentkit.safetensors_io import read_safetensors
 from latentkit.train.clip import save_clip, text_encoder_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,11 +113,34 @@ def test_prompt_sets_are_fixed_distinct_and_split_true():
 def test_clip_image_half_is_completed_by_the_text_encoder(tmp_path):
     torch.manual_seed(0)
     clip = CLIPModel(TINY_CLIP)
-    save_image_half(clip, tmp_path / "clip")
-    loaded = load_score_clip(tmp_path, text_encoder_of(clip))
+    save_image_half(clip, tmp_path / "clip", text_encoder_of(clip))
+    stored = read_safetensors(tmp_path / "clip" / "model.safetensors")
+    assert not any(k.startswith("text_") for k in stored)  # shared, so stored once
+    loaded = load_score_clip(tmp_path / "clip", text_encoder_of(clip))
     for key, value in clip.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    assert load_score_clip(tmp_path / "nothing", None) is None
+    assert load_score_clip(None, None) is None
+    with pytest.raises(ConfigError, match="holds no CLIP model") as err:
+        load_score_clip(tmp_path, None)
+    assert "\n" not in str(err.value)
+
+
+def test_clip_keeps_its_own_text_layers_when_the_text_encoder_was_trained_on(tmp_path):
+    """After ``train_text_encoder`` the model's text encoder differs from CLIP's in its
+    layers: those are stored in clip/, the embedding still once, and the score's CLIP is
+    CLIP's own."""
+    torch.manual_seed(0)
+    clip = CLIPModel(TINY_CLIP)
+    tuned = copy.deepcopy(text_encoder_of(clip))  # its own tensors, not views of clip's
+    with torch.no_grad():
+        tuned.text_model.final_layer_norm.weight.add_(0.5)
+    save_image_half(clip, tmp_path / "clip", tuned)
+    stored = read_safetensors(tmp_path / "clip" / "model.safetensors")
+    assert "text_model.final_layer_norm.weight" in stored
+    assert "text_model.embeddings.token_embedding.weight" not in stored
+    loaded = load_score_clip(tmp_path / "clip", tuned)
+    for key, value in clip.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 # --- the command --------------------------------------------------------------------------
@@ -165,6 +190,15 @@ def test_eval_with_a_clip_gives_a_clip_score(sd1_dir, tmp_path, capsys):
     assert code == 0, err
     score = json.loads((out / "report.json").read_text())["clip_score"]
     assert -1 <= score <= 1
+    # The same CLIP elsewhere, named with --clip, gives the same score.
+    shutil.move(model / "clip", tmp_path / "our-clip")
+    again = tmp_path / "again"
+    code, _, err = run_cli(
+        capsys, "eval", "--model", str(model), *ARGS, "--clip", str(tmp_path / "our-clip"),
+        "--out", str(again),
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads((again / "report.json").read_text())["clip_score"] == score
 
 
 def test_bad_split_and_counts_are_one_line(sd1_dir, tmp_path, capsys):

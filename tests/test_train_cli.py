@@ -204,6 +204,18 @@ global_batch = 4
     return {"root": root, "run_file": run_file}
 
 
+def test_dry_run_counts_the_trained_text_layers(capsys, tiny):
+    code, out, err = run_cli(
+        capsys, "train", "unet", "--config", tiny["run_file"], "--dry-run",
+        "--set", "recipe.train_text_encoder=true",
+    )  # fmt: skip
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("# text_encoder"))
+    total, trained = (int(n.replace(",", "")) for n in re.findall(r"[\d,]{3,}", line))
+    assert 0 < trained < total
+    assert line.endswith("trained (text_model.encoder, text_model.final_layer_norm only)")
+
+
 def test_missing_dataset_is_one_line(capsys, tiny):
     missing = tiny["root"] / "nowhere"
     code, _, err = run_cli(

@@ -281,6 +281,25 @@ def test_variants_run(world, tmp_path, variant):
     assert load(tmp_path / "weights").config.schedule.prediction_type == prediction
 
 
+def test_train_text_encoder_trains_its_layers_only(world, tmp_path):
+    phase = UNetPhase(
+        recipe(world, train_text_encoder=True, cache_latents=True, cache_dir=str(tmp_path / "c"))
+    )
+    before = {k: v.clone() for k, v in phase.text_encoder.state_dict().items()}
+    summary = train(phase, config(steps=4, ema_decay=0.9), tmp_path, progress=False)
+    assert summary["skipped_steps"] == 0
+    saved = load(tmp_path / "weights").text_encoder.state_dict()
+    changed = {k for k, v in saved.items() if not torch.equal(v, before[k])}
+    layers = {k for k in before if k.startswith(("text_model.encoder.", "text_model.final"))}
+    assert changed == layers  # every layer tensor learned; embeddings and projection did not
+    ema = load(tmp_path / "weights-ema").text_encoder.state_dict()
+    assert any(not torch.equal(ema[k], saved[k]) for k in layers)  # the EMA averages them
+    assert phase.caches[1].misses == 0  # contexts of a training encoder are never cached
+    with pytest.raises(ConfigError, match="needs clip_skip 1") as err:
+        recipe(world, train_text_encoder=True, clip_skip=2)
+    assert "\n" not in str(err.value)
+
+
 # --- exact resume -------------------------------------------------------------------------
 
 
@@ -301,19 +320,23 @@ class StoppingPhase(UNetPhase):
         return super().loss(batch, step)
 
 
-def test_resume_is_exact(world, tmp_path):
+@pytest.mark.parametrize("train_text_encoder", [False, True], ids=["unet", "unet+text"])
+def test_resume_is_exact(world, tmp_path, train_text_encoder):
     steps = 6  # 4 batches an epoch: the resumed half crosses into epoch 1
     settings = config(steps=steps, checkpoint_every=3, ema_decay=0.9)
+    run_recipe = recipe(world, train_text_encoder=train_text_encoder)
     straight = tmp_path / "straight"
-    train(UNetPhase(recipe(world)), settings, straight, progress=False)
+    train(UNetPhase(run_recipe), settings, straight, progress=False)
     halves = tmp_path / "halves"
     with pytest.raises(Stop):
-        train(StoppingPhase(recipe(world), stop_at=3), settings, halves, progress=False)
-    summary = train(UNetPhase(recipe(world)), settings, halves, resume=True, progress=False)
+        train(StoppingPhase(run_recipe, stop_at=3), settings, halves, progress=False)
+    summary = train(UNetPhase(run_recipe), settings, halves, resume=True, progress=False)
     assert summary["start_step"] == 3
     want = checkpoint.latest(straight).tensors
     got = checkpoint.latest(halves).tensors
-    assert set(want) == set(got) == {"model.unet", "ema.unet", "optimizer"}
+    names = {"unet", "text_encoder"} if train_text_encoder else {"unet"}
+    stems = {f"{kind}.{name}" for kind in ("model", "ema") for name in names}
+    assert set(want) == set(got) == stems | {"optimizer"}
     for stem, tensors in want.items():
         for key, tensor in tensors.items():
             assert torch.equal(tensor, got[stem][key]), f"{stem} {key}"

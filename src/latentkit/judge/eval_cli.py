@@ -26,6 +26,13 @@ def add_cli(commands) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first image")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument(
+        "--clip",
+        type=Path,
+        default=None,
+        help="the CLIP for the CLIP score: a clip/ folder (default: the model's own, or the "
+        "shipped model's beside the judge)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in OUT")
     p.add_argument("--out", type=Path, required=True, help="folder for report.json and grid.png")
     p.set_defaults(run=run_eval)
@@ -40,6 +47,7 @@ def run_eval(args: argparse.Namespace) -> None:
         format_table,
         load_score_clip,
         sample_grid,
+        score_clip_folder,
         write_outputs,
     )
 
@@ -58,7 +66,8 @@ def run_eval(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     components = load(path, dtype=dtype, device=device)
-    clip = load_score_clip(path, components.text_encoder) if path.is_dir() else None
+    clip_folder = args.clip or (score_clip_folder(path) if path.is_dir() else None)
+    clip = load_score_clip(clip_folder, components.text_encoder)
     progress = Progress(settings.prompts, "prompts")
     report, images, prompts = evaluate_text_following(
         components,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from ..data import shapes
-from ..errors import ConfigError
+from ..errors import ConfigError, LatentkitError
 from .read import accuracy, load_judge, read_attributes
 
 # Evaluation names for the shapes splits: "seen" combinations are the training split's.
@@ -242,30 +242,52 @@ def write_outputs(out: Path, report: dict, grid: Image.Image) -> None:
 
 # --- our CLIP, for the score ------------------------------------------------------------
 
-# Tensors of a CLIPModel that the text encoder folder already holds.
-_TEXT_KEYS = ("text_model.", "text_projection.weight")
 
-
-def save_image_half(clip, folder: Path) -> None:
-    """``clip/`` without the text tower: the model folder's ``text_encoder/`` already holds
-    those tensors (its 49,408-token embedding is most of the model's size), so a shipped
-    model stores them once; ``load_score_clip`` puts the two halves back together."""
+def save_image_half(clip, folder: Path, text_encoder) -> None:
+    """``clip/`` without the tensors ``text_encoder`` holds identically: a model folder's
+    ``text_encoder/`` is CLIP's text tower (its 49,408-token embedding is most of the
+    model's size), so a shipped model stores those once. Layers that the U-Net phase went
+    on to train (``train_text_encoder``) differ and are stored here, so the score still
+    uses CLIP's own text tower; ``load_score_clip`` puts the two back together."""
     from ..config import to_dict
     from ..diffusers_folder import write_json
     from ..safetensors_io import write_safetensors
     from ..train.clip import CLIP_CONFIG, CLIP_WEIGHTS
 
     folder.mkdir(parents=True, exist_ok=True)
+    shared = text_encoder.state_dict()
     state = {
-        k: v.contiguous() for k, v in clip.state_dict().items() if not k.startswith(_TEXT_KEYS)
+        k: v.contiguous()
+        for k, v in clip.state_dict().items()
+        if k not in shared or not torch.equal(v, shared[k].to(v.dtype))
     }
     write_json(folder / CLIP_CONFIG, to_dict(clip.config))
     write_safetensors(state, folder / CLIP_WEIGHTS, metadata={"format": "pt"})
 
 
-def load_score_clip(model_folder: Path, text_encoder):
-    """The CLIPModel of ``model_folder/clip`` (whole, or its image half completed by
-    ``text_encoder``), in float32; None when the folder has no ``clip/``."""
+def score_clip_folder(model_folder: Path) -> Path | None:
+    """Where the CLIP that scores ``model_folder`` lives: its ``clip/`` folder, or for a
+    shipped model the one beside the judge (``assets/judge/clip-NAME``: it is evaluation
+    tooling, not part of the model that draws); None when there is neither."""
+    from ..models_registry import SHIPPED, shipped_folder
+
+    own = Path(model_folder) / "clip"
+    if own.is_dir():
+        return own
+    for name in SHIPPED:
+        beside_judge = Path(__file__).parents[1] / "assets" / "judge" / f"clip-{name}"
+        try:
+            shipped = shipped_folder(name).resolve() == Path(model_folder).resolve()
+        except LatentkitError:
+            shipped = False
+        if shipped and beside_judge.is_dir():
+            return beside_judge
+    return None
+
+
+def load_score_clip(folder: Path | None, text_encoder):
+    """The CLIPModel in ``folder`` (a ``clip/`` folder, whole, or completed by the tensors
+    of ``text_encoder`` it left out), in float32; None without one."""
     from ..config import CLIPConfig, from_dict
     from ..diffusers_folder import read_json
     from ..models.clip import CLIPModel
@@ -273,14 +295,18 @@ def load_score_clip(model_folder: Path, text_encoder):
     from ..safetensors_io import read_safetensors
     from ..train.clip import CLIP_CONFIG, CLIP_WEIGHTS
 
-    folder = Path(model_folder) / "clip"
-    if not (folder / CLIP_CONFIG).is_file():
+    if folder is None:
         return None
+    folder = Path(folder)
+    if not (folder / CLIP_CONFIG).is_file():
+        raise ConfigError(f"{folder} holds no CLIP model; it needs {CLIP_CONFIG} (a clip/ folder).")
     config = from_dict(
         CLIPConfig, read_json(folder / CLIP_CONFIG, "CLIP config"), where="CLIP config"
     )
     state = dict(read_safetensors(folder / CLIP_WEIGHTS))
-    if not any(k.startswith(_TEXT_KEYS) for k in state):
-        state.update(text_encoder.state_dict())
+    with torch.device("meta"):
+        needed = CLIPModel(config).state_dict().keys()
+    shared = text_encoder.state_dict() if text_encoder is not None else {}
+    state |= {k: shared[k] for k in needed if k not in state and k in shared}
     state = {k: v.float() for k, v in state.items()}
     return build_loaded(lambda: CLIPModel(config), state, "CLIP model").float().eval()

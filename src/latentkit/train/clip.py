@@ -8,6 +8,13 @@ caption i. The temperature is clamped to CLIP's cap of 100 at the start of each 
 call, which is right after the previous optimizer step, so every forward pass sees a
 clamped value; ``save_weights`` clamps once more for the last step.
 
+With ``hard_negative_groups`` each caption also gets a negative: the same sentence with
+one word swapped or replaced (``negatives.py``). The negatives are extra columns of the
+image-to-text loss only: image i must prefer caption i over every caption of the batch and
+every negative; no image is the answer for a negative, so the text-to-image loss is the
+usual one. A negative depends only on its caption and the step, so resuming and the number
+of processes do not change it.
+
 Captions are tokenized without an attention mask, as Stable Diffusion feeds its text
 encoder: the text tower is causal and pools the first end token, so padding after it
 changes nothing the loss sees, and the U-Net later gets states computed the same way.
@@ -32,12 +39,13 @@ from ..data.config import DataConfig
 # private there; a public save_text_encoder(module, folder) would be the better seam.
 from ..diffusers_folder import read_json, save_text_encoder, save_tokenizer, write_json
 from ..errors import ConfigError
-from ..models.clip import CLIPModel, CLIPTextModel, contrastive_loss
+from ..models.clip import CLIPModel, CLIPTextModel
 from ..models.tokenizer import CLIPTokenizer
 from ..module_io import build_loaded
 from ..safetensors_io import read_safetensors, write_safetensors
 from .loop import LoaderPhase
 from .metrics import chance_top1, fixed_batches, retrieval_accuracy
+from .negatives import NegativeCaptions, WordGroups, check_groups
 
 # The full model's own folder: our CLIPConfig as JSON beside the CLIPModel state dict.
 CLIP_CONFIG, CLIP_WEIGHTS = "config.json", "model.safetensors"
@@ -54,6 +62,8 @@ class CLIPRecipe(DictForm):
     empty caption cannot name its image), and images must be square (no ``data.buckets``).
     Captions are cut to ``context_length`` tokens, start and end included (77 for SD).
     ``init_seed`` fixes the initial weights without touching the global random state.
+    ``hard_negative_groups`` (word groups, see ``negatives.py``) turns on hard negatives;
+    empty (the default) trains plain CLIP.
     """
 
     model: CLIPConfig = field(default_factory=CLIPConfig)
@@ -63,8 +73,10 @@ class CLIPRecipe(DictForm):
     eval_samples: int = 256
     context_length: int = 77
     init_seed: int = 0
+    hard_negative_groups: WordGroups = ()
 
     def __post_init__(self) -> None:
+        check_groups(self.hard_negative_groups)
         _require(bool(self.data_path), "data_path is empty; give the training pairs' folder.")
         _require(
             self.data.caption_dropout == 0,
@@ -106,6 +118,8 @@ class CLIPPhase(LoaderPhase):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.init_seed)
             self.clip = CLIPModel(recipe.model)
+        groups = recipe.hard_negative_groups
+        self.negatives = NegativeCaptions(groups) if groups else None
         self._eval: dict[str, torch.Tensor] | None = None
 
     def modules(self) -> dict[str, nn.Module]:
@@ -113,8 +127,11 @@ class CLIPPhase(LoaderPhase):
 
     # --- training -------------------------------------------------------------------------
 
-    def training_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        return self._pairs(batch)
+    def training_batch(self, batch: dict) -> dict:
+        pairs = self._pairs(batch)
+        if self.negatives is not None:
+            pairs["captions"] = list(batch["captions"])
+        return pairs
 
     def _pairs(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loader batch -> the tower inputs: resized pixels and padded token ids."""
@@ -128,15 +145,34 @@ class CLIPPhase(LoaderPhase):
 
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         self.clip.clamp_logit_scale()  # after the previous step's update, before this use
-        logits = self.nets["clip"](batch["input_ids"], batch["pixels"])
-        loss = contrastive_loss(logits.logits_per_text.float())
-        targets = torch.arange(len(batch["input_ids"]), device=loss.device)
-        hits = (logits.logits_per_image.argmax(dim=1) == targets).float().mean()
-        hits = hits + (logits.logits_per_text.argmax(dim=1) == targets).float().mean()
-        return loss, {
+        ids = batch["input_ids"]
+        negatives, owners = self._negatives(batch.get("captions"), step, ids.device)
+        n = len(ids)
+        logits = self.nets["clip"](torch.cat([ids, negatives]), batch["pixels"])
+        per_image = logits.logits_per_image.float()  # [n, n + number of negatives]
+        per_text = per_image[:, :n].t()
+        targets = torch.arange(n, device=per_image.device)
+        loss = (F.cross_entropy(per_text, targets) + F.cross_entropy(per_image, targets)) / 2
+        hits = (per_image[:, :n].argmax(dim=1) == targets).float().mean()
+        hits = hits + (per_text.argmax(dim=1) == targets).float().mean()
+        metrics = {
             "accuracy": float(hits) / 2,  # in-batch, both directions
             "logit_scale": float(self.clip.logit_scale.detach().exp()),  # the multiplier
         }
+        if self.negatives is not None:
+            metrics["negative_accuracy"] = _prefers_true(per_image, owners)
+        return loss, metrics
+
+    def _negatives(self, captions, step: int, device) -> tuple[torch.Tensor, list[int]]:
+        """Token ids of the captions' hard negatives and, for each, its caption's index
+        (none without ``hard_negative_groups`` or words of theirs)."""
+        made = [] if self.negatives is None else [self.negatives(c, step) for c in captions]
+        owners = [i for i, text in enumerate(made) if text is not None]
+        if not owners:
+            empty = torch.zeros(0, self.recipe.context_length, dtype=torch.long)
+            return empty.to(device), owners
+        ids = self.tokenizer([made[i] for i in owners])["input_ids"]
+        return ids.to(device), owners
 
     # --- evaluation -----------------------------------------------------------------------
 
@@ -148,7 +184,9 @@ class CLIPPhase(LoaderPhase):
         the shapes world (and real data) repeat captions, and identical tokens give
         identical embeddings, so no model could tell those apart. Scenes described in
         other words still count as misses, so the numbers are a lower bound.
-        ``chance_top1`` is what random ranking scores under the same rule.
+        ``chance_top1`` is what random ranking scores under the same rule. With hard
+        negatives, ``negative_accuracy`` is the fraction of images whose caption scores
+        above its negative (fixed negatives, the same at every evaluation; chance is 0.5).
         """
         held_out = self._held_out()
         if held_out is None:
@@ -164,26 +202,36 @@ class CLIPPhase(LoaderPhase):
         labels = held_out["labels"]
         i2t = retrieval_accuracy(image @ text.t(), labels, labels)
         t2i = retrieval_accuracy(text @ image.t(), labels, labels)
-        return {
+        metrics = {
             "i2t_top1": i2t[1],
             "i2t_top5": i2t[5],
             "t2i_top1": t2i[1],
             "t2i_top5": t2i[5],
             "chance_top1": chance_top1(labels),
         }
+        owners = held_out["negative_owners"]
+        if owners:
+            negative = F.normalize(self.clip.get_text_features(held_out["negatives"].to(device)))
+            scores = torch.cat([image @ text.t(), image @ negative.float().cpu().t()], dim=1)
+            metrics["negative_accuracy"] = _prefers_true(scores, owners)
+        return metrics
 
     def _held_out(self) -> dict[str, torch.Tensor] | None:
         if self.recipe.eval_path is None:
             return None
         if self._eval is None:  # read once: the same pairs at every evaluation
-            parts = [
-                self._pairs(b)
-                for b in fixed_batches(
-                    self.recipe.eval_path, self.recipe.data, self.recipe.eval_samples
-                )
-            ]
+            batches = fixed_batches(
+                self.recipe.eval_path, self.recipe.data, self.recipe.eval_samples
+            )
+            captions, parts = [], []
+            for batch in batches:
+                captions += batch["captions"]
+                parts.append(self._pairs(batch))
             ids = torch.cat([p["input_ids"] for p in parts])
+            negatives, owners = self._negatives(captions, 0, torch.device("cpu"))
             self._eval = {
+                "negatives": negatives,
+                "negative_owners": owners,
                 "pixels": torch.cat([p["pixels"] for p in parts]),
                 "input_ids": ids,
                 "labels": torch.unique(ids, dim=0, return_inverse=True)[1],
@@ -203,6 +251,18 @@ class CLIPPhase(LoaderPhase):
         encoder = text_encoder_of(self.clip)
         save_text_encoder(encoder, config, out_dir / "text_encoder")
         save_tokenizer(self.tokenizer, out_dir / "tokenizer")
+
+
+def _prefers_true(logits_per_image: torch.Tensor, owners: list[int]) -> float:
+    """The fraction of images that score their caption above its hard negative (columns
+    after the batch's captions, in ``owners`` order); NaN when there are none."""
+    if not owners:
+        return float("nan")
+    rows = torch.tensor(owners, device=logits_per_image.device)
+    n = logits_per_image.shape[0]
+    true = logits_per_image[rows, rows]
+    negative = logits_per_image[rows, n + torch.arange(len(owners), device=rows.device)]
+    return float((true > negative).float().mean())
 
 
 def _check_tokenizer(text: TextConfig, tokenizer: CLIPTokenizer) -> None:

@@ -287,7 +287,8 @@ def parameter_count(config: Any, only: tuple[str, ...] | None = None) -> int | N
 def model_sizes(recipe: Any) -> list[str]:
     """One line per network of a recipe: the trained ones (its model-config fields; the
     parameter-name prefixes ``recipe.frozen_parts()`` returns, when it has that, stay
-    frozen) and the frozen ones it names (``recipe.frozen_configs()``, when it has that)."""
+    frozen) and the frozen ones it names (``recipe.frozen_configs()``, when it has that;
+    ``recipe.trained_parts()`` may say which of their parameters train after all)."""
     lines = []
     kept = getattr(recipe, "frozen_parts", lambda: ())()
     for f in dataclasses.fields(recipe):
@@ -304,10 +305,15 @@ def model_sizes(recipe: Any) -> list[str]:
         else:
             lines.append(f"{f.name:<13} {count:>14,} parameters, trained")
     frozen = getattr(recipe, "frozen_configs", None)
+    trained_parts = getattr(recipe, "trained_parts", dict)()
     for name, config in (frozen() if frozen else {}).items():
         count = parameter_count(config)
         if count is None:
             lines.append(f"{name:<13} frozen, size unknown: {config}")
+        elif name in trained_parts:
+            trained = parameter_count(config, trained_parts[name])
+            parts = ", ".join(p.rstrip(".") for p in trained_parts[name])
+            lines.append(f"{name:<13} {count:>14,} parameters, {trained:,} trained ({parts} only)")
         else:
             lines.append(f"{name:<13} {count:>14,} parameters, frozen")
     return lines

@@ -7,6 +7,13 @@ the U-Net predicts the noise (epsilon), v = ``sqrt(a_t) noise - sqrt(1 - a_t) x0
 (Salimans & Ho 2022) or x0 itself, as the schedule's ``prediction_type`` says; the loss is
 the mean squared error, optionally weighted by min-SNR-gamma (Hang et al. 2023).
 
+With ``train_text_encoder`` the text encoder's transformer layers and final norm learn
+with the U-Net (as DreamBooth and kohya's scripts offer): a contrastive CLIP only keeps what
+tells its captions apart, and a small one trained briefly lets words such as "top" and
+"bottom" fade from its states; the U-Net's own gradient teaches the layers to keep them.
+The token and position embeddings and the projection stay as CLIP trained them, so a
+model's ``clip/`` folder can share them with ``text_encoder/`` (see ``save_image_half``).
+
 Captions come from the data layer with its caption dropout already applied: a dropped
 caption is "", whose context is the unconditional branch classifier-free guidance needs.
 
@@ -66,7 +73,9 @@ class UNetRecipe(DictForm):
     folder holding one (a model folder or another phase's ``weights/``) or a single-file
     model. Fine-tuning Stable Diffusion: point both and ``init_unet`` at its folder and
     give its U-Net config in ``unet`` (the default is SD 1.x's). ``sample_*`` set the
-    preview grid: one row per prompt, one column per seed.
+    preview grid: one row per prompt, one column per seed. ``train_text_encoder`` trains
+    the text encoder's layers too (see the module docstring); it needs ``clip_skip`` 1,
+    and ``cache_latents`` then caches the VAE's latents only.
     """
 
     data_path: str = ""
@@ -80,6 +89,7 @@ class UNetRecipe(DictForm):
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
+    train_text_encoder: bool = False
     cache_latents: bool = False
     cache_dir: str | None = None
     init_seed: int = 0
@@ -98,6 +108,11 @@ class UNetRecipe(DictForm):
             f"min_snr_gamma is {self.min_snr_gamma}; it must be positive, or none for off.",
         )
         _require(self.noise_offset >= 0, "noise_offset must not be negative.")
+        _require(
+            not self.train_text_encoder or self.clip_skip == 1,
+            f"clip_skip is {self.clip_skip}; train_text_encoder trains the last layer's "
+            "output, so it needs clip_skip 1.",
+        )
         _require(self.sample_steps >= 1, "sample_steps must be at least 1.")
         _require(self.sample_cfg >= 0, "sample_cfg must not be negative.")
         _require(all(s >= 0 for s in self.sample_seeds), "sample_seeds must not be negative.")
@@ -117,6 +132,10 @@ class UNetRecipe(DictForm):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UNetRecipe:
         return from_dict(cls, data, where="recipe")
+
+    def trained_parts(self) -> dict[str, tuple[str, ...]]:
+        """Parameter-name prefixes that train in the networks ``frozen_configs`` names."""
+        return {"text_encoder": TEXT_LAYERS} if self.train_text_encoder else {}
 
     def frozen_configs(self) -> dict[str, Any]:
         """The frozen models' configs by name, read from their config.json alone (for a dry
@@ -140,6 +159,9 @@ class UNetRecipe(DictForm):
 
 _require = functools.partial(require, owner="recipe")
 
+# The text encoder's parameters that ``train_text_encoder`` trains, by name prefix.
+TEXT_LAYERS = ("text_model.encoder.", "text_model.final_layer_norm.")
+
 
 class UNetPhase(LoaderPhase):
     """Trains a U-Net on ``recipe``; the data are sliced by the rank and world size the loop
@@ -160,14 +182,18 @@ class UNetPhase(LoaderPhase):
         check_sizes(self.model_config, recipe.data.size)
         self.alphas = alphas_cumprod(recipe.schedule)
         self.caches = open_caches(recipe, self.vae, self.text_encoder, self.tokenizer)
+        if recipe.train_text_encoder:
+            trainable_text_layers(self.text_encoder)
 
     def modules(self) -> dict[str, nn.Module]:
+        if self.recipe.train_text_encoder:
+            return {"unet": self.unet, "text_encoder": self.text_encoder}
         return {"unet": self.unet}
 
     def bind(self, world, nets) -> None:
         super().bind(world, nets)
-        for frozen in (self.vae, self.text_encoder):
-            frozen.to(world.device)
+        for module in (self.vae, self.text_encoder):
+            module.to(world.device)
         self.alphas = self.alphas.to(world.device)
 
     # --- training -------------------------------------------------------------------------
@@ -177,6 +203,8 @@ class UNetPhase(LoaderPhase):
 
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         latents, context = self.encode(batch)
+        if self.recipe.train_text_encoder:
+            context = self._trained_contexts(batch["captions"], latents.device)
         recipe = self.recipe
         return diffusion_loss(
             self.nets["unet"],
@@ -189,16 +217,25 @@ class UNetPhase(LoaderPhase):
         )
 
     @torch.no_grad()
-    def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled latents (a posterior sample) and text contexts, computed in fp32 outside
-        autocast, so that targets and cached values do not depend on the precision."""
+    def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scaled latents (a posterior sample) and frozen text contexts (None when the text
+        encoder trains), computed in fp32 outside autocast, so that targets and cached
+        values do not depend on the precision."""
         device = batch["pixels"].device
         with torch.autocast(device.type, enabled=False):
             mean, std = self._posterior(batch)
             eps = torch.randn(mean.shape).to(device)
             latents = self.vae.scale_latents(mean + std * eps)
+            if self.recipe.train_text_encoder:
+                return latents, None
             context = self._contexts(batch["captions"], device)
         return latents, context
+
+    def _trained_contexts(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        """The training text encoder's last states, with gradients (through DDP's forward
+        when distributed)."""
+        ids = self.tokenizer(captions)["input_ids"].to(device)
+        return self.nets["text_encoder"](ids).last_hidden_state
 
     def _posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = batch["pixels"]
@@ -365,6 +402,12 @@ def load_frozen(recipe: UNetRecipe) -> tuple[nn.Module, nn.Module, CLIPTokenizer
     for module in (vae, text_encoder):
         module.eval().requires_grad_(False)
     return vae, text_encoder, tokenizer
+
+
+def trainable_text_layers(text_encoder: nn.Module) -> None:
+    """Unfreeze the transformer layers and final norm; embeddings and projection stay."""
+    for name, param in text_encoder.named_parameters():
+        param.requires_grad_(name.startswith(TEXT_LAYERS))
 
 
 def _tokenizer_beside(folder: Path, text_config) -> CLIPTokenizer:

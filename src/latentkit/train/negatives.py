@@ -1,0 +1,119 @@
+"""Hard negative captions for CLIP: the same sentence with one fact changed.
+
+A CLIP trained only against the other captions of its batch can tell "a red circle" from
+"a blue square on a grey background" by a bag of words; nothing asks it to tell "a red
+circle above a blue square" from "a blue circle above a red square", or "in the top left"
+from "in the bottom right". The text states it passes to the U-Net then barely change with
+those words, and the U-Net cannot follow what it cannot see. Replacement- and swap-based
+negatives (Yuksekgonul et al. 2023, "NegCLIP") give the image tower a caption that differs
+in exactly such a word and ask it to prefer the true one.
+
+The recipe names the word groups: each group lists mutually exclusive meanings, and each
+meaning its spellings, ``|``-separated (``"below|under|beneath"``). A negative of a
+caption either swaps two different meanings of one group that both occur in it (binding:
+which colour goes with which shape) or replaces one group word with another meaning of
+its group, the group drawn first so that rare kinds of fact (a place) are changed as often
+as common ones (colours). Words are matched whole and case-insensitively; punctuation stays
+where it was, and an article before a changed word becomes "a" or "an" to suit it, so that
+no negative gives itself away by its grammar alone.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from ..errors import ConfigError
+
+WordGroups = tuple[tuple[str, ...], ...]
+
+# A word with the punctuation around it: (leading, word, trailing).
+_TOKEN = re.compile(r"^(\W*)(.*?)(\W*)$")
+
+
+def check_groups(groups: WordGroups) -> None:
+    """Each group needs two meanings, and no spelling may belong to two meanings."""
+    owner: dict[str, str] = {}
+    for group in groups:
+        if len(group) < 2:
+            raise ConfigError(
+                f"hard_negative_groups: the group {list(group)} needs at least two meanings "
+                "to replace one by another."
+            )
+        for meaning in group:
+            for spelling in _spellings(meaning):
+                if spelling in owner and owner[spelling] != meaning:
+                    raise ConfigError(
+                        f"hard_negative_groups: the word {spelling!r} is in both "
+                        f"{owner[spelling]!r} and {meaning!r}; a word may have one meaning."
+                    )
+                owner[spelling] = meaning
+
+
+def _spellings(meaning: str) -> list[str]:
+    return [s.strip().lower() for s in meaning.split("|") if s.strip()]
+
+
+class NegativeCaptions:
+    """Makes one hard negative per caption from ``groups`` (see the module docstring)."""
+
+    def __init__(self, groups: WordGroups, swap_probability: float = 0.5):
+        check_groups(groups)
+        self.swap_probability = swap_probability
+        # spelling -> (group index, meaning index)
+        self.meaning_of = {
+            spelling: (g, m)
+            for g, group in enumerate(groups)
+            for m, meaning in enumerate(group)
+            for spelling in _spellings(meaning)
+        }
+        self.groups = [[_spellings(meaning) for meaning in group] for group in groups]
+
+    def __call__(self, caption: str, seed: int) -> str | None:
+        """A negative of ``caption``, the same for the same caption and seed; ``None`` when
+        the caption has no word of any group."""
+        rng = random.Random(f"{seed}:{caption}")
+        words = caption.split()
+        bare = [_bare(w) for w in words]
+        found = [(i, self.meaning_of[w]) for i, w in enumerate(bare) if w in self.meaning_of]
+        if not found:
+            return None
+        pairs = _swappable_pairs(found)
+        if pairs and rng.random() < self.swap_probability:
+            i, j = rng.choice(pairs)
+            changed = {i: bare[j], j: bare[i]}
+        else:
+            group = rng.choice(sorted({g for _, (g, _) in found}))
+            i, (g, m) = rng.choice([f for f in found if f[1][0] == group])
+            other = rng.choice([k for k in range(len(self.groups[g])) if k != m])
+            changed = {i: rng.choice(self.groups[g][other])}
+        for i, word in changed.items():
+            words[i] = _respell(words[i], word)
+            if i > 0 and _bare(words[i - 1]) in ("a", "an"):
+                words[i - 1] = _respell(words[i - 1], _article(word, words[i - 1]))
+        return " ".join(words)
+
+
+def _bare(word: str) -> str:
+    return _TOKEN.match(word).group(2).lower()
+
+
+def _respell(word: str, replacement: str) -> str:
+    """``replacement`` in place of ``word``'s letters, keeping its punctuation."""
+    lead, _, trail = _TOKEN.match(word).groups()
+    return f"{lead}{replacement}{trail}"
+
+
+def _article(word: str, old: str) -> str:
+    article = "an" if word[:1].lower() in "aeiou" else "a"
+    return article.capitalize() if _TOKEN.match(old).group(2)[:1].isupper() else article
+
+
+def _swappable_pairs(found: list[tuple[int, tuple[int, int]]]) -> list[tuple[int, int]]:
+    """Positions of two words of one group with different meanings."""
+    return [
+        (i, j)
+        for a, (i, (g, m)) in enumerate(found)
+        for j, (h, n) in found[a + 1 :]
+        if g == h and m != n
+    ]
