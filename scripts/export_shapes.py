@@ -1,10 +1,13 @@
 """Export a trained shapes model into the package, in fp16: the U-Net run's EMA folder (it
-already holds the frozen VAE, text encoder and tokenizer), the fine-tuned decoder's VAE in
-place of the frozen one, and the CLIP run's image half.
+holds the VAE, the text encoder whose layers trained with the U-Net, and the tokenizer),
+the fine-tuned decoder's VAE in place of the frozen one, and, beside the judge, the CLIP
+that ``latentkit eval`` scores with: the tensors of the CLIP run that the text encoder
+does not hold identically (its image tower and its own text layers).
 
     python scripts/export_shapes.py --unet runs/shapes-unet/weights-ema \
         --vae runs/shapes-vae-decoder/weights/vae \
-        --clip runs/shapes-clip/weights/clip --out src/latentkit/assets/models/shapes
+        --clip runs/shapes-clip/weights/clip --out src/latentkit/assets/models/shapes \
+        --clip-out src/latentkit/assets/judge/clip-shapes
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ def main() -> None:
     parser.add_argument(
         "--vae", type=Path, help="a vae/ folder with the same encoder (a decoder fine-tune)"
     )
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    parser.add_argument(
+        "--clip-out", type=Path, help="where the scoring CLIP goes (default: OUT/clip)"
+    )
     args = parser.parse_args()
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -39,15 +45,23 @@ def main() -> None:
     if args.vae is not None:
         components = with_decoder_of(components, load_vae(args.vae, dtype=torch.float16))
     save_diffusers(components, args.out, dtype="fp16", overwrite=True)
-    save_image_half(load_clip(args.clip).half(), args.out / "clip", components.text_encoder)
-
-    weights = sorted(args.out.rglob("*.safetensors"))
-    total = sum(p.stat().st_size for p in weights) / 1e6
-    for path in weights:
-        print(f"{path.relative_to(args.out)}  {path.stat().st_size / 1e6:.2f} MB")
-    print(f"total {total:.2f} MB of weights in {args.out}")
+    clip_out = args.clip_out or args.out / "clip"
+    save_image_half(load_clip(args.clip).half(), clip_out, components.text_encoder)
+    total = report_sizes(args.out)
+    if clip_out.parent != args.out:
+        report_sizes(clip_out)
     if total > LIMIT_MB:
-        raise SystemExit(f"the shipped weights must stay within {LIMIT_MB} MB")
+        raise SystemExit(f"the shipped model's weights must stay within {LIMIT_MB} MB")
+
+
+def report_sizes(folder: Path) -> float:
+    """Print each weight file's size under ``folder``; return the total in MB."""
+    weights = sorted(folder.rglob("*.safetensors"))
+    for path in weights:
+        print(f"{path.relative_to(folder)}  {path.stat().st_size / 1e6:.2f} MB")
+    total = sum(p.stat().st_size for p in weights) / 1e6
+    print(f"total {total:.2f} MB of weights in {folder}")
+    return total
 
 
 def with_decoder_of(components, vae):

@@ -41,5 +41,6 @@ $PY -m latentkit train vae --config configs/shapes/vae-decoder.toml --out "$RUNS
 stamp "export"
 $PY scripts/export_shapes.py --unet "$RUNS/shapes-unet/weights-ema" \
     --vae "$RUNS/shapes-vae-decoder/weights/vae" \
-    --clip "$RUNS/shapes-clip/weights/clip" --out src/latentkit/assets/models/shapes
+    --clip "$RUNS/shapes-clip/weights/clip" --out src/latentkit/assets/models/shapes \
+    --clip-out src/latentkit/assets/judge/clip-shapes
 stamp "done"

@@ -192,10 +192,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, modules: dict[str, nn.Module]) -> None:
+        shadows, params = [], []
         for name, module in modules.items():
-            shadow = self.shadow[name]
             for key, param in trainable(module):
-                shadow[key].lerp_(param.detach().float(), 1.0 - self.decay)
+                shadows.append(self.shadow[name][key])
+                params.append(param.detach().float())
+        if shadows:  # one multi-tensor kernel rather than a Python loop of small ones
+            torch._foreach_lerp_(shadows, params, 1.0 - self.decay)
         self.updates += 1
 
     @contextlib.contextmanager

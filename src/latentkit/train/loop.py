@@ -237,7 +237,11 @@ class _Trainer:
         phase.bind(world, distributed.wrap(self.modules, world))
         self.params = _unique_params(self.modules)
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+            self.params,
+            lr=config.lr,
+            betas=config.betas,
+            weight_decay=config.weight_decay,
+            fused=_can_fuse(self.params),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(config, step)
@@ -526,6 +530,14 @@ def _check_modules(modules: Any) -> dict[str, nn.Module]:
             "parameters that require grad."
         )
     return modules
+
+
+def _can_fuse(params: list[nn.Parameter]) -> bool | None:
+    """Whether AdamW can run as one fused kernel over all parameters: float parameters on
+    CPU or CUDA. On a CPU PyTorch would otherwise update them one tensor at a time."""
+    devices = {p.device.type for p in params}
+    floats = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    return True if params and floats and devices <= {"cpu", "cuda"} else None
 
 
 def _unique_params(modules: dict[str, nn.Module]) -> list[nn.Parameter]:
