@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import latentkit
 from latentkit.cli import main
+from latentkit.judge.text_following import load_score_clip, score_clip_folder
 from latentkit.models_registry import shipped_folder
 from latentkit.pipeline import GenerateOptions, generate, run_to_result
 
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_the_shipped_folder_is_fp16_and_small():
     folder = shipped_folder("shapes")
     weights = list(folder.rglob("*.safetensors"))
-    assert {p.parent.name for p in weights} >= {"unet", "vae", "text_encoder", "clip"}
+    assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder"}
     assert sum(p.stat().st_size for p in weights) <= 30e6
     index = json.loads((folder / "model_index.json").read_text())
     assert "unet" in index
@@ -36,8 +38,20 @@ def test_loads_by_name_and_makes_a_small_image():
     assert result.latents.shape == (2, 4, 16, 16)
     assert torch.isfinite(result.latents).all()
     # Not a blank picture: the shapes world always has an object on its background.
-    pixels = torch.tensor(list(result.images[0].getdata()), dtype=torch.float32)
-    assert pixels.std() > 5
+    assert np.asarray(result.images[0], dtype=np.float32).std() > 5
+
+
+def test_its_scoring_clip_lives_beside_the_judge_and_shares_the_embedding():
+    folder = shipped_folder("shapes")
+    clip_folder = score_clip_folder(folder)
+    assert clip_folder is not None and clip_folder.parent.name == "judge"
+    model = latentkit.load("shapes", dtype=torch.float32)
+    clip = load_score_clip(clip_folder, model.text_encoder)
+    embedding = "text_model.embeddings.token_embedding.weight"
+    assert torch.equal(clip.state_dict()[embedding], model.text_encoder.state_dict()[embedding])
+    # The model's text layers trained on with the U-Net; the CLIP keeps its own.
+    layer = "text_model.encoder.layers.0.mlp.fc1.weight"
+    assert not torch.equal(clip.state_dict()[layer], model.text_encoder.state_dict()[layer])
 
 
 def test_generate_without_model_uses_it(tmp_path, capsys):
