@@ -62,7 +62,11 @@ def test_caption_without_group_words_has_no_negative():
     ("groups", "words"),
     [
         ((("red",),), "needs at least two meanings"),
-        ((("red|crimson", "blue"), ("crimson", "green")), "'crimson' is in both"),
+        ((("red|crimson", "blue"), ("crimson", "green")), "'crimson' stands for two meanings"),
+        ((("red", "blue"), ("red", "green")), "'red' stands for two meanings"),
+        ((("red", "red"),), "'red' stands for two meanings"),
+        ((("red", " | "),), "has an empty meaning"),
+        ((("top left", "bottom right"),), "'top left' is not one word"),
     ],
 )
 def test_bad_groups_are_one_sentence(groups, words):

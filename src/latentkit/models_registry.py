@@ -12,7 +12,8 @@ from pathlib import Path
 from .errors import WeightsError
 
 DEFAULT_MODEL = "shapes"
-_ROOT = Path(__file__).parent / "assets" / "models"
+_ASSETS = Path(__file__).parent / "assets"
+_ROOT = _ASSETS / "models"
 SHIPPED = ("shapes",)
 
 
@@ -36,3 +37,14 @@ def resolve(model: str | Path | None) -> Path:
     if isinstance(model, str) and model in SHIPPED and not path.exists():
         return shipped_folder(model)
     return path
+
+
+def shipped_scoring_clip(folder: str | Path) -> Path | None:
+    """The CLIP that scores the shipped model in ``folder``: it ships beside the judge
+    (``assets/judge/clip-NAME``), as evaluation tooling rather than part of the model.
+    None when ``folder`` is no shipped model's or its CLIP is missing."""
+    for name in SHIPPED:
+        clip = _ASSETS / "judge" / f"clip-{name}"
+        if (_ROOT / name).resolve() == Path(folder).resolve() and clip.is_dir():
+            return clip
+    return None

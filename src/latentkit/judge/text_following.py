@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from ..data import shapes
-from ..errors import ConfigError, LatentkitError
+from ..errors import ConfigError
 from .read import accuracy, load_judge, read_attributes
 
 # Evaluation names for the shapes splits: "seen" combinations are the training split's.
@@ -267,22 +267,11 @@ def save_image_half(clip, folder: Path, text_encoder) -> None:
 
 def score_clip_folder(model_folder: Path) -> Path | None:
     """Where the CLIP that scores ``model_folder`` lives: its ``clip/`` folder, or for a
-    shipped model the one beside the judge (``assets/judge/clip-NAME``: it is evaluation
-    tooling, not part of the model that draws); None when there is neither."""
-    from ..models_registry import SHIPPED, shipped_folder
+    shipped model the one beside the judge; None when there is neither."""
+    from ..models_registry import shipped_scoring_clip
 
     own = Path(model_folder) / "clip"
-    if own.is_dir():
-        return own
-    for name in SHIPPED:
-        beside_judge = Path(__file__).parents[1] / "assets" / "judge" / f"clip-{name}"
-        try:
-            shipped = shipped_folder(name).resolve() == Path(model_folder).resolve()
-        except LatentkitError:
-            shipped = False
-        if shipped and beside_judge.is_dir():
-            return beside_judge
-    return None
+    return own if own.is_dir() else shipped_scoring_clip(model_folder)
 
 
 def load_score_clip(folder: Path | None, text_encoder):

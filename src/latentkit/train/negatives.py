@@ -32,22 +32,26 @@ _TOKEN = re.compile(r"^(\W*)(.*?)(\W*)$")
 
 
 def check_groups(groups: WordGroups) -> None:
-    """Each group needs two meanings, and no spelling may belong to two meanings."""
-    owner: dict[str, str] = {}
-    for group in groups:
+    """Each group needs two meanings; each meaning at least one spelling, each spelling one
+    word; and no spelling may stand for two meanings (in one group or in two), else a
+    "negative" could say the same as its caption."""
+    owner: dict[str, tuple[int, int]] = {}
+    for g, group in enumerate(groups):
         if len(group) < 2:
-            raise ConfigError(
-                f"hard_negative_groups: the group {list(group)} needs at least two meanings "
-                "to replace one by another."
-            )
-        for meaning in group:
-            for spelling in _spellings(meaning):
-                if spelling in owner and owner[spelling] != meaning:
-                    raise ConfigError(
-                        f"hard_negative_groups: the word {spelling!r} is in both "
-                        f"{owner[spelling]!r} and {meaning!r}; a word may have one meaning."
-                    )
-                owner[spelling] = meaning
+            _bad_groups(f"the group {list(group)} needs at least two meanings to swap")
+        for m, meaning in enumerate(group):
+            spellings = _spellings(meaning)
+            if not spellings:
+                _bad_groups(f"the group {list(group)} has an empty meaning; each needs a word")
+            for spelling in spellings:
+                if len(spelling.split()) != 1:
+                    _bad_groups(f"{spelling!r} is not one word; list single words, in two groups")
+                if owner.setdefault(spelling, (g, m)) != (g, m):
+                    _bad_groups(f"the word {spelling!r} stands for two meanings; give it one")
+
+
+def _bad_groups(problem: str) -> None:
+    raise ConfigError(f"hard_negative_groups: {problem}.")
 
 
 def _spellings(meaning: str) -> list[str]:

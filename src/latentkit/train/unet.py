@@ -467,8 +467,11 @@ def check_sizes(config: ModelConfig, size: int) -> None:
 # --- caching ------------------------------------------------------------------------------
 
 
-def open_caches(recipe, vae, text_encoder, tokenizer) -> tuple[LatentCache, LatentCache] | None:
-    """(posterior cache, text-context cache) under ``cache_dir``, or None when off.
+def open_caches(
+    recipe, vae, text_encoder, tokenizer
+) -> tuple[LatentCache, LatentCache | None] | None:
+    """(posterior cache, text-context cache) under ``cache_dir``, or None when off. There is
+    no text-context cache when the text encoder trains: its contexts change every step.
 
     Each is fingerprinted by everything that shapes its entries, weights included, so a
     retrained VAE or another crop never reads stale latents. Posteriors (mean and std)
@@ -476,8 +479,8 @@ def open_caches(recipe, vae, text_encoder, tokenizer) -> tuple[LatentCache, Late
     """
     if not recipe.cache_latents:
         return None
-    data = recipe.data
-    latents = {
+    data, root = recipe.data, Path(recipe.cache_dir)
+    posteriors = {
         "kind": "vae-posterior",
         "vae": to_dict(vae.config),
         "weights": weights_digest(vae),
@@ -487,6 +490,9 @@ def open_caches(recipe, vae, text_encoder, tokenizer) -> tuple[LatentCache, Late
         "buckets": [list(b) for b in data.buckets],
         "max_pixels": data.max_pixels,
     }
+    latents = LatentCache(root / "latents", posteriors)
+    if recipe.train_text_encoder:
+        return latents, None
     texts = {
         "kind": "text-context",
         "text": to_dict(text_encoder.config),
@@ -494,8 +500,7 @@ def open_caches(recipe, vae, text_encoder, tokenizer) -> tuple[LatentCache, Late
         "clip_skip": recipe.clip_skip,
         "tokenizer": [tokenizer.max_length, tokenizer.pad_token, tokenizer.vocab_size],
     }
-    root = Path(recipe.cache_dir)
-    return LatentCache(root / "latents", latents), LatentCache(root / "text", texts)
+    return latents, LatentCache(root / "text", texts)
 
 
 def weights_digest(module: nn.Module) -> str:
