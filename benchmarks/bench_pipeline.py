@@ -37,7 +37,10 @@ printed on every row, and a row measured under load should be rerun.
 The reference runs in its best settings: diffusers' default attention processor
 (AttnProcessor2_0, i.e. torch SDPA, the kernel latentkit uses), ``torch.inference_mode``,
 progress bar off, and every dtype asked for (fp32 and bf16 on the CPU, fp32 and fp16 on
-CUDA). The "auto" row puts latentkit's default dtype (``resolve_dtype("auto")``: bf16 on
+CUDA). latentkit runs as ``latentkit.load`` gives it, which on a CPU in bf16 means
+channels-last convolutions (``memory.prefers_channels_last``); diffusers documents that
+layout as an opt-in, and ``--reference-channels-last`` turns it on for the reference too,
+so that both sides' layouts can be compared like for like. The "auto" row puts latentkit's default dtype (``resolve_dtype("auto")``: bf16 on
 CPUs with native bf16, fp16 on CUDA, else fp32) against the reference's fastest dtype.
 Ratios are latentkit / reference: below 1.0, latentkit is faster.
 """
@@ -92,12 +95,17 @@ def latentkit_runner(folder: Path, size: int, dtype: torch.dtype, device: str):
     return run
 
 
-def reference_runner(folder: Path, size: int, dtype: torch.dtype, device: str):
+def reference_runner(
+    folder: Path, size: int, dtype: torch.dtype, device: str, channels_last: bool = False
+):
     sys.path.insert(0, str(TESTS))
     import diffusers
     from conftest import load_reference_pipeline
 
     pipe = load_reference_pipeline(folder).to(device, dtype)
+    if channels_last:  # diffusers' documented speed-up, which it leaves off by default
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
     pipe.tokenizer.model_max_length = 77  # tokenizers saved without it read as no limit
     pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -120,8 +128,12 @@ def reference_runner(folder: Path, size: int, dtype: torch.dtype, device: str):
 def worker(args: argparse.Namespace) -> None:
     """Load one side at one size and dtype, warm up, time, and print one JSON line."""
     device, dtype = args.device, DTYPES[args.dtype]
-    make = latentkit_runner if args.side == "latentkit" else reference_runner
-    run = make(Path(args.model), args.size, dtype, device)
+    if args.side == "latentkit":
+        run = latentkit_runner(Path(args.model), args.size, dtype, device)
+    else:
+        run = reference_runner(
+            Path(args.model), args.size, dtype, device, args.reference_channels_last
+        )
     times = []
     with torch.inference_mode():
         run(1)
@@ -198,7 +210,7 @@ def measure(args, side: str, size: int, dname: str, images: Path) -> dict | None
         f"--repeats={args.repeats}",
         f"--device={args.device}",
         f"--image={image}",
-    ]
+    ] + (["--reference-channels-last"] if args.reference_channels_last else [])
     result, peak_kib = run_child(argv)
     if result is None:
         return None
@@ -269,7 +281,8 @@ def parent(args: argparse.Namespace) -> None:
             run_child([f"--make-model={args.model}"])
         print(
             f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}"
-            f" steps={args.steps} cfg={CFG} repeats={args.repeats} (seconds per image;"
+            f" steps={args.steps} cfg={CFG} repeats={args.repeats}"
+            f" reference_channels_last={args.reference_channels_last} (seconds per image;"
             " memory: process peak GiB (+ a generation's working memory); load: 1-min average)"
         )
         print(
@@ -288,6 +301,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default=None, help="a saved random model folder to reuse")
+    parser.add_argument(
+        "--reference-channels-last",
+        action="store_true",
+        help="give the reference channels-last U-Net and VAE too (its docs' speed-up)",
+    )
     # For the child processes this script starts:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--make-model", default=None, help=argparse.SUPPRESS)

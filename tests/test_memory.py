@@ -257,3 +257,19 @@ def test_check_fits_passes_a_small_ask_and_suggests_tiling_when_it_helps():
     with pytest.raises(ConfigError, match="tiled VAE decoding"):
         check_fits(components, options, "cpu", torch.float32, available=budget)
     check_fits(components, options, "cpu", torch.float32, vae_tile=64, available=budget)
+
+
+def test_load_lays_convolutions_out_channels_last_for_bf16_on_a_cpu(sd1_dir):
+    from latentkit import weights
+
+    def layout(**kwargs) -> tuple[bool, bool]:
+        components = weights.load(sd1_dir, device="cpu", **kwargs)
+        return tuple(
+            module.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+            for module in (components.unet, components.vae.decoder)
+        )
+
+    assert layout(dtype=torch.bfloat16) == (True, True)
+    assert layout(dtype=torch.float32) == (False, False)
+    assert layout(dtype=torch.bfloat16, channels_last=False) == (False, False)
+    assert layout(dtype=torch.float32, channels_last=True) == (True, True)

@@ -301,6 +301,28 @@ def test_train_text_encoder_trains_its_layers_only(world, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_fresh_text_layers_restart_the_layers_and_keep_the_embeddings(world):
+    clip_state = UNetPhase(recipe(world)).text_encoder.state_dict()
+    fresh = recipe(world, train_text_encoder=True, fresh_text_layers=True)
+    state = UNetPhase(fresh).text_encoder.state_dict()
+    layers = {k for k in clip_state if k.startswith(("text_model.encoder.", "text_model.final"))}
+    weights = {k for k in layers if "layer_norm" not in k and k.endswith("weight")}
+    for key, value in state.items():
+        if key in weights:  # every linear weight is new
+            assert not torch.equal(value, clip_state[key]), key
+        elif key not in layers:  # embeddings and projection are CLIP's
+            assert torch.equal(value, clip_state[key]), key
+    norm = state["text_model.final_layer_norm.weight"]
+    assert torch.equal(norm, torch.ones_like(norm))
+    again = UNetPhase(fresh).text_encoder.state_dict()  # seeded by init_seed
+    assert all(torch.equal(again[k], state[k]) for k in state)
+    other = UNetPhase(dataclasses.replace(fresh, init_seed=1)).text_encoder.state_dict()
+    assert any(not torch.equal(other[k], state[k]) for k in weights)
+    with pytest.raises(ConfigError, match="fresh_text_layers needs train_text_encoder") as err:
+        recipe(world, fresh_text_layers=True)
+    assert "\n" not in str(err.value)
+
+
 # --- exact resume -------------------------------------------------------------------------
 
 

@@ -95,7 +95,12 @@ def _add_generate(commands) -> None:
         default=None,
         help="attend in slices of this many queries (less memory, a little slower)",
     )
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels-last (NHWC) convolutions; default: on for bf16 on a CPU, else off",
+    )
     p.add_argument(
         "--compile",
         action="store_true",

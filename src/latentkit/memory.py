@@ -319,26 +319,44 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 # --- speed and room -------------------------------------------------------------------
 
 
+def prefers_channels_last(device: str | torch.device, dtype: torch.dtype) -> bool:
+    """Whether convolutions run faster in channels-last (NHWC) here: on a CPU in bf16.
+
+    oneDNN's bf16 convolutions (AMX, AVX-512 BF16) work in NHWC and reorder any other layout
+    on every call; measured on SD 1.5's U-Net (2 threads) NHWC took 25-30% less time at
+    32x32 latents and about 10% less at 64x64. In fp32 the gain was within the noise.
+    """
+    return torch.device(device).type == "cpu" and dtype == torch.bfloat16
+
+
+def set_channels_last(components: Components, on: bool = True) -> Components:
+    """U-Net and VAE conv weights in NHWC (``on``) or back in the default NCHW layout."""
+    layout = torch.channels_last if on else torch.contiguous_format
+    for module in (components.unet, components.vae):
+        module.to(memory_format=layout)
+    return components
+
+
 def optimize(
     components: Components,
     *,
-    channels_last: bool = False,
+    channels_last: bool | None = None,
     compile: bool = False,
     attention_slice: int | None = None,
 ) -> Components:
     """Opt-in speed/memory settings, applied in place; returns ``components``.
 
-    - ``channels_last``: U-Net and VAE conv weights in NHWC, which oneDNN (CPU) and cuDNN
-      (tensor cores) often run faster; results equal the default to float rounding.
+    - ``channels_last``: True puts U-Net and VAE conv weights in NHWC, which oneDNN (CPU)
+      and cuDNN (tensor cores) often run faster, False back in NCHW; results equal to
+      float rounding. None keeps the layout ``load`` chose (see ``prefers_channels_last``).
     - ``compile``: ``torch.compile`` the U-Net (the module keeps its type and state-dict
       keys). The first call at each new size or batch compiles for a long while (minutes
       for SD on a CPU) and needs a C++ compiler; it pays off over many steps or images.
     - ``attention_slice``: queries per attention block in the U-Net and the VAE (None:
       leave as is; ``set_attention_slice(module, None)`` turns it off).
     """
-    if channels_last:
-        for module in (components.unet, components.vae):
-            module.to(memory_format=torch.channels_last)
+    if channels_last is not None:
+        set_channels_last(components, channels_last)
     if attention_slice is not None:
         for module in (components.unet, components.vae):
             set_attention_slice(module, attention_slice)

@@ -36,6 +36,7 @@ from .diffusers_folder import (
 from .errors import ConfigError, WeightsError
 from .ldm_infer import infer_config
 from .ldm_keys import detect_family, join_checkpoint, split_checkpoint
+from .memory import prefers_channels_last, set_channels_last
 from .models_registry import resolve as resolve_model
 from .module_io import build_loaded, load_module, read_weights, replace_atomically, sniff
 from .safetensors_io import read_metadata, read_safetensors, write_safetensors
@@ -75,12 +76,23 @@ def load(
     prediction_type: str | None = None,
     variant: str | None = None,
     hint: ModelConfig | None = None,
+    channels_last: bool | None = None,
 ) -> Components:
     """A model from a diffusers folder or a single-file checkpoint (.safetensors, or
     .ckpt/.pt with ``allow_pickle``). ``dtype`` casts float weights as they are read;
     ``prediction_type`` overrides the schedule's ("v_prediction" for SD 2.x 768-v files).
     A shipped model's name (``"shapes"``) stands for its packaged folder.
+    ``channels_last`` lays the U-Net's and VAE's conv weights out in NHWC; None (the
+    default) does so where that is faster (``memory.prefers_channels_last``: bf16 on a CPU).
     """
+    components = _load(path, dtype, device, allow_pickle, prediction_type, variant, hint)
+    unet_weight = next(components.unet.parameters())
+    if channels_last is None:
+        channels_last = prefers_channels_last(unet_weight.device, unet_weight.dtype)
+    return set_channels_last(components) if channels_last else components
+
+
+def _load(path, dtype, device, allow_pickle, prediction_type, variant, hint) -> Components:
     path = resolve_model(path)
     if not path.exists():
         raise WeightsError(f"{path} does not exist; give a diffusers model folder or a file.")

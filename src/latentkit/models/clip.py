@@ -437,7 +437,6 @@ def init_clip_weights(model: nn.Module) -> None:
 
 def _init_tower(tower: CLIPTextTransformer | CLIPVisionTransformer) -> None:
     emb = tower.embeddings
-    layers = tower.encoder.layers
     width = emb.position_embedding.embedding_dim
     if isinstance(emb, CLIPTextEmbeddings):
         nn.init.normal_(emb.token_embedding.weight, std=0.02)
@@ -446,6 +445,10 @@ def _init_tower(tower: CLIPTextTransformer | CLIPVisionTransformer) -> None:
         nn.init.normal_(emb.class_embedding, std=width**-0.5)
         nn.init.normal_(emb.position_embedding.weight, std=width**-0.5)
         nn.init.normal_(emb.patch_embedding.weight, std=0.02)
+    _init_layers(tower.encoder.layers, width)
+
+
+def _init_layers(layers: nn.ModuleList, width: int) -> None:
     residual_std = width**-0.5 * (2 * max(len(layers), 1)) ** -0.5
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -459,3 +462,14 @@ def _init_tower(tower: CLIPTextTransformer | CLIPVisionTransformer) -> None:
         ):
             nn.init.normal_(linear.weight, std=std)
             nn.init.zeros_(linear.bias)
+
+
+def reset_text_layers(text_encoder: nn.Module) -> None:
+    """Give a text encoder's transformer layers and final norm a fresh start (CLIP's
+    initialisation, from the global generator); its token and position embeddings stay."""
+    transformer = text_encoder.text_model
+    _init_layers(transformer.encoder.layers, transformer.config.hidden_size)
+    for module in (*transformer.encoder.layers.modules(), transformer.final_layer_norm):
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)

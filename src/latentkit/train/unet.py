@@ -13,6 +13,10 @@ tells its captions apart, and a small one trained briefly lets words such as "to
 "bottom" fade from its states; the U-Net's own gradient teaches the layers to keep them.
 The token and position embeddings and the projection stay as CLIP trained them, so a
 model's ``clip/`` folder can share them with ``text_encoder/`` (see ``save_image_half``).
+``fresh_text_layers`` goes further and starts those layers afresh (as GLIDE trains its text
+transformer with its diffusion model): a contrastive CLIP whose captions seldom differ by a
+place alone learns to drop place words from its states, and starting from those states the
+U-Net never learns to use them; fresh layers keep every word as distinct as its embedding.
 
 Captions come from the data layer with its caption dropout already applied: a dropped
 caption is "", whose context is the unconditional branch classifier-free guidance needs.
@@ -60,6 +64,7 @@ from ..diffusers_folder import (
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import alphas_cumprod
 from ..errors import ConfigError, LatentkitError
+from ..models.clip import reset_text_layers
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet2DConditionModel
 from .loop import LoaderPhase
@@ -75,7 +80,8 @@ class UNetRecipe(DictForm):
     give its U-Net config in ``unet`` (the default is SD 1.x's). ``sample_*`` set the
     preview grid: one row per prompt, one column per seed. ``train_text_encoder`` trains
     the text encoder's layers too (see the module docstring); it needs ``clip_skip`` 1,
-    and ``cache_latents`` then caches the VAE's latents only.
+    and ``cache_latents`` then caches the VAE's latents only. ``fresh_text_layers``
+    re-initialises those layers first (seeded by ``init_seed``), keeping CLIP's embeddings.
     """
 
     data_path: str = ""
@@ -90,6 +96,7 @@ class UNetRecipe(DictForm):
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
     train_text_encoder: bool = False
+    fresh_text_layers: bool = False
     cache_latents: bool = False
     cache_dir: str | None = None
     init_seed: int = 0
@@ -112,6 +119,10 @@ class UNetRecipe(DictForm):
             not self.train_text_encoder or self.clip_skip == 1,
             f"clip_skip is {self.clip_skip}; train_text_encoder trains the last layer's "
             "output, so it needs clip_skip 1.",
+        )
+        _require(
+            not self.fresh_text_layers or self.train_text_encoder,
+            "fresh_text_layers needs train_text_encoder = true: fresh layers must learn.",
         )
         _require(self.sample_steps >= 1, "sample_steps must be at least 1.")
         _require(self.sample_cfg >= 0, "sample_cfg must not be negative.")
@@ -182,6 +193,10 @@ class UNetPhase(LoaderPhase):
         check_sizes(self.model_config, recipe.data.size)
         self.alphas = alphas_cumprod(recipe.schedule)
         self.caches = open_caches(recipe, self.vae, self.text_encoder, self.tokenizer)
+        if recipe.fresh_text_layers:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(recipe.init_seed + 1)  # + 1: not the U-Net's numbers
+                reset_text_layers(self.text_encoder)
         if recipe.train_text_encoder:
             trainable_text_layers(self.text_encoder)
 
