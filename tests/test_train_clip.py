@@ -16,7 +16,7 @@ from latentkit.data.shapes import write_dataset
 from latentkit.errors import ConfigError
 from latentkit.models.clip import contrastive_loss
 from latentkit.train import TrainConfig, checkpoint, train
-from latentkit.train.clip import CLIPPhase, CLIPRecipe, load_clip
+from latentkit.train.clip import CLIPPhase, CLIPRecipe, _prefers_true, load_clip
 from latentkit.train.metrics import chance_top1, retrieval_accuracy
 from latentkit.train.plot import read_records
 from latentkit.weights import load_text_encoder, load_tokenizer
@@ -227,3 +227,10 @@ def test_text_tower_must_fit_the_tokenizer():
     with pytest.raises(ConfigError, match="vocab_size 49408") as err:
         CLIPPhase(CLIPRecipe(model=config, data_path="x"))
     assert "\n" not in str(err.value)
+
+
+def test_negative_accuracy_counts_a_tie_as_half():
+    # 2 images, their 2 captions, then the negatives of captions 0 and 1.
+    logits = torch.tensor([[3.0, 0.0, 1.0, 0.0], [0.0, 2.0, 0.0, 2.0]])
+    assert _prefers_true(logits, [0, 1]) == 0.75  # image 0 wins, image 1 ties
+    assert math.isnan(_prefers_true(logits[:, :2], []))

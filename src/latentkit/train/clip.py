@@ -255,14 +255,15 @@ class CLIPPhase(LoaderPhase):
 
 def _prefers_true(logits_per_image: torch.Tensor, owners: list[int]) -> float:
     """The fraction of images that score their caption above its hard negative (columns
-    after the batch's captions, in ``owners`` order); NaN when there are none."""
+    after the batch's captions, in ``owners`` order); NaN when there are none. A tie, a
+    model that cannot tell the two apart, counts half, so that guessing scores 0.5."""
     if not owners:
         return float("nan")
     rows = torch.tensor(owners, device=logits_per_image.device)
     n = logits_per_image.shape[0]
     true = logits_per_image[rows, rows]
     negative = logits_per_image[rows, n + torch.arange(len(owners), device=rows.device)]
-    return float((true > negative).float().mean())
+    return float(((true > negative).float() + 0.5 * (true == negative).float()).mean())
 
 
 def _check_tokenizer(text: TextConfig, tokenizer: CLIPTokenizer) -> None:
