@@ -287,6 +287,20 @@ def test_bf16_forward_is_finite_and_near_fp32():
     assert (logits16.float() - logits).abs().max() < 0.1 * logits.abs().max() + 0.5
 
 
+def test_similarities_are_fp32_under_bf16_autocast():
+    ours = CLIPModel(CLIP).eval()
+    ids, x = token_ids(PAD["sd2"], lengths=(2, 8)), pixels(batch=2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = ours(ids, x).logits_per_text
+        text, image = ours.get_text_features(ids), ours.get_image_features(x)
+    assert text.dtype == torch.bfloat16  # the towers ran in bf16
+    text = torch.nn.functional.normalize(text.float(), dim=-1)
+    image = torch.nn.functional.normalize(image.float(), dim=-1)
+    want = text @ image.t() * ours.logit_scale.exp()
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, want, rtol=1e-6, atol=1e-6)
+
+
 def test_fresh_init_is_sane():
     # Training starts from this: unit LayerNorms, small embeddings, zero biases.
     model = CLIPModel(CLIP)

@@ -393,9 +393,14 @@ class CLIPModel(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
     ) -> CLIPLogits:
-        text = F.normalize(self.get_text_features(input_ids, attention_mask=attention_mask), dim=-1)
-        image = F.normalize(self.get_image_features(pixel_values), dim=-1)
-        logits_per_text = text @ image.t() * self.logit_scale.exp()
+        text = self.get_text_features(input_ids, attention_mask=attention_mask)
+        image = self.get_image_features(pixel_values)
+        # Similarities in fp32 whatever the autocast: in bf16 (8 bits of mantissa) a caption
+        # and a hard negative one word away tied for half the images of a place-only run.
+        with torch.autocast(text.device.type, enabled=False):
+            text = F.normalize(text.float(), dim=-1)
+            image = F.normalize(image.float(), dim=-1)
+            logits_per_text = text @ image.t() * self.logit_scale.float().exp()
         return CLIPLogits(logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text)
 
     @torch.no_grad()
