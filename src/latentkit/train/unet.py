@@ -8,15 +8,14 @@ the U-Net predicts the noise (epsilon), v = ``sqrt(a_t) noise - sqrt(1 - a_t) x0
 the mean squared error, optionally weighted by min-SNR-gamma (Hang et al. 2023).
 
 With ``train_text_encoder`` the text encoder's transformer layers and final norm learn
-with the U-Net (as DreamBooth and kohya's scripts offer): a contrastive CLIP only keeps what
-tells its captions apart, and a small one trained briefly lets words such as "top" and
-"bottom" fade from its states; the U-Net's own gradient teaches the layers to keep them.
-The token and position embeddings and the projection stay as CLIP trained them, so a
-model's ``clip/`` folder can share them with ``text_encoder/`` (see ``save_image_half``).
-``fresh_text_layers`` goes further and starts those layers afresh (as GLIDE trains its text
-transformer with its diffusion model): a contrastive CLIP whose captions seldom differ by a
-place alone learns to drop place words from its states, and starting from those states the
-U-Net never learns to use them; fresh layers keep every word as distinct as its embedding.
+with the U-Net (as DreamBooth and kohya's scripts offer), so that its states can carry what
+the U-Net needs rather than only what told CLIP's captions apart. The token and position
+embeddings and the projection stay as CLIP trained them, so a model's ``clip/`` folder can
+share them with ``text_encoder/`` (see ``save_image_half``). ``fresh_text_layers`` starts
+those layers afresh first (as GLIDE trains its text transformer with its diffusion model),
+for a text encoder whose own training taught its layers to drop words the U-Net needs.
+Neither is a sure cure: in the shapes world both still let place words fade from the
+states during training (the README's "shipped model" section has the measurements).
 
 Captions come from the data layer with its caption dropout already applied: a dropped
 caption is "", whose context is the unconditional branch classifier-free guidance needs.
