@@ -40,8 +40,9 @@ progress bar off, and every dtype asked for (fp32 and bf16 on the CPU, fp32 and 
 CUDA). latentkit runs as ``latentkit.load`` gives it, which on a CPU in bf16 means
 channels-last convolutions (``memory.prefers_channels_last``); diffusers documents that
 layout as an opt-in, and ``--reference-channels-last`` turns it on for the reference too,
-so that both sides' layouts can be compared like for like. The "auto" row puts latentkit's default dtype (``resolve_dtype("auto")``: bf16 on
-CPUs with native bf16, fp16 on CUDA, else fp32) against the reference's fastest dtype.
+so that both sides' layouts can be compared like for like. The "auto" row puts
+latentkit's default dtype (``resolve_dtype("auto")``: bf16 on CPUs with native bf16, fp16
+on CUDA, else fp32) against the reference's fastest dtype.
 Ratios are latentkit / reference: below 1.0, latentkit is faster.
 """
 
