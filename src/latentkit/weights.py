@@ -85,14 +85,6 @@ def load(
     ``channels_last`` lays the U-Net's and VAE's conv weights out in NHWC; None (the
     default) does so where that is faster (``memory.prefers_channels_last``: bf16 on a CPU).
     """
-    components = _load(path, dtype, device, allow_pickle, prediction_type, variant, hint)
-    unet_weight = next(components.unet.parameters())
-    if channels_last is None:
-        channels_last = prefers_channels_last(unet_weight.device, unet_weight.dtype)
-    return set_channels_last(components) if channels_last else components
-
-
-def _load(path, dtype, device, allow_pickle, prediction_type, variant, hint) -> Components:
     path = resolve_model(path)
     if not path.exists():
         raise WeightsError(f"{path} does not exist; give a diffusers model folder or a file.")
@@ -101,15 +93,25 @@ def _load(path, dtype, device, allow_pickle, prediction_type, variant, hint) -> 
         components = load_diffusers(
             path, dtype=dtype, device=device, variant=variant, allow_pickle=allow_pickle
         )
-        return _with_prediction_type(components, prediction_type)
-    return load_single_file(
-        path,
-        dtype=dtype,
-        device=device,
-        allow_pickle=allow_pickle,
-        prediction_type=prediction_type,
-        hint=hint,
-    )
+        components = _with_prediction_type(components, prediction_type)
+    else:
+        components = load_single_file(
+            path,
+            dtype=dtype,
+            device=device,
+            allow_pickle=allow_pickle,
+            prediction_type=prediction_type,
+            hint=hint,
+        )
+    return _laid_out(components, channels_last)
+
+
+def _laid_out(components: Components, channels_last: bool | None) -> Components:
+    """``components`` with NHWC convolutions if asked, or by default where they are faster."""
+    if channels_last is None:
+        weight = next(components.unet.parameters())
+        channels_last = prefers_channels_last(weight.device, weight.dtype)
+    return set_channels_last(components) if channels_last else components
 
 
 def _check_model_folder(path: Path) -> None:
