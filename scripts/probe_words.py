@@ -24,6 +24,7 @@ import torch
 import latentkit
 from latentkit.data import shapes
 from latentkit.diffusion.schedule import alphas_cumprod
+from latentkit.errors import LatentkitError
 from latentkit.prompts import encode_prompt
 
 
@@ -52,6 +53,15 @@ def mirrored(scene: shapes.Scene) -> shapes.Scene:
     return shapes.Scene(scene.background, objects, relation, side)
 
 
+def parse_timesteps(text: str, count: int) -> list[int] | None:
+    """The comma-separated timesteps in ``text``, or None unless each is in [0, count)."""
+    try:
+        steps = [int(part) for part in text.split(",")]
+    except ValueError:
+        return None
+    return steps if all(0 <= t < count for t in steps) else None
+
+
 def clean_latents(prediction, x, alpha_bar, prediction_type: str) -> torch.Tensor:
     """The clean latents a prediction implies at ``x`` (epsilon, v or sample)."""
     if prediction_type == "epsilon":
@@ -69,8 +79,19 @@ def main() -> None:
     parser.add_argument("--timesteps", default="999,950,900,800,700,500,300")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-
-    model = latentkit.load(args.model, dtype=torch.float32)
+    if args.scenes < 1:
+        parser.error(f"--scenes is {args.scenes}; it must be at least 1.")
+    try:
+        model = latentkit.load(args.model, dtype=torch.float32)
+    except LatentkitError as err:
+        parser.error(str(err))
+    alphas = alphas_cumprod(model.schedule)
+    timesteps = parse_timesteps(args.timesteps, len(alphas))
+    if timesteps is None:
+        parser.error(
+            f"--timesteps is {args.timesteps!r}; give whole numbers from 0 to "
+            f"{len(alphas) - 1}, separated by commas."
+        )
     scenes = scenes_with(args.words, args.scenes, args.seed)
     pairs = [(shapes.canonical_caption(s), shapes.canonical_caption(mirrored(s))) for s in scenes]
     pixels = torch.stack(
@@ -80,7 +101,6 @@ def main() -> None:
     def contexts(texts: list[str]) -> torch.Tensor:
         return torch.cat([encode_prompt(model.tokenizer, model.text_encoder, t)[0] for t in texts])
 
-    alphas = alphas_cumprod(model.schedule)
     generator = torch.Generator().manual_seed(args.seed)
     print(f"{args.words} words, {len(scenes)} scenes: MSE of the predicted clean latents")
     print(f"{'t':>5} {'right':>8} {'wrong':>8} {'empty':>8} {'wrong/right':>12}")
@@ -91,7 +111,7 @@ def main() -> None:
             "wrong": contexts([wrong for _, wrong in pairs]),
             "empty": contexts([""] * len(pairs)),
         }
-        for t in (int(s) for s in args.timesteps.split(",")):
+        for t in timesteps:
             a = alphas[t]
             x = a.sqrt() * latents + (1 - a).sqrt() * torch.randn(
                 latents.shape, generator=generator

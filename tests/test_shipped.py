@@ -6,6 +6,10 @@ A smoke test of the package data, not of quality (``latentkit eval`` measures th
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,3 +63,26 @@ def test_generate_without_model_uses_it(tmp_path, capsys):
     code = main(["generate", "a red circle", "--steps", "2", "--quiet", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     assert out.is_file()
+
+
+def test_probe_words_script_reads_the_shipped_model_and_refuses_bad_timesteps():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "probe_words.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(*argv):
+        return subprocess.run(
+            [sys.executable, str(script), *argv], capture_output=True, text=True, env=env
+        )
+
+    done = run("--scenes", "2", "--timesteps", "999,500", "--words", "relation")
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["999", "500"]
+    for _, right, wrong, empty, ratio in rows:
+        right, wrong, ratio = float(right), float(wrong), float(ratio)
+        rounding = 5e-5 * (1 + ratio) / right + 5e-4  # printed with 4 and 3 decimals
+        assert ratio == pytest.approx(wrong / right, abs=rounding)
+        assert float(empty) > 0
+    refused = run("--timesteps", "1000")
+    assert refused.returncode == 2
+    assert "--timesteps is '1000'; give whole numbers from 0 to 999" in refused.stderr
