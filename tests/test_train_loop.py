@@ -28,6 +28,7 @@ from latentkit.train import (
     Phase,
     TrainConfig,
     checkpoint,
+    distributed,
     lr_factor,
     plot,
     plot_run,
@@ -133,6 +134,24 @@ def forkserver():
     warm.start()
     warm.join()
     return context
+
+
+# --- devices ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("asked", "local_rank", "selected"),
+    [("cuda", "0", "cuda:0"), ("cuda", "3", "cuda:3"), ("cuda:1", "0", "cuda:1")],
+)
+def test_a_bare_cuda_device_means_this_processs_gpu(monkeypatch, asked, local_rank, selected):
+    # torch.cuda.set_device refuses a device without an index, which made `--device cuda`
+    # fail before the first step; found on a GPU machine, checked here without one.
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    world = distributed.setup(asked)
+    assert str(world.device) == selected
+    assert [str(d) for d in chosen] == [selected]
 
 
 # --- learning, config ---------------------------------------------------------------------

@@ -71,6 +71,8 @@ def setup(device: str | torch.device | None = None) -> World:
     size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     device = torch.device(device) if device is not None else _default_device(local_rank)
+    if device.type == "cuda" and device.index is None:  # a bare "cuda": this process's GPU
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if size <= 1:
