@@ -229,6 +229,22 @@ def test_half_precision_decode_that_overflows_is_redone_in_fp32():
     assert next(vae.parameters()).dtype == torch.bfloat16  # the VAE is left as it was
 
 
+def test_non_finite_latents_are_decoded_once_with_a_warning():
+    # The U-Net overflowed: an fp32 VAE cannot rescue NaN latents, so none is made (on a GPU
+    # that copy and its fp32 activations were the largest allocation of the whole picture).
+    from latentkit.pipeline import decode_latents
+
+    vae = OverflowingVAE().to(torch.float16)
+    calls = []
+    decode = vae.images_from_latents
+    vae.images_from_latents = lambda x: calls.append(x.dtype) or decode(x)
+    latents = torch.full((1, 4, 4, 4), float("nan"), dtype=torch.float16)
+    with pytest.warns(UserWarning, match="non-finite values .*float16.* bf16 or fp32"):
+        decode_latents(vae, latents)
+    assert calls == [torch.float16]
+    assert next(vae.parameters()).dtype == torch.float16
+
+
 def test_a_size_that_cannot_fit_is_refused_before_any_work(sd1_dir):
     model = latentkit.load(sd1_dir)
     with pytest.raises(ConfigError, match=r"65536x65536 needs about .* GiB but only"):

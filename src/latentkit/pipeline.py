@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -267,7 +268,10 @@ def generate(
 
 def decode_latents(vae, latents: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
     """Decode to [-1, 1] pixels (in overlapping tiles when ``tiled``, for large pictures); a
-    half-precision decode that overflows is redone in fp32, so there are no black images."""
+    half-precision decode that overflows is redone in fp32, so there are no black images.
+
+    Latents that are already non-finite (the U-Net overflowed) cannot be rescued by the
+    VAE: they are decoded once, with a warning, and no fp32 copy of the VAE is made."""
 
     def decode(x: torch.Tensor) -> torch.Tensor:
         return images_from_latents_tiled(vae, x) if tiled else vae.images_from_latents(x)
@@ -275,7 +279,14 @@ def decode_latents(vae, latents: torch.Tensor, *, tiled: bool = False) -> torch.
     dtype = next(vae.parameters()).dtype
     with torch.inference_mode():
         images = decode(latents.to(dtype))
-        if dtype != torch.float32 and not torch.isfinite(images).all():
+        if not torch.isfinite(latents).all():
+            warnings.warn(
+                f"The denoised latents hold non-finite values (the U-Net overflowed in "
+                f"{str(latents.dtype).removeprefix('torch.')}), so the picture is black; "
+                "generate in bf16 or fp32 instead.",
+                stacklevel=2,
+            )
+        elif dtype != torch.float32 and not torch.isfinite(images).all():
             vae.float()
             try:
                 images = decode(latents.float())
