@@ -318,9 +318,18 @@ def test_fresh_text_layers_restart_the_layers_and_keep_the_embeddings(world):
     assert all(torch.equal(again[k], state[k]) for k in state)
     other = UNetPhase(dataclasses.replace(fresh, init_seed=1)).text_encoder.state_dict()
     assert any(not torch.equal(other[k], state[k]) for k in weights)
-    with pytest.raises(ConfigError, match="fresh_text_layers needs train_text_encoder") as err:
-        recipe(world, fresh_text_layers=True)
-    assert "\n" not in str(err.value)
+
+
+def test_frozen_fresh_text_layers_are_what_the_text_cache_holds(world, tmp_path):
+    cached = dict(cache_latents=True, cache_dir=str(tmp_path / "c"))
+    clip = UNetPhase(recipe(world, **cached))
+    frozen = UNetPhase(recipe(world, fresh_text_layers=True, **cached))
+    trained = UNetPhase(recipe(world, train_text_encoder=True, fresh_text_layers=True))
+    state, same_start = frozen.text_encoder.state_dict(), trained.text_encoder.state_dict()
+    assert all(torch.equal(state[k], same_start[k]) for k in state)  # the same seeded start
+    assert not any(p.requires_grad for p in frozen.text_encoder.parameters())
+    # The context cache is fingerprinted by the fresh layers, never by CLIP's own.
+    assert frozen.caches[1].fingerprint != clip.caches[1].fingerprint
 
 
 # --- exact resume -------------------------------------------------------------------------

@@ -80,7 +80,8 @@ class UNetRecipe(DictForm):
     preview grid: one row per prompt, one column per seed. ``train_text_encoder`` trains
     the text encoder's layers too (see the module docstring); it needs ``clip_skip`` 1,
     and ``cache_latents`` then caches the VAE's latents only. ``fresh_text_layers``
-    re-initialises those layers first (seeded by ``init_seed``), keeping CLIP's embeddings.
+    re-initialises those layers first (seeded by ``init_seed``), keeping CLIP's embeddings;
+    without ``train_text_encoder`` they then stay frozen at that random start.
     """
 
     data_path: str = ""
@@ -118,10 +119,6 @@ class UNetRecipe(DictForm):
             not self.train_text_encoder or self.clip_skip == 1,
             f"clip_skip is {self.clip_skip}; train_text_encoder trains the last layer's "
             "output, so it needs clip_skip 1.",
-        )
-        _require(
-            not self.fresh_text_layers or self.train_text_encoder,
-            "fresh_text_layers needs train_text_encoder = true: fresh layers must learn.",
         )
         _require(self.sample_steps >= 1, "sample_steps must be at least 1.")
         _require(self.sample_cfg >= 0, "sample_cfg must not be negative.")
@@ -191,11 +188,11 @@ class UNetPhase(LoaderPhase):
         )
         check_sizes(self.model_config, recipe.data.size)
         self.alphas = alphas_cumprod(recipe.schedule)
-        self.caches = open_caches(recipe, self.vae, self.text_encoder, self.tokenizer)
-        if recipe.fresh_text_layers:
+        if recipe.fresh_text_layers:  # before the caches: their fingerprint is of these
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(recipe.init_seed + 1)  # + 1: not the U-Net's numbers
                 reset_text_layers(self.text_encoder)
+        self.caches = open_caches(recipe, self.vae, self.text_encoder, self.tokenizer)
         if recipe.train_text_encoder:
             trainable_text_layers(self.text_encoder)
 
