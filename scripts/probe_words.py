@@ -81,6 +81,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.scenes < 1:
         parser.error(f"--scenes is {args.scenes}; it must be at least 1.")
+    if args.seed < 0:
+        parser.error(f"--seed is {args.seed}; it must be 0 or more.")
     try:
         model = latentkit.load(args.model, dtype=torch.float32)
     except LatentkitError as err:

@@ -86,3 +86,6 @@ def test_probe_words_script_reads_the_shipped_model_and_refuses_bad_timesteps():
     refused = run("--timesteps", "1000")
     assert refused.returncode == 2
     assert "--timesteps is '1000'; give whole numbers from 0 to 999" in refused.stderr
+    refused = run("--seed", "-1")
+    assert refused.returncode == 2
+    assert "--seed is -1; it must be 0 or more." in refused.stderr
