@@ -243,6 +243,9 @@ def test_non_finite_latents_are_decoded_once_with_a_warning():
         decode_latents(vae, latents)
     assert calls == [torch.float16]
     assert next(vae.parameters()).dtype == torch.float16
+    with pytest.warns(UserWarning, match="even in float32") as caught:
+        decode_latents(vae.float(), latents.float())
+    assert "bf16 or fp32" not in str(caught[0].message)  # no advice to do what was done
 
 
 def test_a_size_that_cannot_fit_is_refused_before_any_work(sd1_dir):

@@ -280,12 +280,7 @@ def decode_latents(vae, latents: torch.Tensor, *, tiled: bool = False) -> torch.
     with torch.inference_mode():
         images = decode(latents.to(dtype))
         if not torch.isfinite(latents).all():
-            warnings.warn(
-                f"The denoised latents hold non-finite values (the U-Net overflowed in "
-                f"{str(latents.dtype).removeprefix('torch.')}), so the picture is black; "
-                "generate in bf16 or fp32 instead.",
-                stacklevel=2,
-            )
+            warnings.warn(_non_finite_latents_message(latents.dtype), stacklevel=2)
         elif dtype != torch.float32 and not torch.isfinite(images).all():
             vae.float()
             try:
@@ -293,6 +288,19 @@ def decode_latents(vae, latents: torch.Tensor, *, tiled: bool = False) -> torch.
             finally:
                 vae.to(dtype)
     return images
+
+
+def _non_finite_latents_message(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if dtype == torch.float32:
+        return (
+            "The denoised latents hold non-finite values even in float32, so the picture is "
+            "black; the model's weights or the settings (guidance, steps) make the U-Net diverge."
+        )
+    return (
+        f"The denoised latents hold non-finite values (the U-Net overflowed in {name}), so "
+        "the picture is black; generate in bf16 or fp32 instead."
+    )
 
 
 def generation_record(components, options: GenerateOptions, width, height, dtype) -> dict:
