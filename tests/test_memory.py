@@ -263,7 +263,8 @@ def test_load_lays_convolutions_out_channels_last_for_bf16_on_a_cpu(sd1_dir):
     from latentkit import weights
 
     def layout(**kwargs) -> tuple[bool, bool]:
-        components = weights.load(sd1_dir, device="cpu", **kwargs)
+        # Unpacked: a packed weight (latentkit.prepack, also bf16 on a CPU) has no strides.
+        components = weights.load(sd1_dir, device="cpu", prepack=False, **kwargs)
         return tuple(
             module.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
             for module in (components.unet, components.vae.decoder)

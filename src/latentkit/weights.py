@@ -36,9 +36,10 @@ from .diffusers_folder import (
 from .errors import ConfigError, WeightsError
 from .ldm_infer import infer_config
 from .ldm_keys import detect_family, join_checkpoint, split_checkpoint
-from .memory import prefers_channels_last, set_channels_last
+from .memory import prefers_channels_last, set_channels_last, set_packed_weights
 from .models_registry import resolve as resolve_model
 from .module_io import build_loaded, load_module, read_weights, replace_atomically, sniff
+from .prepack import prefers_packed_weights
 from .safetensors_io import read_metadata, read_safetensors, write_safetensors
 
 __all__ = [
@@ -77,6 +78,7 @@ def load(
     variant: str | None = None,
     hint: ModelConfig | None = None,
     channels_last: bool | None = None,
+    prepack: bool | None = None,
 ) -> Components:
     """A model from a diffusers folder or a single-file checkpoint (.safetensors, or
     .ckpt/.pt with ``allow_pickle``). ``dtype`` casts float weights as they are read;
@@ -84,6 +86,9 @@ def load(
     A shipped model's name (``"shapes"``) stands for its packaged folder.
     ``channels_last`` lays the U-Net's and VAE's conv weights out in NHWC; None (the
     default) does so where that is faster (``memory.prefers_channels_last``: bf16 on a CPU).
+    ``prepack`` packs their convolution weights once for oneDNN (``latentkit.prepack``);
+    None (the default) does so for bf16 on a CPU, where it is faster and equal bit for bit.
+    Packed weights are for inference: ``prepack.unpack`` undoes it before training.
     """
     path = resolve_model(path)
     if not path.exists():
@@ -103,15 +108,24 @@ def load(
             prediction_type=prediction_type,
             hint=hint,
         )
-    return _laid_out(components, channels_last)
+    return _laid_out(components, channels_last, prepack)
 
 
-def _laid_out(components: Components, channels_last: bool | None) -> Components:
-    """``components`` with NHWC convolutions if asked, or by default where they are faster."""
+def _laid_out(
+    components: Components, channels_last: bool | None, prepack: bool | None
+) -> Components:
+    """``components`` with NHWC convolutions and packed conv weights if asked, or by default
+    where they are faster."""
+    weight = next(components.unet.parameters())
     if channels_last is None:
-        weight = next(components.unet.parameters())
         channels_last = prefers_channels_last(weight.device, weight.dtype)
-    return set_channels_last(components) if channels_last else components
+    if prepack is None:
+        prepack = prefers_packed_weights(weight.device, weight.dtype)
+    if channels_last:
+        set_channels_last(components)
+    if prepack:
+        set_packed_weights(components)
+    return components
 
 
 def _check_model_folder(path: Path) -> None:
