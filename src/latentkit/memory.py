@@ -339,9 +339,11 @@ def set_channels_last(components: Components, on: bool = True) -> Components:
 
 
 def set_packed_weights(components: Components, on: bool = True) -> Components:
-    """U-Net and VAE conv weights packed once for oneDNN (``on``; bf16 on a CPU only, see
-    ``latentkit.prepack``) or back to plain tensors."""
-    for module in (components.unet, components.vae):
+    """The networks' convolution and linear weights packed once for oneDNN (``on``; bf16
+    on a CPU only, see ``latentkit.prepack``) or back to plain tensors."""
+    for module in (components.unet, components.vae, components.text_encoder):
+        if module is None:
+            continue
         if on:
             prepack_weights.pack(module)
         else:
@@ -362,9 +364,9 @@ def optimize(
     - ``channels_last``: True puts U-Net and VAE conv weights in NHWC, which oneDNN (CPU)
       and cuDNN (tensor cores) often run faster, False back in NCHW; results equal to
       float rounding. None keeps the layout ``load`` chose (see ``prefers_channels_last``).
-    - ``prepack``: True packs bf16 CPU conv weights once for oneDNN (``latentkit.prepack``:
-      the same numbers, a third less time per U-Net step), False unpacks them (for
-      training). None keeps what ``load`` chose (packed for bf16 on a CPU).
+    - ``prepack``: True packs bf16 CPU weights once for oneDNN (``latentkit.prepack``: the
+      same numbers, a third less time per U-Net step at 32x32 latents), False unpacks them
+      (for training). None keeps what ``load`` chose (packed for bf16 on a CPU).
     - ``compile``: ``torch.compile`` the U-Net (the module keeps its type and state-dict
       keys; packed weights are unpacked first, as inductor packs its own). The first call
       at each new size or batch compiles for a long while (minutes for SD on a CPU) and

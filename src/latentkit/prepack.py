@@ -1,19 +1,23 @@
-"""Convolution weights packed once for oneDNN, for bf16 inference on a CPU.
+"""Convolution and linear weights packed once for oneDNN, for bf16 inference on a CPU.
 
-oneDNN's bf16 convolutions (AMX, AVX-512 BF16) compute from weights in a blocked layout of
-their own. Handed an ordinary tensor, they reorder it into that layout on every call, and
-at the deep levels of a U-Net (1,280 channels at 8x8 latents) the reorder costs more than
-the convolution. Packing each weight once, when the model is loaded, and calling oneDNN's
-convolution with the packed weight gives the same numbers bit for bit; on SD 1.5's U-Net
-(2 threads, channels-last) one step took a third less time at 32x32 latents (0.80 -> 0.54 s)
-and at 64x64 (2.91 -> 2.00 s). In fp32 it made no difference, so only bf16 is packed.
+oneDNN's bf16 kernels (AMX, AVX-512 BF16) compute from weights in a blocked layout of their
+own. Handed an ordinary tensor, they reorder it into that layout on every call, and at the
+deep levels of a U-Net (1,280 channels at 8x8 latents) the reorder costs more than the
+convolution. PyTorch's plain bf16 linear layer also writes its bias into the output before
+the matrix product, a full extra pass over the largest activations (the feed-forward's).
+Packing each weight once, when the model is loaded, and calling oneDNN's kernels with it
+(the bias fused into the product) gives the same numbers: bit for bit for convolutions and
+for linear layers on contiguous inputs, and on strided inputs a result at least as close to
+fp32. On SD 1.5's U-Net (2 threads, channels-last) packed convolutions alone took a third
+off a step at 32x32 latents (0.80 -> 0.54 s). In fp32 packing made no difference, so only
+bf16 is packed.
 
-A packed weight is an opaque oneDNN tensor, so a packed convolution stays an ordinary
-``nn.Conv2d`` everywhere it shows: its ``state_dict`` holds (and ``load_state_dict`` takes)
-the dense weight under the same key, ``.to()`` and friends unpack, convert and re-pack, and
-a forward pass whose input needs a gradient (a network that trains through a frozen one)
-runs on the dense weight. A packed weight cannot learn: :func:`unpack` turns every packed
-layer back into a plain one, for training.
+A packed weight is an opaque oneDNN tensor, so a packed layer stays an ordinary
+``nn.Conv2d`` / ``nn.Linear`` everywhere it shows: its ``state_dict`` holds (and
+``load_state_dict`` takes) the dense weight under the same key; ``.to()`` and friends
+unpack, convert, and pack again where packing still pays; a forward pass whose input needs
+a gradient (a network that trains through a frozen one) runs on the dense weight. A packed
+weight cannot learn: :func:`unpack` turns every packed layer back into a plain one.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import nn
 
 
 def prefers_packed_weights(device: str | torch.device, dtype: torch.dtype) -> bool:
-    """Whether packed convolution weights are faster here: bf16 on a CPU with oneDNN."""
+    """Whether packed weights are faster here: bf16 on a CPU with oneDNN."""
     return (
         torch.device(device).type == "cpu"
         and dtype == torch.bfloat16
@@ -31,30 +35,28 @@ def prefers_packed_weights(device: str | torch.device, dtype: torch.dtype) -> bo
     )
 
 
-class PackedConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` whose weight is packed in oneDNN's layout while it is in bf16 on a
-    CPU (made by :func:`pack`); converted to another dtype or device, it holds a dense
-    weight and runs as a plain convolution until converted back."""
+class _Packed:
+    """What a packed layer adds to its plain class: it holds its weight packed while the
+    weight is bf16 on a CPU, dense otherwise, and shows a dense weight to the outside."""
+
+    weight: nn.Parameter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.weight.is_mkldnn:
             return super().forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return self._forward_with_gradient(x)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-            "none", [], "",
-        )  # fmt: skip
+        return self._packed_forward(x)
 
     def _forward_with_gradient(self, x: torch.Tensor) -> torch.Tensor:
-        # The packed kernel has no backward: gradients for the input go through the dense
+        # The packed kernels have no backward: gradients for the input go through the dense
         # weight; a packed weight itself cannot learn.
         if self.weight.requires_grad:
             raise RuntimeError(
-                "This convolution's weight is packed for inference and cannot be trained; "
+                "This layer's weight is packed for inference and cannot be trained; "
                 "call latentkit.prepack.unpack(model) first."
             )
-        return self._conv_forward(x, self.weight.to_dense(), self.bias)
+        return self._dense_forward(x, self.weight.to_dense())
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -73,63 +75,95 @@ class PackedConv2d(nn.Conv2d):
         return self
 
 
+class PackedConv2d(_Packed, nn.Conv2d):
+    """An ``nn.Conv2d`` whose weight is packed for oneDNN (made by :func:`pack`)."""
+
+    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+            "none", [], "",
+        )  # fmt: skip
+
+    def _dense_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, weight, self.bias)
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation),
+            self.groups,
+        )  # fmt: skip
+
+    def _can_pack(self) -> bool:
+        # "same"/"valid" padding strings and padding modes other than zeros need F.conv2d.
+        return self.padding_mode == "zeros" and not isinstance(self.padding, str)
+
+
+class PackedLinear(_Packed, nn.Linear):
+    """An ``nn.Linear`` whose weight is packed for oneDNN (made by :func:`pack`)."""
+
+    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def _dense_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weight, self.bias)
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+    def _can_pack(self) -> bool:
+        return True
+
+
+_PACKED = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear}
+_PLAIN = {packed: plain for plain, packed in _PACKED.items()}
+
+
 def pack(module: nn.Module) -> int:
-    """Pack the weights of every plain bf16 CPU ``nn.Conv2d`` under ``module``, in place, for
-    inference; returns how many layers were packed."""
-    layers = [m for m in module.modules() if type(m) is nn.Conv2d and _packable(m)]
-    for layer in layers:
-        _pack_layer(layer)
-    return len(layers)
+    """Pack the weights of every plain bf16 CPU ``nn.Conv2d`` and ``nn.Linear`` under
+    ``module``, in place, for inference; returns how many layers were packed."""
+    packed = 0
+    for layer in module.modules():
+        kind = _PACKED.get(type(layer))
+        if kind is None:
+            continue
+        layer.__class__ = kind
+        if _pack_weight_if_packable(layer):
+            packed += 1
+        else:
+            layer.__class__ = _PLAIN[kind]
+    return packed
 
 
 def unpack(module: nn.Module) -> int:
-    """Turn every packed convolution under ``module`` back into a plain ``nn.Conv2d`` (for
-    training, or for ``torch.compile``, which packs weights its own way); returns how many."""
-    layers = [m for m in module.modules() if isinstance(m, PackedConv2d)]
+    """Turn every packed layer under ``module`` back into a plain ``nn.Conv2d`` or
+    ``nn.Linear`` (for training, or for ``torch.compile``, which packs weights its own
+    way); returns how many."""
+    layers = [m for m in module.modules() if isinstance(m, _Packed)]
     for layer in layers:
-        _unpack_layer(layer)
+        _dense_weight(layer)
+        layer.__class__ = _PLAIN[type(layer)]
     return len(layers)
 
 
 def is_packed(module: nn.Module) -> bool:
-    """Whether any convolution under ``module`` holds a packed weight now."""
-    return any(isinstance(m, PackedConv2d) and m.weight.is_mkldnn for m in module.modules())
+    """Whether any layer under ``module`` holds a packed weight now."""
+    return any(isinstance(m, _Packed) and m.weight.is_mkldnn for m in module.modules())
 
 
-def _packable(layer: nn.Conv2d) -> bool:
+def _pack_weight_if_packable(layer: _Packed) -> bool:
+    """Pack ``layer``'s weight where that pays; whether it is packed now."""
     weight = layer.weight
-    return (
-        prefers_packed_weights(weight.device, weight.dtype)
-        and layer.padding_mode == "zeros"
-        and not isinstance(layer.padding, str)  # "same"/"valid" need F.conv2d's handling
-    )
-
-
-def _pack_layer(layer: nn.Conv2d) -> None:
-    layer.__class__ = PackedConv2d
-    _pack_weight_if_packable(layer)
-
-
-def _unpack_layer(layer: PackedConv2d) -> None:
-    _dense_weight(layer)
-    layer.__class__ = nn.Conv2d
-
-
-def _pack_weight_if_packable(layer: PackedConv2d) -> None:
-    if layer.weight.is_mkldnn or not _packable(layer):
-        return
+    if weight.is_mkldnn:
+        return True
+    if not (prefers_packed_weights(weight.device, weight.dtype) and layer._can_pack()):
+        return False
     with torch.no_grad():
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            layer.weight.detach().to_mkldnn(),
-            list(layer.padding),
-            list(layer.stride),
-            list(layer.dilation),
-            layer.groups,
-        )
+        packed = layer._pack(weight.detach())
     layer.weight = nn.Parameter(packed, requires_grad=False)
+    return True
 
 
-def _dense_weight(layer: PackedConv2d) -> None:
+def _dense_weight(layer: _Packed) -> None:
     weight = layer.weight
     if weight.is_mkldnn:
         dense = weight.detach().to_dense()

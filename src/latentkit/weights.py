@@ -86,8 +86,9 @@ def load(
     A shipped model's name (``"shapes"``) stands for its packaged folder.
     ``channels_last`` lays the U-Net's and VAE's conv weights out in NHWC; None (the
     default) does so where that is faster (``memory.prefers_channels_last``: bf16 on a CPU).
-    ``prepack`` packs their convolution weights once for oneDNN (``latentkit.prepack``);
-    None (the default) does so for bf16 on a CPU, where it is faster and equal bit for bit.
+    ``prepack`` packs the networks' convolution and linear weights once for oneDNN
+    (``latentkit.prepack``); None (the default) does so for bf16 on a CPU, where it is
+    faster and gives the same numbers.
     Packed weights are for inference: ``prepack.unpack`` undoes it before training.
     """
     path = resolve_model(path)
