@@ -11,7 +11,8 @@ from torch import nn
 
 from latentkit import prepack, weights
 from latentkit.memory import optimize
-from latentkit.prepack import PackedConv2d, PackedLinear
+from latentkit.nn import GEGLU
+from latentkit.prepack import PackedConv2d, PackedGEGLU, PackedLinear
 
 
 def bf16_conv(in_ch=8, out_ch=16, **kwargs) -> nn.Conv2d:
@@ -178,3 +179,26 @@ def test_load_packs_bf16_cpu_models_and_keeps_their_output(sd1_dir):
 
     optimize(packed, prepack=False)
     assert packed_networks(packed) == (False, False, False)
+
+
+def test_a_packed_geglu_fuses_its_gate_and_keeps_its_projection_a_linear_layer():
+    torch.manual_seed(0)
+    plain = GEGLU(16, 32).to(torch.bfloat16)
+    packed = copy.deepcopy(plain)
+    assert prepack.pack(packed) == 1 and isinstance(packed, PackedGEGLU)
+    x = torch.randn(2, 50, 16, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    exact = (lambda v, g: v * F.gelu(g))(
+        *F.linear(x.float(), plain.proj.weight.float(), plain.proj.bias.float()).chunk(2, -1)
+    )
+    with torch.inference_mode():
+        fused, reference = packed(x).float(), plain(x).float()
+        # The fused GELU sees the gate's fp32 sums, not their bf16 rounding: as close to
+        # fp32 as the plain path, and equal to it within bf16 rounding.
+        assert (fused - exact).abs().max() <= (reference - exact).abs().max()
+        torch.testing.assert_close(fused, reference, atol=0.03, rtol=0.02)
+        assert torch.equal(packed.proj(x), plain.proj(x))  # still the whole projection
+    assert torch.equal(packed.state_dict()["proj.weight"], plain.proj.weight)
+    assert prepack.unpack(packed) == 1
+    assert type(packed) is GEGLU and type(packed.proj) is nn.Linear
+    assert not hasattr(packed.proj, "gate_weight")
+    assert torch.equal(packed.proj.weight, plain.proj.weight)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .nn import GEGLU
+
 
 def prefers_packed_weights(device: str | torch.device, dtype: torch.dtype) -> bool:
     """Whether packed weights are faster here: bf16 on a CPU with oneDNN."""
@@ -56,12 +58,18 @@ class _Packed:
                 "This layer's weight is packed for inference and cannot be trained; "
                 "call latentkit.prepack.unpack(model) first."
             )
-        return self._dense_forward(x, self.weight.to_dense())
+        return self._dense_forward(x, self._unpacked_weight())
+
+    def _unpacked_weight(self) -> torch.Tensor:
+        return self.weight.to_dense()
+
+    def _release_packed(self) -> None:
+        """Drop what packing kept beside ``weight`` (nothing, but for a GEGLU's halves)."""
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.weight.is_mkldnn:
-            destination[prefix + "weight"] = self.weight.to_dense()
+            destination[prefix + "weight"] = self._unpacked_weight()
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         _dense_weight(self)
@@ -114,24 +122,86 @@ class PackedLinear(_Packed, nn.Linear):
         return True
 
 
+class PackedGEGLUProjection(PackedLinear):
+    """A GEGLU's projection, its value and gate halves packed apart: still an ``nn.Linear``
+    whose output is both halves, and what lets :class:`PackedGEGLU` fuse the gate."""
+
+    gate_weight: torch.Tensor  # the packed gate half; ``weight`` holds the value half
+    value_bias: torch.Tensor | None
+    gate_bias: torch.Tensor | None
+
+    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.value_bias, "none", [], "")
+        gate = torch.ops.mkldnn._linear_pointwise(
+            x, self.gate_weight, self.gate_bias, "none", [], ""
+        )
+        return torch.cat([value, gate], dim=-1)
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        """``value * gelu(gate)`` with both in oneDNN's products: the exact (erf) GELU on
+        the gate's fp32 sums, then the value's product multiplied by it."""
+        gate = torch.ops.mkldnn._linear_pointwise(
+            x, self.gate_weight, self.gate_bias, "gelu", [], "none"
+        )
+        return torch.ops.mkldnn._linear_pointwise.binary(
+            x, gate, self.weight, self.value_bias, "mul"
+        )
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
+        value, gate = weight.chunk(2, dim=0)
+        self.gate_weight = torch.ops.mkldnn._reorder_linear_weight(gate.contiguous())
+        halves = (None, None) if self.bias is None else self.bias.detach().chunk(2)
+        self.value_bias, self.gate_bias = (None if h is None else h.contiguous() for h in halves)
+        return torch.ops.mkldnn._reorder_linear_weight(value.contiguous())
+
+    def _unpacked_weight(self) -> torch.Tensor:
+        return torch.cat([self.weight.to_dense(), self.gate_weight.to_dense()])
+
+    def _release_packed(self) -> None:
+        for name in ("gate_weight", "value_bias", "gate_bias"):
+            self.__dict__.pop(name, None)
+
+
+class PackedGEGLU(GEGLU):
+    """A GEGLU whose projection is packed: one fused pass instead of a product, a split,
+    a GELU and a multiplication over the feed-forward's widest activations."""
+
+    proj: PackedGEGLUProjection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.proj.weight.is_mkldnn
+        if packed and not (torch.is_grad_enabled() and x.requires_grad):
+            return self.proj.gated(x)
+        return super().forward(x)
+
+
 _PACKED = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear}
 _PLAIN = {packed: plain for plain, packed in _PACKED.items()}
+_PLAIN[PackedGEGLUProjection] = nn.Linear
 
 
 def pack(module: nn.Module) -> int:
     """Pack the weights of every plain bf16 CPU ``nn.Conv2d`` and ``nn.Linear`` under
     ``module``, in place, for inference; returns how many layers were packed."""
     packed = 0
-    for layer in module.modules():
-        kind = _PACKED.get(type(layer))
-        if kind is None:
-            continue
-        layer.__class__ = kind
-        if _pack_weight_if_packable(layer):
-            packed += 1
-        else:
-            layer.__class__ = _PLAIN[kind]
+    for layer in list(module.modules()):
+        if type(layer) is GEGLU and type(layer.proj) is nn.Linear:
+            packed += _pack_as(layer.proj, PackedGEGLUProjection)
+            if isinstance(layer.proj, PackedGEGLUProjection):
+                layer.__class__ = PackedGEGLU
+        elif type(layer) in _PACKED:
+            packed += _pack_as(layer, _PACKED[type(layer)])
     return packed
+
+
+def _pack_as(layer: nn.Module, kind: type) -> int:
+    """Make ``layer`` a ``kind`` and pack its weight if that pays (1), else leave it (0)."""
+    plain = type(layer)
+    layer.__class__ = kind
+    if _pack_weight_if_packable(layer):
+        return 1
+    layer.__class__ = plain
+    return 0
 
 
 def unpack(module: nn.Module) -> int:
@@ -142,6 +212,9 @@ def unpack(module: nn.Module) -> int:
     for layer in layers:
         _dense_weight(layer)
         layer.__class__ = _PLAIN[type(layer)]
+    for geglu in module.modules():
+        if isinstance(geglu, PackedGEGLU):
+            geglu.__class__ = GEGLU
     return len(layers)
 
 
@@ -166,5 +239,6 @@ def _pack_weight_if_packable(layer: _Packed) -> bool:
 def _dense_weight(layer: _Packed) -> None:
     weight = layer.weight
     if weight.is_mkldnn:
-        dense = weight.detach().to_dense()
+        dense = layer._unpacked_weight().detach()
         layer.weight = nn.Parameter(dense, requires_grad=weight.requires_grad)
+        layer._release_packed()
