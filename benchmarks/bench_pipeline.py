@@ -32,7 +32,10 @@ figure. On CUDA the child reports ``torch.cuda.max_memory_allocated`` instead.
 Each child runs one warm-up image of one step at the same size (oneDNN/cuDNN primitive
 creation, allocator growth, weights paged in), then ``--repeats`` timed images; the median
 is reported. Timings are only as good as the machine is quiet: the load average is
-printed on every row, and a row measured under load should be rerun.
+printed on every row, and a row measured under load should be rerun. On a shared machine
+whose speed drifts, ``--rounds N`` runs each side in N children, the sides taking turns
+(ours, reference, ours, ...): the row reports the median over the rounds and the range
+of the per-round ratios, so a drift shows instead of landing on one side.
 
 The reference runs in its best settings: diffusers' default attention processor
 (AttnProcessor2_0, i.e. torch SDPA, the kernel latentkit uses), ``torch.inference_mode``,
@@ -200,6 +203,7 @@ def run_child(argv: list[str]) -> tuple[dict | None, int]:
 
 
 def measure(args, side: str, size: int, dname: str, images: Path) -> dict | None:
+    images.mkdir(parents=True, exist_ok=True)
     image = images / f"{side}-{size}-{dname}.png"
     argv = [
         "--worker",
@@ -250,15 +254,51 @@ def print_row(size: int, label: str, ours: dict | None, ref: dict | None, note: 
     )
 
 
+def measure_rounds(args, sides: tuple[str, ...], size: int, dname: str, images: Path):
+    """Each side measured in ``--rounds`` fresh children, the sides taking turns, so that a
+    machine that speeds up or slows down during the run weighs on both alike. Per side: the
+    median of the rounds' times, the largest peaks, the first round's image (None if a
+    round failed); and the spread of the per-round ratios (first side / second)."""
+    runs: dict[str, list[dict | None]] = {side: [] for side in sides}
+    for _ in range(args.rounds):
+        for side in sides:
+            runs[side].append(measure(args, side, size, dname, images / str(len(runs[side]))))
+    rows = tuple(_combined(runs[side]) for side in sides)
+    ratios = []
+    if len(sides) == 2 and None not in rows:
+        ratios = [a["seconds"] / b["seconds"] for a, b in zip(*runs.values(), strict=True)]
+    return rows, ratios
+
+
+def _combined(rounds: list[dict | None]) -> dict | None:
+    if any(r is None for r in rounds):
+        return None
+
+    def largest(key: str):
+        values = [r[key] for r in rounds if r[key] is not None]
+        return max(values) if values else None
+
+    return dict(
+        rounds[0],
+        seconds=statistics.median(r["seconds"] for r in rounds),
+        peak_kib=largest("peak_kib"),
+        working_kib=largest("working_kib"),
+        cuda=largest("cuda"),
+    )
+
+
+def _spread(ratios: list[float]) -> str:
+    return f"  rounds {min(ratios):.3f}-{max(ratios):.3f}" if len(ratios) > 1 else ""
+
+
 def bench_size(args, size: int, dtypes: list[str], auto: str, images: Path) -> None:
     rows: dict[str, tuple[dict | None, dict | None]] = {}
     for dname in dtypes:
-        rows[dname] = tuple(
-            measure(args, side, size, dname, images) for side in ("latentkit", "reference")
-        )
-        print_row(size, dname, *rows[dname])
+        rows[dname], ratios = measure_rounds(args, ("latentkit", "reference"), size, dname, images)
+        print_row(size, dname, *rows[dname], _spread(ratios))
     if auto not in rows:  # latentkit's default dtype was not among those asked for
-        rows[auto] = (measure(args, "latentkit", size, auto, images), None)
+        (ours,), _ = measure_rounds(args, ("latentkit",), size, auto, images)
+        rows[auto] = (ours, None)
     timed = [(ref["seconds"], d) for d, (_, ref) in rows.items() if ref is not None]
     if timed:
         _, best = min(timed)
@@ -282,7 +322,7 @@ def parent(args: argparse.Namespace) -> None:
             run_child([f"--make-model={args.model}"])
         print(
             f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}"
-            f" steps={args.steps} cfg={CFG} repeats={args.repeats}"
+            f" steps={args.steps} cfg={CFG} repeats={args.repeats} rounds={args.rounds}"
             f" reference_channels_last={args.reference_channels_last} (seconds per image;"
             " memory: process peak GiB (+ a generation's working memory); load: 1-min average)"
         )
@@ -299,7 +339,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="256,512", help="comma list of square sizes")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtypes", default=None, help="comma list: fp32,bf16,fp16")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="timed images per child")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="children per side, the sides taking turns"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default=None, help="a saved random model folder to reuse")
     parser.add_argument(
