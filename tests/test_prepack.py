@@ -26,14 +26,20 @@ def image(channels=8, size=9, channels_last=False) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def plain_and_packed(make) -> tuple[nn.Module, nn.Module]:
+    """A fresh layer from ``make`` and a packed copy of it."""
+    plain = make()
+    packed = copy.deepcopy(plain)
+    assert prepack.pack(packed) == 1
+    return plain, packed
+
+
 @pytest.mark.parametrize(
     "kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2), dict(kernel_size=1)]
 )
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_a_packed_convolution_gives_the_plain_ones_numbers_bit_for_bit(kwargs, channels_last):
-    plain = bf16_conv(**kwargs)
-    packed = copy.deepcopy(plain)
-    assert prepack.pack(packed) == 1
+    plain, packed = plain_and_packed(lambda: bf16_conv(**kwargs))
     assert isinstance(packed, PackedConv2d) and packed.weight.is_mkldnn
     x = image(channels_last=channels_last)
     with torch.inference_mode():
@@ -47,9 +53,8 @@ def bf16_linear(bias=True) -> nn.Linear:
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_packed_linear_layer_gives_the_plain_ones_numbers_on_contiguous_input(bias):
-    plain = bf16_linear(bias)
-    packed = copy.deepcopy(plain)
-    assert prepack.pack(packed) == 1 and isinstance(packed, PackedLinear)
+    plain, packed = plain_and_packed(lambda: bf16_linear(bias))
+    assert isinstance(packed, PackedLinear)
     tokens = image().flatten(2).transpose(1, 2).contiguous()  # (2, 81, 8)
     with torch.inference_mode():
         assert torch.equal(packed(tokens), plain(tokens))
@@ -57,9 +62,7 @@ def test_a_packed_linear_layer_gives_the_plain_ones_numbers_on_contiguous_input(
 
 
 def test_a_packed_linear_layer_on_strided_input_is_as_close_to_fp32_as_the_plain_one():
-    plain = nn.Linear(64, 96).to(torch.bfloat16)
-    packed = copy.deepcopy(plain)
-    prepack.pack(packed)
+    plain, packed = plain_and_packed(lambda: nn.Linear(64, 96).to(torch.bfloat16))
     x = torch.randn(300, 2, 64, generator=torch.Generator().manual_seed(2))
     strided = x.to(torch.bfloat16).transpose(0, 1)  # not contiguous
     exact = F.linear(strided.float(), plain.weight.float(), plain.bias.float())
@@ -86,9 +89,7 @@ LAYERS = {
 @pytest.mark.parametrize("kind", LAYERS)
 def test_the_state_dict_keeps_dense_weights_under_the_same_keys(kind):
     make, inputs = LAYERS[kind]
-    plain = make()
-    packed = copy.deepcopy(plain)
-    prepack.pack(packed)
+    plain, packed = plain_and_packed(make)
     state = packed.state_dict()
     assert state.keys() == plain.state_dict().keys()
     assert not state["weight"].is_mkldnn and torch.equal(state["weight"], plain.weight)
@@ -105,9 +106,7 @@ def test_the_state_dict_keeps_dense_weights_under_the_same_keys(kind):
 @pytest.mark.parametrize("kind", LAYERS)
 def test_converting_unpacks_and_repacks_only_where_packing_pays(kind):
     make, inputs = LAYERS[kind]
-    plain = make()
-    packed = copy.deepcopy(plain)
-    prepack.pack(packed)
+    plain, packed = plain_and_packed(make)
     packed.float()  # as decode_latents' fp32 re-decode does
     assert not prepack.is_packed(packed) and packed.weight.dtype == torch.float32
     assert torch.equal(packed.weight, plain.weight.float())
@@ -125,9 +124,7 @@ def test_converting_unpacks_and_repacks_only_where_packing_pays(kind):
 @pytest.mark.parametrize("kind", LAYERS)
 def test_gradients_reach_the_input_through_a_packed_layer(kind):
     make, inputs = LAYERS[kind]
-    plain = make().requires_grad_(False)
-    packed = copy.deepcopy(plain)
-    prepack.pack(packed)
+    plain, packed = plain_and_packed(lambda: make().requires_grad_(False))
     grads = []
     for layer in (plain, packed):
         x = inputs().requires_grad_(True)
@@ -158,6 +155,9 @@ def test_load_packs_bf16_cpu_models_and_keeps_their_output(sd1_dir):
     packed = weights.load(sd1_dir, dtype=torch.bfloat16)
     plain = weights.load(sd1_dir, dtype=torch.bfloat16, prepack=False)
     assert packed_networks(packed) == (True, True, True)
+    assert [sum(p.numel() for p in m.parameters()) for m in (packed.unet, packed.vae)] == [
+        sum(p.numel() for p in m.parameters()) for m in (plain.unet, plain.vae)
+    ]
     assert packed_networks(plain) == (False, False, False)
     assert packed_networks(weights.load(sd1_dir, dtype=torch.float32)) == (False,) * 3
 
@@ -183,9 +183,8 @@ def test_load_packs_bf16_cpu_models_and_keeps_their_output(sd1_dir):
 
 def test_a_packed_geglu_fuses_its_gate_and_keeps_its_projection_a_linear_layer():
     torch.manual_seed(0)
-    plain = GEGLU(16, 32).to(torch.bfloat16)
-    packed = copy.deepcopy(plain)
-    assert prepack.pack(packed) == 1 and isinstance(packed, PackedGEGLU)
+    plain, packed = plain_and_packed(lambda: GEGLU(16, 32).to(torch.bfloat16))
+    assert isinstance(packed, PackedGEGLU)
     x = torch.randn(2, 50, 16, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     exact = (lambda v, g: v * F.gelu(g))(
         *F.linear(x.float(), plain.proj.weight.float(), plain.proj.bias.float()).chunk(2, -1)
@@ -197,7 +196,13 @@ def test_a_packed_geglu_fuses_its_gate_and_keeps_its_projection_a_linear_layer()
         assert (fused - exact).abs().max() <= (reference - exact).abs().max()
         torch.testing.assert_close(fused, reference, atol=0.03, rtol=0.02)
         assert torch.equal(packed.proj(x), plain.proj(x))  # still the whole projection
+    assert packed.state_dict().keys() == plain.state_dict().keys()
     assert torch.equal(packed.state_dict()["proj.weight"], plain.proj.weight)
+    # The gate half is a parameter too, so a packed model counts every weight.
+    assert sum(p.numel() for p in packed.parameters()) == sum(p.numel() for p in plain.parameters())
+    packed.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"prepack\.unpack"):
+        packed(x)
     assert prepack.unpack(packed) == 1
     assert type(packed) is GEGLU and type(packed.proj) is nn.Linear
     assert not hasattr(packed.proj, "gate_weight")

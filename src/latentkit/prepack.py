@@ -46,11 +46,17 @@ class _Packed:
     weight: nn.Parameter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runs_packed(x):
+            return self._packed_forward(x)
         if not self.weight.is_mkldnn:
             return super().forward(x)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return self._forward_with_gradient(x)
-        return self._packed_forward(x)
+        return self._forward_with_gradient(x)
+
+    def runs_packed(self, x: torch.Tensor) -> bool:
+        """Whether a call on ``x`` runs the packed kernel: the weight is packed and no
+        gradient is wanted (the packed kernels have no backward)."""
+        wants_gradient = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        return self.weight.is_mkldnn and not wants_gradient
 
     def _forward_with_gradient(self, x: torch.Tensor) -> torch.Tensor:
         # The packed kernels have no backward: gradients for the input go through the dense
@@ -126,9 +132,13 @@ class PackedLinear(_Packed, nn.Linear):
 
 class PackedGEGLUProjection(PackedLinear):
     """A GEGLU's projection, its value and gate halves packed apart: still an ``nn.Linear``
-    whose output is both halves, and what lets :class:`PackedGEGLU` fuse the gate."""
+    whose output is both halves, and what lets :class:`PackedGEGLU` fuse the gate.
 
-    gate_weight: torch.Tensor  # the packed gate half; ``weight`` holds the value half
+    ``weight`` holds the value half and the parameter ``gate_weight`` the gate half, so the
+    parameters still count every weight; the state dict shows the two joined as ``weight``.
+    """
+
+    gate_weight: nn.Parameter
     value_bias: torch.Tensor | None
     gate_bias: torch.Tensor | None
 
@@ -151,7 +161,8 @@ class PackedGEGLUProjection(PackedLinear):
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor:
         value, gate = weight.chunk(2, dim=0)
-        self.gate_weight = torch.ops.mkldnn._reorder_linear_weight(gate.contiguous())
+        gate = torch.ops.mkldnn._reorder_linear_weight(gate.contiguous())
+        self.gate_weight = nn.Parameter(gate, requires_grad=False)
         halves = (None, None) if self.bias is None else self.bias.detach().chunk(2)
         self.value_bias, self.gate_bias = (None if h is None else h.contiguous() for h in halves)
         return torch.ops.mkldnn._reorder_linear_weight(value.contiguous())
@@ -160,8 +171,13 @@ class PackedGEGLUProjection(PackedLinear):
         return torch.cat([self.weight.to_dense(), self.gate_weight.to_dense()])
 
     def _release_packed(self) -> None:
-        for name in ("gate_weight", "value_bias", "gate_bias"):
+        self._parameters.pop("gate_weight", None)
+        for name in ("value_bias", "gate_bias"):
             self.__dict__.pop(name, None)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "gate_weight", None)  # inside ``weight`` there
 
 
 class PackedGEGLU(GEGLU):
@@ -171,10 +187,9 @@ class PackedGEGLU(GEGLU):
     proj: PackedGEGLUProjection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self.proj.weight.is_mkldnn
-        if packed and not (torch.is_grad_enabled() and x.requires_grad):
+        if self.proj.runs_packed(x):
             return self.proj.gated(x)
-        return super().forward(x)
+        return super().forward(x)  # the projection's own dense path (or its refusal)
 
 
 _PACKED = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear}
@@ -188,9 +203,9 @@ def pack(module: nn.Module) -> int:
     packed = 0
     for layer in list(module.modules()):
         if type(layer) is GEGLU and type(layer.proj) is nn.Linear:
-            packed += _pack_as(layer.proj, PackedGEGLUProjection)
-            if isinstance(layer.proj, PackedGEGLUProjection):
+            if _pack_as(layer.proj, PackedGEGLUProjection):
                 layer.__class__ = PackedGEGLU
+                packed += 1
         elif type(layer) in _PACKED:
             packed += _pack_as(layer, _PACKED[type(layer)])
     if packed:
@@ -212,14 +227,15 @@ def unpack(module: nn.Module) -> int:
     """Turn every packed layer under ``module`` back into a plain ``nn.Conv2d`` or
     ``nn.Linear`` (for training, or for ``torch.compile``, which packs weights its own
     way); returns how many."""
-    layers = [m for m in module.modules() if isinstance(m, _Packed)]
-    for layer in layers:
-        _dense_weight(layer)
-        layer.__class__ = _PLAIN[type(layer)]
-    for geglu in module.modules():
-        if isinstance(geglu, PackedGEGLU):
-            geglu.__class__ = GEGLU
-    return len(layers)
+    unpacked = 0
+    for layer in list(module.modules()):
+        if isinstance(layer, PackedGEGLU):
+            layer.__class__ = GEGLU  # its projection is met next, as a _Packed layer
+        elif isinstance(layer, _Packed):
+            _dense_weight(layer)
+            layer.__class__ = _PLAIN[type(layer)]
+            unpacked += 1
+    return unpacked
 
 
 def is_packed(module: nn.Module) -> bool:

@@ -115,7 +115,7 @@ def load(
 def _laid_out(
     components: Components, channels_last: bool | None, prepack: bool | None
 ) -> Components:
-    """``components`` with NHWC convolutions and packed conv weights if asked, or by default
+    """``components`` with NHWC convolutions and packed weights if asked, or by default
     where they are faster."""
     weight = next(components.unet.parameters())
     if channels_last is None:
