@@ -315,6 +315,9 @@ def parent(args: argparse.Namespace) -> None:
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         sys.exit(f"unknown dtype {unknown[0]!r}; valid: {', '.join(DTYPES)}.")
+    for name in ("repeats", "rounds"):
+        if getattr(args, name) < 1:
+            sys.exit(f"--{name} is {getattr(args, name)}; it must be at least 1.")
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         if args.model is None:
             args.model = str(Path(tmp) / "sd15-random")
