@@ -281,6 +281,7 @@ def _combined(rounds: list[dict | None]) -> dict | None:
     return dict(
         rounds[0],
         seconds=statistics.median(r["seconds"] for r in rounds),
+        round_seconds=[r["seconds"] for r in rounds],
         peak_kib=largest("peak_kib"),
         working_kib=largest("working_kib"),
         cuda=largest("cuda"),
@@ -291,11 +292,20 @@ def _spread(ratios: list[float]) -> str:
     return f"  rounds {min(ratios):.3f}-{max(ratios):.3f}" if len(ratios) > 1 else ""
 
 
+def print_rounds(ours: dict | None, ref: dict | None) -> None:
+    """Each round's seconds per side, in the order they ran, when there were rounds."""
+    if ours is None or ref is None or len(ours["round_seconds"]) < 2:
+        return
+    times = [" ".join(f"{s:.2f}" for s in side["round_seconds"]) for side in (ours, ref)]
+    print(f"{'':>7}rounds: ours {times[0]} / reference {times[1]}", flush=True)
+
+
 def bench_size(args, size: int, dtypes: list[str], auto: str, images: Path) -> None:
     rows: dict[str, tuple[dict | None, dict | None]] = {}
     for dname in dtypes:
         rows[dname], ratios = measure_rounds(args, ("latentkit", "reference"), size, dname, images)
         print_row(size, dname, *rows[dname], _spread(ratios))
+        print_rounds(*rows[dname])
     if auto not in rows:  # latentkit's default dtype was not among those asked for
         (ours,), _ = measure_rounds(args, ("latentkit",), size, auto, images)
         rows[auto] = (ours, None)

@@ -322,10 +322,11 @@ class Transformer2DModel(nn.Module):
             hidden = _to_tokens(self.proj_in(hidden))
         for block in self.transformer_blocks:
             hidden = block(hidden, context)
+        layout = _memory_format(x)
         if self.use_linear_projection:
-            hidden = _to_map(self.proj_out(hidden), h, w)
+            hidden = _to_map(self.proj_out(hidden), h, w, layout)
         else:
-            hidden = self.proj_out(_to_map(hidden, h, w))
+            hidden = self.proj_out(_to_map(hidden, h, w, layout))
         return x + hidden
 
 
@@ -338,6 +339,15 @@ def _to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
 
 
-def _to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+def _to_map(tokens: torch.Tensor, h: int, w: int, layout: torch.memory_format) -> torch.Tensor:
+    """Tokens back to a [b, c, h, w] map in ``layout``: a view, not a copy, when that is
+    channels-last (the tokens are already laid out so)."""
     b, _, c = tokens.shape
-    return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+    return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """Channels-last when ``x`` is laid out so (and not also plainly contiguous)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
