@@ -23,7 +23,7 @@ from latentkit.memory import (
 from latentkit.models.clip import CLIPTextModel
 from latentkit.models.unet import UNet2DConditionModel
 from latentkit.models.vae import AutoencoderKL
-from latentkit.nn import Attention, SpatialAttention
+from latentkit.nn import Attention, SpatialAttention, Transformer2DModel
 from latentkit.pipeline import GenerateOptions
 from latentkit.tiling import blend_ramps, decode_tiled, encode_tiled, tile_starts
 
@@ -205,6 +205,31 @@ def test_channels_last_and_slicing_keep_the_unet_output():
         torch.testing.assert_close(
             components.unet(x, t, context), reference(x, t, context), atol=1e-5, rtol=0
         )
+
+
+def test_spatial_transformers_keep_a_channels_last_map_channels_last():
+    # The tokens go back to a map as a view in the input's layout: a channels-last U-Net
+    # never copies its transformers' outputs into the plain layout, and gives the same output.
+    components = tiny_components()
+    reference = copy.deepcopy(components.unet)
+    optimize(components, channels_last=True)
+    layouts = []
+
+    def record(module, inputs):
+        layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+
+    for module in components.unet.modules():
+        if isinstance(module, Transformer2DModel):
+            assert isinstance(module.proj_out, torch.nn.Conv2d)  # SD 1.x: the map goes in
+            module.proj_out.register_forward_pre_hook(record)
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([10.0, 500.0])
+    with torch.inference_mode():
+        out = components.unet(x_last, t, context)
+        torch.testing.assert_close(out, reference(x, t, context), atol=1e-5, rtol=0)
+    assert layouts and all(layouts)
 
 
 # --- estimate and check ---------------------------------------------------------------------
