@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from latentkit.errors import ConfigError
-from latentkit.train.negatives import NegativeCaptions, check_groups
+from latentkit.train.negatives import MirroredCaptions, NegativeCaptions, check_groups
 
 GROUPS = (
     ("red", "orange", "blue"),
@@ -74,3 +74,44 @@ def test_bad_groups_are_one_sentence(groups, words):
         check_groups(groups)
     message = str(err.value)
     assert words in message and "\n" not in message and message.endswith(".")
+
+
+# --- mirrored captions ----------------------------------------------------------------------
+
+UPSIDE_DOWN = (("top|upper", "bottom|lower"), ("above|over", "below|under|beneath"))
+LEFT_RIGHT = (("left", "right"),)
+
+
+@pytest.mark.parametrize(
+    ("groups", "caption", "mirrored"),
+    [
+        (
+            UPSIDE_DOWN,
+            "a red circle in the top left corner",
+            "a red circle in the bottom left corner",
+        ),
+        (LEFT_RIGHT, "a red circle in the top left corner", "a red circle in the top right corner"),
+        (LEFT_RIGHT, "a star left of a circle", "a star right of a circle"),
+        (LEFT_RIGHT, "at the left, a large yellow star", "at the right, a large yellow star"),
+        (UPSIDE_DOWN, "a disc under a star, upper half", "a disc over a star, lower half"),
+        (UPSIDE_DOWN, "a disc beneath a star", "a disc above a star"),  # no third spelling
+        (UPSIDE_DOWN, "a star below an upper circle", "a star above a lower circle"),
+    ],
+)
+def test_mirrored_caption_swaps_every_word_of_the_axis(groups, caption, mirrored):
+    assert MirroredCaptions(groups, "mirror")(caption) == mirrored
+
+
+def test_mirroring_twice_gives_the_caption_back_and_no_words_give_none():
+    mirror = MirroredCaptions(UPSIDE_DOWN, "mirror_vertical")
+    caption = "a small blue square above a red star in the upper half"
+    assert mirror(mirror(caption)) == caption
+    assert mirror("a red circle left of a blue square") is None
+
+
+def test_mirror_groups_need_exactly_two_meanings():
+    with pytest.raises(ConfigError) as err:
+        MirroredCaptions((("top", "middle", "bottom"),), "mirror_vertical")
+    message = str(err.value)
+    assert message.startswith("mirror_vertical: ") and "exactly two meanings" in message
+    assert "\n" not in message and message.endswith(".")

@@ -15,6 +15,14 @@ every negative; no image is the answer for a negative, so the text-to-image loss
 usual one. A negative depends only on its caption and the step, so resuming and the number
 of processes do not change it.
 
+With ``mirror_horizontal`` / ``mirror_vertical`` (word pairs, see ``negatives.py``) each
+image whose caption has a word of an axis also joins the batch flipped across that axis,
+with its caption's words of that axis swapped (one axis, drawn from the caption and the
+step, when both apply). The pair differs only in where things are, so towers that ignore
+places cannot tell its halves apart; the plain contrastive loss over the enlarged batch is
+all it takes. Held-out, ``mirror_accuracy`` is the fraction of images that score their
+caption above its mirrored caption (chance 0.5).
+
 Captions are tokenized without an attention mask, as Stable Diffusion feeds its text
 encoder: the text tower is causal and pools the first end token, so padding after it
 changes nothing the loss sees, and the U-Net later gets states computed the same way.
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +54,7 @@ from ..module_io import build_loaded
 from ..safetensors_io import read_safetensors, write_safetensors
 from .loop import LoaderPhase
 from .metrics import chance_top1, fixed_batches, retrieval_accuracy
-from .negatives import NegativeCaptions, WordGroups, check_groups
+from .negatives import MirroredCaptions, NegativeCaptions, WordGroups, check_groups
 
 # The full model's own folder: our CLIPConfig as JSON beside the CLIPModel state dict.
 CLIP_CONFIG, CLIP_WEIGHTS = "config.json", "model.safetensors"
@@ -63,7 +72,9 @@ class CLIPRecipe(DictForm):
     Captions are cut to ``context_length`` tokens, start and end included (77 for SD).
     ``init_seed`` fixes the initial weights without touching the global random state.
     ``hard_negative_groups`` (word groups, see ``negatives.py``) turns on hard negatives;
-    empty (the default) trains plain CLIP.
+    ``mirror_horizontal`` and ``mirror_vertical`` (pairs of meanings that trade places when
+    the image is flipped left-right or upside down, e.g. ``[["left", "right"]]``) add
+    mirrored pairs; empty (the defaults) trains plain CLIP.
     """
 
     model: CLIPConfig = field(default_factory=CLIPConfig)
@@ -74,9 +85,13 @@ class CLIPRecipe(DictForm):
     context_length: int = 77
     init_seed: int = 0
     hard_negative_groups: WordGroups = ()
+    mirror_horizontal: WordGroups = ()
+    mirror_vertical: WordGroups = ()
 
     def __post_init__(self) -> None:
         check_groups(self.hard_negative_groups)
+        for key in _MIRROR_DIMS:
+            MirroredCaptions(getattr(self, key), key)  # its checks, at configuration time
         _require(bool(self.data_path), "data_path is empty; give the training pairs' folder.")
         _require(
             self.data.caption_dropout == 0,
@@ -94,6 +109,9 @@ class CLIPRecipe(DictForm):
 
 
 _require = functools.partial(require, owner="CLIPRecipe")
+
+# Which image dimension each mirror setting flips: width, height of [..., H, W].
+_MIRROR_DIMS = {"mirror_horizontal": -1, "mirror_vertical": -2}
 
 
 def text_encoder_config(config: CLIPConfig) -> TextConfig:
@@ -120,6 +138,11 @@ class CLIPPhase(LoaderPhase):
             self.clip = CLIPModel(recipe.model)
         groups = recipe.hard_negative_groups
         self.negatives = NegativeCaptions(groups) if groups else None
+        self.mirrors = {
+            dim: MirroredCaptions(getattr(recipe, key), key)
+            for key, dim in _MIRROR_DIMS.items()
+            if getattr(recipe, key)
+        }
         self._eval: dict[str, torch.Tensor] | None = None
 
     def modules(self) -> dict[str, nn.Module]:
@@ -129,7 +152,7 @@ class CLIPPhase(LoaderPhase):
 
     def training_batch(self, batch: dict) -> dict:
         pairs = self._pairs(batch)
-        if self.negatives is not None:
+        if self.negatives is not None or self.mirrors:
             pairs["captions"] = list(batch["captions"])
         return pairs
 
@@ -145,10 +168,13 @@ class CLIPPhase(LoaderPhase):
 
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         self.clip.clamp_logit_scale()  # after the previous step's update, before this use
-        ids = batch["input_ids"]
+        ids, pixels = batch["input_ids"], batch["pixels"]
         negatives, owners = self._negatives(batch.get("captions"), step, ids.device)
+        mirrored: list[int] = []
+        if self.mirrors:
+            ids, pixels, mirrored = self._with_mirrored(batch["captions"], ids, pixels, step)
         n = len(ids)
-        logits = self.nets["clip"](torch.cat([ids, negatives]), batch["pixels"])
+        logits = self.nets["clip"](torch.cat([ids, negatives]), pixels)
         per_image = logits.logits_per_image.float()  # [n, n + number of negatives]
         per_text = per_image[:, :n].t()
         targets = torch.arange(n, device=per_image.device)
@@ -161,6 +187,8 @@ class CLIPPhase(LoaderPhase):
         }
         if self.negatives is not None:
             metrics["negative_accuracy"] = _prefers_true(per_image, owners)
+        if self.mirrors:
+            metrics["mirror_accuracy"] = _tells_mirrors_apart(per_image[:, :n], mirrored)
         return loss, metrics
 
     def _negatives(self, captions, step: int, device) -> tuple[torch.Tensor, list[int]]:
@@ -168,11 +196,37 @@ class CLIPPhase(LoaderPhase):
         (none without ``hard_negative_groups`` or words of theirs)."""
         made = [] if self.negatives is None else [self.negatives(c, step) for c in captions]
         owners = [i for i, text in enumerate(made) if text is not None]
-        if not owners:
-            empty = torch.zeros(0, self.recipe.context_length, dtype=torch.long)
-            return empty.to(device), owners
-        ids = self.tokenizer([made[i] for i in owners])["input_ids"]
-        return ids.to(device), owners
+        return self._token_ids([made[i] for i in owners], device), owners
+
+    def _token_ids(self, texts: list[str], device) -> torch.Tensor:
+        """Padded token ids [len(texts), context_length], also for no texts at all."""
+        if not texts:
+            return torch.zeros(0, self.recipe.context_length, dtype=torch.long, device=device)
+        return self.tokenizer(texts)["input_ids"].to(device)
+
+    def _with_mirrored(self, captions, ids, pixels, step: int):
+        """The batch with its mirrored pairs appended (see the module docstring), and for
+        each appended pair the index of the one it mirrors."""
+        images, texts, owners = [], [], []
+        for i, caption in enumerate(captions):
+            mirrored = self._mirror(caption, step)
+            if mirrored is not None:
+                dim, text = mirrored
+                images.append(pixels[i].flip(dim))
+                texts.append(text)
+                owners.append(i)
+        if not texts:
+            return ids, pixels, owners
+        added = self._token_ids(texts, ids.device)
+        return torch.cat([ids, added]), torch.cat([pixels, torch.stack(images)]), owners
+
+    def _mirror(self, caption: str, step: int) -> tuple[int, str] | None:
+        """(the image dimension to flip, the mirrored caption), one axis drawn from the
+        caption and the step among those whose words it has; None when it has none."""
+        options = [(d, text) for d, m in self.mirrors.items() if (text := m(caption)) is not None]
+        if not options:
+            return None
+        return options[random.Random(f"{step}:{caption}").randrange(len(options))]
 
     # --- evaluation -----------------------------------------------------------------------
 
@@ -209,11 +263,13 @@ class CLIPPhase(LoaderPhase):
             "t2i_top5": t2i[5],
             "chance_top1": chance_top1(labels),
         }
-        owners = held_out["negative_owners"]
-        if owners:
-            negative = F.normalize(self.clip.get_text_features(held_out["negatives"].to(device)))
-            scores = torch.cat([image @ text.t(), image @ negative.float().cpu().t()], dim=1)
-            metrics["negative_accuracy"] = _prefers_true(scores, owners)
+        for name in ("negative", "mirror"):
+            owners = held_out[f"{name}_owners"]
+            if owners:
+                other = self.clip.get_text_features(held_out[f"{name}_ids"].to(device))
+                other = F.normalize(other.float(), dim=-1).cpu()
+                scores = torch.cat([image @ text.t(), image @ other.t()], dim=1)
+                metrics[f"{name}_accuracy"] = _prefers_true(scores, owners)
         return metrics
 
     def _held_out(self) -> dict[str, torch.Tensor] | None:
@@ -229,9 +285,12 @@ class CLIPPhase(LoaderPhase):
                 parts.append(self._pairs(batch))
             ids = torch.cat([p["input_ids"] for p in parts])
             negatives, owners = self._negatives(captions, 0, torch.device("cpu"))
+            mirrored = [(i, m[1]) for i, c in enumerate(captions) if (m := self._mirror(c, 0))]
             self._eval = {
-                "negatives": negatives,
+                "negative_ids": negatives,
                 "negative_owners": owners,
+                "mirror_ids": self._token_ids([text for _, text in mirrored], "cpu"),
+                "mirror_owners": [i for i, _ in mirrored],
                 "pixels": torch.cat([p["pixels"] for p in parts]),
                 "input_ids": ids,
                 "labels": torch.unique(ids, dim=0, return_inverse=True)[1],
@@ -264,6 +323,21 @@ def _prefers_true(logits_per_image: torch.Tensor, owners: list[int]) -> float:
     true = logits_per_image[rows, rows]
     negative = logits_per_image[rows, n + torch.arange(len(owners), device=rows.device)]
     return float(((true > negative).float() + 0.5 * (true == negative).float()).mean())
+
+
+def _tells_mirrors_apart(logits_per_image: torch.Tensor, owners: list[int]) -> float:
+    """In-batch: the fraction of mirrored pairs' images (both halves) that score their own
+    caption above their mirror's; the mirrors are the last ``len(owners)`` rows and columns.
+    Ties count half, so guessing scores 0.5."""
+    if not owners:
+        return float("nan")
+    first = torch.tensor(owners, device=logits_per_image.device)
+    second = (
+        logits_per_image.shape[0] - len(owners) + torch.arange(len(owners), device=first.device)
+    )
+    rows, other = torch.cat([first, second]), torch.cat([second, first])
+    true, mirror = logits_per_image[rows, rows], logits_per_image[rows, other]
+    return float(((true > mirror).float() + 0.5 * (true == mirror).float()).mean())
 
 
 def _check_tokenizer(text: TextConfig, tokenizer: CLIPTokenizer) -> None:

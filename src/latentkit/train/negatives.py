@@ -1,4 +1,5 @@
-"""Hard negative captions for CLIP: the same sentence with one fact changed.
+"""Caption edits for CLIP: hard negatives (the same sentence with one fact changed) and the
+captions of mirrored images.
 
 A CLIP trained only against the other captions of its batch can tell "a red circle" from
 "a blue square on a grey background" by a bag of words; nothing asks it to tell "a red
@@ -16,6 +17,11 @@ its group, the group drawn first so that rare kinds of fact (a place) are change
 as common ones (colours). Words are matched whole and case-insensitively; punctuation stays
 where it was, and an article before a changed word becomes "a" or "an" to suit it, so that
 no negative gives itself away by its grammar alone.
+
+Mirroring (``MirroredCaptions``) is the image-side counterpart: an image flipped across one
+axis, captioned with every word of that axis's pairs swapped ("top left" -> "bottom left"
+for an upside-down flip, "A left of B" -> "A right of B" for a left-right one). A batch
+that holds both images needs towers that see places, since nothing else tells them apart.
 """
 
 from __future__ import annotations
@@ -31,10 +37,14 @@ WordGroups = tuple[tuple[str, ...], ...]
 _TOKEN = re.compile(r"^(\W*)(.*?)(\W*)$")
 
 
-def check_groups(groups: WordGroups) -> None:
+def check_groups(groups: WordGroups, key: str = "hard_negative_groups") -> None:
     """Each group needs two meanings; each meaning at least one spelling, each spelling one
     word; and no spelling may stand for two meanings (in one group or in two), else a
-    "negative" could say the same as its caption."""
+    "negative" could say the same as its caption. ``key`` names the setting in errors."""
+
+    def _bad_groups(problem: str) -> None:
+        raise ConfigError(f"{key}: {problem}.")
+
     owner: dict[str, tuple[int, int]] = {}
     for g, group in enumerate(groups):
         if len(group) < 2:
@@ -48,10 +58,6 @@ def check_groups(groups: WordGroups) -> None:
                     _bad_groups(f"{spelling!r} is not one word; list single words, in two groups")
                 if owner.setdefault(spelling, (g, m)) != (g, m):
                     _bad_groups(f"the word {spelling!r} stands for two meanings; give it one")
-
-
-def _bad_groups(problem: str) -> None:
-    raise ConfigError(f"hard_negative_groups: {problem}.")
 
 
 def _spellings(meaning: str) -> list[str]:
@@ -95,6 +101,41 @@ class NegativeCaptions:
             words[i] = _respell(words[i], word)
             if i > 0 and _bare(words[i - 1]) in ("a", "an"):
                 words[i - 1] = _respell(words[i - 1], _article(word, words[i - 1]))
+        return " ".join(words)
+
+
+class MirroredCaptions:
+    """The caption of an image mirrored across one axis, from that axis's word pairs.
+
+    Each group is two meanings that trade places in the mirror (``("top|upper",
+    "bottom|lower")``); every word of a group becomes the other meaning's spelling at the
+    same index, or its first when it has fewer ("upper" -> "lower", "beneath" -> "above").
+    """
+
+    def __init__(self, groups: WordGroups, key: str):
+        check_groups(groups, key)
+        odd = [list(group) for group in groups if len(group) != 2]
+        if odd:
+            raise ConfigError(f"{key}: the group {odd[0]} needs exactly two meanings to mirror.")
+        self.counterpart: dict[str, str] = {}
+        for group in groups:
+            pair = [_spellings(meaning) for meaning in group]
+            for side, other in ((pair[0], pair[1]), (pair[1], pair[0])):
+                for index, spelling in enumerate(side):
+                    self.counterpart[spelling] = other[index] if index < len(other) else other[0]
+
+    def __call__(self, caption: str) -> str | None:
+        """The mirrored caption; ``None`` when no word of the groups occurs in it (the
+        mirrored image would then be another picture of the same caption)."""
+        words = caption.split()
+        changed = [i for i, word in enumerate(words) if _bare(word) in self.counterpart]
+        if not changed:
+            return None
+        for i in changed:
+            swapped = self.counterpart[_bare(words[i])]
+            words[i] = _respell(words[i], swapped)
+            if i > 0 and _bare(words[i - 1]) in ("a", "an"):
+                words[i - 1] = _respell(words[i - 1], _article(swapped, words[i - 1]))
         return " ".join(words)
 
 
