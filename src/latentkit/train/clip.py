@@ -322,13 +322,13 @@ def _prefers_true(logits_per_image: torch.Tensor, owners: list[int]) -> float:
     n = logits_per_image.shape[0]
     true = logits_per_image[rows, rows]
     negative = logits_per_image[rows, n + torch.arange(len(owners), device=rows.device)]
-    return float(((true > negative).float() + 0.5 * (true == negative).float()).mean())
+    return _win_rate(true, negative)
 
 
 def _tells_mirrors_apart(logits_per_image: torch.Tensor, owners: list[int]) -> float:
     """In-batch: the fraction of mirrored pairs' images (both halves) that score their own
     caption above their mirror's; the mirrors are the last ``len(owners)`` rows and columns.
-    Ties count half, so guessing scores 0.5."""
+    Ties count half, as in ``_prefers_true``."""
     if not owners:
         return float("nan")
     first = torch.tensor(owners, device=logits_per_image.device)
@@ -336,8 +336,12 @@ def _tells_mirrors_apart(logits_per_image: torch.Tensor, owners: list[int]) -> f
         logits_per_image.shape[0] - len(owners) + torch.arange(len(owners), device=first.device)
     )
     rows, other = torch.cat([first, second]), torch.cat([second, first])
-    true, mirror = logits_per_image[rows, rows], logits_per_image[rows, other]
-    return float(((true > mirror).float() + 0.5 * (true == mirror).float()).mean())
+    return _win_rate(logits_per_image[rows, rows], logits_per_image[rows, other])
+
+
+def _win_rate(true: torch.Tensor, other: torch.Tensor) -> float:
+    """How often ``true`` scores above ``other``, a tie counting half."""
+    return float(((true > other).float() + 0.5 * (true == other).float()).mean())
 
 
 def _check_tokenizer(text: TextConfig, tokenizer: CLIPTokenizer) -> None:
