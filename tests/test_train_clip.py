@@ -17,7 +17,13 @@ from latentkit.data.shapes import write_dataset
 from latentkit.errors import ConfigError
 from latentkit.models.clip import contrastive_loss
 from latentkit.train import TrainConfig, checkpoint, train
-from latentkit.train.clip import CLIPPhase, CLIPRecipe, _prefers_true, load_clip
+from latentkit.train.clip import (
+    CLIPPhase,
+    CLIPRecipe,
+    _prefers_true,
+    _tells_mirrors_apart,
+    load_clip,
+)
 from latentkit.train.metrics import chance_top1, retrieval_accuracy
 from latentkit.train.plot import read_records
 from latentkit.weights import load_text_encoder, load_tokenizer
@@ -291,3 +297,11 @@ def test_negative_accuracy_counts_a_tie_as_half():
     logits = torch.tensor([[3.0, 0.0, 1.0, 0.0], [0.0, 2.0, 0.0, 2.0]])
     assert _prefers_true(logits, [0, 1]) == 0.75  # image 0 wins, image 1 ties
     assert math.isnan(_prefers_true(logits[:, :2], []))
+
+
+def test_mirror_accuracy_scores_both_halves_of_each_pair():
+    # Images 0 and 1, then image 2: the mirror of image 0 (so caption 2 mirrors caption 0).
+    logits = torch.tensor([[3.0, 0.0, 1.0], [0.0, 2.0, 0.0], [1.0, 0.0, 1.0]])
+    # Image 0 prefers caption 0 over 2 (win); image 2 ties between captions 2 and 0 (half).
+    assert _tells_mirrors_apart(logits, [0]) == 0.75
+    assert math.isnan(_tells_mirrors_apart(logits[:2, :2], []))
