@@ -305,3 +305,11 @@ def test_mirror_accuracy_scores_both_halves_of_each_pair():
     # Image 0 prefers caption 0 over 2 (win); image 2 ties between captions 2 and 0 (half).
     assert _tells_mirrors_apart(logits, [0]) == 0.75
     assert math.isnan(_tells_mirrors_apart(logits[:2, :2], []))
+
+
+def test_a_word_mirrored_along_both_axes_is_one_sentence(shapes):
+    with pytest.raises(ConfigError) as err:
+        recipe(shapes, mirror_horizontal=(("left", "right"),), mirror_vertical=(("top", "left"),))
+    message = str(err.value)
+    assert "'left' is in both mirror_horizontal and mirror_vertical" in message
+    assert "\n" not in message
