@@ -195,6 +195,36 @@ def test_config_errors_are_one_sentence():
     assert lr_factor(cosine, 10) == pytest.approx(0.1)
 
 
+class TwoRatePhase(ToyPhase):
+    """The toy MLP with its output layer on a learning rate of its own (``rates``)."""
+
+    def __init__(self, rates, **kwargs):
+        super().__init__(**kwargs)
+        self.rates = rates
+
+    def modules(self):
+        return {"net": self.net, "head": self.net[2]}  # the head is inside net too
+
+    def learning_rates(self):
+        return self.rates
+
+
+def test_a_module_rate_applies_to_its_parameters_alone(tmp_path):
+    slow = 0.0001  # AdamW moves a weight by about lr a step
+    phase = TwoRatePhase({"net": slow})
+    hidden = phase.net[0].weight.detach().clone()
+    train(phase, config(steps=4, warmup_steps=0), tmp_path / "a", progress=False)
+    assert 0 < (phase.net[0].weight - hidden).abs().max() <= 4 * slow * 1.01
+    # A parameter two modules hold learns at the rate of the first listed: here the head's
+    # own rate never applies, since net (at the run's 0.05) lists it first.
+    phase = TwoRatePhase({"head": slow})
+    head = phase.net[2].weight.detach().clone()
+    train(phase, config(steps=4, warmup_steps=0), tmp_path / "b", progress=False)
+    assert (phase.net[2].weight - head).abs().max() > 100 * 4 * slow
+    with pytest.raises(LatentkitError, match="learning rates for tail, which the phase does not"):
+        train(TwoRatePhase({"tail": 0.1}), config(), tmp_path / "c", progress=False)
+
+
 # --- exact resume -------------------------------------------------------------------------
 
 

@@ -301,6 +301,28 @@ def test_train_text_encoder_trains_its_layers_only(world, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_text_encoder_lr_is_the_text_layers_own(world, tmp_path):
+    slow = 1e-6  # AdamW moves a weight by about lr a step: 4e-6 in 4 steps at most
+    phase = UNetPhase(recipe(world, train_text_encoder=True, text_encoder_lr=slow))
+    text_before = {k: v.clone() for k, v in phase.text_encoder.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in phase.unet.state_dict().items()}
+    train(phase, config(steps=4, warmup_steps=0), tmp_path, progress=False)
+    saved = load(tmp_path / "weights")
+    layers = [k for k in text_before if k.startswith(("text_model.encoder.", "text_model.final"))]
+    text_moves = [(saved.text_encoder.state_dict()[k] - text_before[k]).abs().max() for k in layers]
+    assert 0 < max(text_moves) <= 4 * slow * 1.01
+    unet_moves = [(v - unet_before[k]).abs().max() for k, v in saved.unet.state_dict().items()]
+    assert max(unet_moves) > 100 * 4 * slow  # the U-Net learned at the run's lr (2e-3)
+
+
+def test_text_encoder_lr_needs_the_text_layers_training(world):
+    with pytest.raises(ConfigError, match="train_text_encoder is false") as err:
+        recipe(world, text_encoder_lr=1e-4)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="text_encoder_lr is -0.1; it must be positive"):
+        recipe(world, train_text_encoder=True, text_encoder_lr=-0.1)
+
+
 def test_fresh_text_layers_restart_the_layers_and_keep_the_embeddings(world):
     clip_state = UNetPhase(recipe(world)).text_encoder.state_dict()
     fresh = recipe(world, train_text_encoder=True, fresh_text_layers=True)
@@ -352,11 +374,17 @@ class StoppingPhase(UNetPhase):
         return super().loss(batch, step)
 
 
-@pytest.mark.parametrize("train_text_encoder", [False, True], ids=["unet", "unet+text"])
-def test_resume_is_exact(world, tmp_path, train_text_encoder):
+@pytest.mark.parametrize(
+    "train_text_encoder, text_encoder_lr",
+    [(False, None), (True, None), (True, 3e-4)],
+    ids=["unet", "unet+text", "unet+text-own-lr"],
+)
+def test_resume_is_exact(world, tmp_path, train_text_encoder, text_encoder_lr):
     steps = 6  # 4 batches an epoch: the resumed half crosses into epoch 1
     settings = config(steps=steps, checkpoint_every=3, ema_decay=0.9)
-    run_recipe = recipe(world, train_text_encoder=train_text_encoder)
+    run_recipe = recipe(
+        world, train_text_encoder=train_text_encoder, text_encoder_lr=text_encoder_lr
+    )
     straight = tmp_path / "straight"
     train(UNetPhase(run_recipe), settings, straight, progress=False)
     halves = tmp_path / "halves"

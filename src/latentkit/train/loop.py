@@ -85,6 +85,11 @@ class Phase(abc.ABC):
         """Called once before training; override to move frozen modules to ``world.device``."""
         self.world, self.nets = world, nets
 
+    def learning_rates(self) -> dict[str, float]:
+        """Learning rates of named modules that differ from the run's ``lr`` (none, by
+        default). The warm-up and the decay scale every module's rate alike."""
+        return {}
+
     def bad_samples(self) -> BadSampleLog | None:
         """The bad-sample log of this rank's training data, which the loop adds up over the
         ranks and reports at the end; None (the default) when the phase reads no files."""
@@ -237,7 +242,7 @@ class _Trainer:
         phase.bind(world, distributed.wrap(self.modules, world))
         self.params = _unique_params(self.modules)
         self.optimizer = torch.optim.AdamW(
-            self.params,
+            _param_groups(self.modules, phase.learning_rates(), config.lr),
             lr=config.lr,
             betas=config.betas,
             weight_decay=config.weight_decay,
@@ -548,6 +553,30 @@ def _unique_params(modules: dict[str, nn.Module]) -> list[nn.Parameter]:
                 seen.add(id(param))
                 params.append(param)
     return params
+
+
+def _param_groups(
+    modules: dict[str, nn.Module], rates: dict[str, float], lr: float
+) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one for everything at ``lr`` when no module has a
+    rate of its own (the layout checkpoints without per-module rates hold), else one per
+    module, each parameter in the first group that names it."""
+    unknown = sorted(set(rates) - set(modules))
+    if unknown:
+        raise LatentkitError(
+            f"learning rates for {', '.join(unknown)}, which the phase does not train "
+            f"(it trains {', '.join(modules)})."
+        )
+    if not rates:
+        return [{"params": _unique_params(modules)}]
+    seen: set[int] = set()
+    groups = []
+    for name, module in modules.items():
+        params = [p for p in _unique_params({name: module}) if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            groups.append({"params": params, "lr": rates.get(name, lr)})
+    return groups
 
 
 def _check_loss(loss: Any) -> None:

@@ -84,6 +84,7 @@ class UNetRecipe(DictForm):
     and ``cache_latents`` then caches the VAE's latents only. ``fresh_text_layers``
     re-initialises those layers first (seeded by ``init_seed``), keeping CLIP's embeddings;
     without ``train_text_encoder`` they then stay frozen at that random start.
+    ``text_encoder_lr`` gives those layers a learning rate of their own (None: the run's).
     """
 
     data_path: str = ""
@@ -98,6 +99,7 @@ class UNetRecipe(DictForm):
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
     train_text_encoder: bool = False
+    text_encoder_lr: float | None = None
     fresh_text_layers: bool = False
     cache_latents: bool = False
     cache_dir: str | None = None
@@ -121,6 +123,16 @@ class UNetRecipe(DictForm):
             not self.train_text_encoder or self.clip_skip == 1,
             f"clip_skip is {self.clip_skip}; train_text_encoder trains the last layer's "
             "output, so it needs clip_skip 1.",
+        )
+        _require(
+            self.text_encoder_lr is None or self.text_encoder_lr > 0,
+            f"text_encoder_lr is {self.text_encoder_lr}; it must be positive, or none for "
+            "the run's lr.",
+        )
+        _require(
+            self.text_encoder_lr is None or self.train_text_encoder,
+            "text_encoder_lr is set but train_text_encoder is false; set train_text_encoder "
+            "= true for the text layers to learn, or remove text_encoder_lr.",
         )
         _require(self.sample_steps >= 1, "sample_steps must be at least 1.")
         _require(self.sample_cfg >= 0, "sample_cfg must not be negative.")
@@ -202,6 +214,10 @@ class UNetPhase(LoaderPhase):
         if self.recipe.train_text_encoder:
             return {"unet": self.unet, "text_encoder": self.text_encoder}
         return {"unet": self.unet}
+
+    def learning_rates(self) -> dict[str, float]:
+        rate = self.recipe.text_encoder_lr
+        return {} if rate is None else {"text_encoder": rate}
 
     def bind(self, world, nets) -> None:
         super().bind(world, nets)
