@@ -45,6 +45,14 @@ def test_loads_by_name_and_makes_a_small_image():
     assert np.asarray(result.images[0], dtype=np.float32).std() > 5
 
 
+def test_generate_defaults_to_the_weights_dtype_and_device():
+    model = latentkit.load("shapes")  # as stored: fp16
+    assert (model.dtype, model.device) == (torch.float16, torch.device("cpu"))
+    result = run_to_result(generate(model, GenerateOptions("a red circle", steps=2, seed=0)))
+    assert result.latents.dtype == torch.float16  # not float32 inputs against fp16 weights
+    assert result.images[0].size == (64, 64)
+
+
 def test_its_scoring_clip_lives_beside_the_judge_and_shares_the_embedding():
     folder = shipped_folder("shapes")
     clip_folder = score_clip_folder(folder)

@@ -41,6 +41,16 @@ class Components:
         """The three networks by their diffusers folder names."""
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the U-Net computes in (its weights'): what generation uses by default."""
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the U-Net's weights are: where generation runs by default."""
+        return next(self.unet.parameters()).device
+
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         """Move (and/or cast) all three networks; returns self for chaining."""
         for module in self.modules().values():

@@ -49,15 +49,18 @@ def interpolation_frames(
     frames: int,
     seed_to: int | None = None,
     prompt_to: str | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[Image.Image]:
-    """``frames`` pictures from (options.prompt, options.seed) to (prompt_to, seed_to)."""
+    """``frames`` pictures from (options.prompt, options.seed) to (prompt_to, seed_to);
+    ``device`` and ``dtype`` default to the U-Net's, as in :func:`generate`."""
     if frames < 2:
         raise ConfigError(f"interpolation needs at least 2 frames, got {frames}.")
     if seed_to is None and prompt_to is None:
         raise ConfigError("give a second seed or a second prompt to interpolate towards.")
     options = dataclasses.replace(options, n=1)
+    device = components.device if device is None else device
+    dtype = components.dtype if dtype is None else dtype
     width, height = image_size(components, options)
     shape = latent_shape(components, (width, height), 1)
     noise_a = draw_noise(shape, seeded_generators(options.seed, 1))

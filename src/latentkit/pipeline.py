@@ -186,18 +186,22 @@ def generate(
     *,
     init_image: Image.Image | None = None,
     mask: Image.Image | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
     noise: torch.Tensor | None = None,
     contexts: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> Iterator[Step | Result]:
     """Yield a :class:`Step` per denoising step, then one :class:`Result` with the images.
+
+    ``device`` and ``dtype`` default to the U-Net's (``components.device``/``.dtype``).
 
     Stop iterating to cancel: the sampler stops at its next step. ``noise`` (unit-variance
     initial noise of the latent shape) and ``contexts`` ((cond, uncond) text contexts, already
     batched) replace the seed's noise and the prompts' encoding: interpolation uses them.
     """
     options.validate()
+    device = components.device if device is None else device
+    dtype = components.dtype if dtype is None else dtype
     width, height = image_size(components, options)
     check_fits(
         components, options, device, dtype, vae_tile=DECODE_TILE if options.vae_tiling else None
