@@ -51,6 +51,12 @@ class Components:
         """Where the U-Net's weights are: where generation runs by default."""
         return next(self.unet.parameters()).device
 
+    def placement(
+        self, device: str | torch.device | None, dtype: torch.dtype | None
+    ) -> tuple[str | torch.device, torch.dtype]:
+        """``device`` and ``dtype`` with None standing for the U-Net's own."""
+        return (self.device if device is None else device, self.dtype if dtype is None else dtype)
+
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         """Move (and/or cast) all three networks; returns self for chaining."""
         for module in self.modules().values():

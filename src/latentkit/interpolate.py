@@ -59,8 +59,7 @@ def interpolation_frames(
     if seed_to is None and prompt_to is None:
         raise ConfigError("give a second seed or a second prompt to interpolate towards.")
     options = dataclasses.replace(options, n=1)
-    device = components.device if device is None else device
-    dtype = components.dtype if dtype is None else dtype
+    device, dtype = components.placement(device, dtype)
     width, height = image_size(components, options)
     shape = latent_shape(components, (width, height), 1)
     noise_a = draw_noise(shape, seeded_generators(options.seed, 1))

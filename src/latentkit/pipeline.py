@@ -200,8 +200,7 @@ def generate(
     batched) replace the seed's noise and the prompts' encoding: interpolation uses them.
     """
     options.validate()
-    device = components.device if device is None else device
-    dtype = components.dtype if dtype is None else dtype
+    device, dtype = components.placement(device, dtype)
     width, height = image_size(components, options)
     check_fits(
         components, options, device, dtype, vae_tile=DECODE_TILE if options.vae_tiling else None

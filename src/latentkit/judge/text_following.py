@@ -152,11 +152,12 @@ def evaluate_text_following(
     settings: EvalSettings,
     *,
     clip=None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
     on_prompt: Callable[[int, int], None] | None = None,
 ) -> tuple[dict, list[Image.Image], list[str]]:
-    """Generate ``per_prompt`` images for each prompt of the split and score them.
+    """Generate ``per_prompt`` images for each prompt of the split and score them
+    (``device`` and ``dtype``: the U-Net's unless given, as in ``generate``).
 
     Returns the report (a JSON-ready dict), the images in prompt order and the prompts.
     ``clip`` (a CLIPModel) adds the CLIP score; without it the score is None.
