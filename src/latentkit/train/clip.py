@@ -54,7 +54,13 @@ from ..module_io import build_loaded
 from ..safetensors_io import read_safetensors, write_safetensors
 from .loop import LoaderPhase
 from .metrics import chance_top1, fixed_batches, retrieval_accuracy
-from .negatives import MirroredCaptions, NegativeCaptions, WordGroups, check_groups
+from .negatives import (
+    MirroredCaptions,
+    NegativeCaptions,
+    WordGroups,
+    check_groups,
+    check_mirror_axes,
+)
 
 # The full model's own folder: our CLIPConfig as JSON beside the CLIPModel state dict.
 CLIP_CONFIG, CLIP_WEIGHTS = "config.json", "model.safetensors"
@@ -92,12 +98,7 @@ class CLIPRecipe(DictForm):
         check_groups(self.hard_negative_groups)
         for key in _MIRROR_DIMS:
             MirroredCaptions(getattr(self, key), key)  # its checks, at configuration time
-        both = sorted(_words(self.mirror_horizontal) & _words(self.mirror_vertical))
-        if both:
-            raise ConfigError(
-                f"CLIPRecipe: the word {both[0]!r} is in both mirror_horizontal and "
-                "mirror_vertical; a word names a place along one axis, so list it in one."
-            )
+        check_mirror_axes(self.mirror_horizontal, self.mirror_vertical)
         _require(bool(self.data_path), "data_path is empty; give the training pairs' folder.")
         _require(
             self.data.caption_dropout == 0,
@@ -118,12 +119,6 @@ _require = functools.partial(require, owner="CLIPRecipe")
 
 # Which image dimension each mirror setting flips: width, height of [..., H, W].
 _MIRROR_DIMS = {"mirror_horizontal": -1, "mirror_vertical": -2}
-
-
-def _words(groups: WordGroups) -> set[str]:
-    return {
-        word.strip().lower() for group in groups for meaning in group for word in meaning.split("|")
-    }
 
 
 def text_encoder_config(config: CLIPConfig) -> TextConfig:
