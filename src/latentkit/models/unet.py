@@ -390,8 +390,8 @@ class UNet2DConditionModel(nn.Module):
                 m.capture = prev
 
 
-__all__ = ["CrossAttentionCallback", "UNet2DConditionModel"]
-
-
 def _with_list_copies(block: nn.Module, *args):
     return block(*(list(a) if isinstance(a, list) else a for a in args))
+
+
+__all__ = ["CrossAttentionCallback", "UNet2DConditionModel"]
