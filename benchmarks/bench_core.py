@@ -87,6 +87,18 @@ def cases(ours: dict, ref: dict, dtype: torch.dtype, device: str):
     return rows
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtypes(text: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The comma list's dtype names; an unknown one ends the script with one sentence."""
+    names = text.split(",")
+    unknown = [n for n in names if n not in DTYPES]
+    if unknown:
+        parser.error(f"unknown dtype {unknown[0]!r}; valid: {', '.join(DTYPES)}.")
+    return names
+
+
 def time_pair(ours: Callable, ref: Callable, repeats: int, device: str) -> tuple[float, float]:
     def once(fn: Callable) -> float:
         if device == "cuda":
@@ -114,11 +126,10 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     default = "fp32,fp16,bf16" if device == "cuda" else "fp32,bf16"
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
     print(f"{'case':<22}{'dtype':<7}{'latentkit s':>12}{'reference s':>13}{'ratio':>8}")
-    for dname in (args.dtypes or default).split(","):
-        dtype = dtypes[dname]
+    for dname in parse_dtypes(args.dtypes or default, parser):
+        dtype = DTYPES[dname]
         ref = reference_models(dtype, device)
         ours = our_models(ref, dtype, device)
         for name, ours_fn, ref_fn in cases(ours, ref, dtype, device):

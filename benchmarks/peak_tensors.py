@@ -17,7 +17,7 @@ import argparse
 import weakref
 
 import torch
-from bench_core import cases, our_models, reference_models
+from bench_core import DTYPES, cases, our_models, parse_dtypes, reference_models
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -74,12 +74,12 @@ def main() -> None:
     parser.add_argument("--only", choices=["unet", "vae", "text"], default=None)
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list: fp32,bf16,fp16")
     args = parser.parse_args()
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    names = parse_dtypes(args.dtypes, parser)
     print(f"{'case':<22}{'dtype':<7}{'latentkit MiB':>14}{'reference MiB':>15}{'ratio':>8}")
-    for name in args.dtypes.split(","):
-        ref = reference_models(dtypes[name], "cpu")
-        ours = our_models(ref, dtypes[name], "cpu")
-        for case, ours_fn, ref_fn in cases(ours, ref, dtypes[name], "cpu"):
+    for name in names:
+        ref = reference_models(DTYPES[name], "cpu")
+        ours = our_models(ref, DTYPES[name], "cpu")
+        for case, ours_fn, ref_fn in cases(ours, ref, DTYPES[name], "cpu"):
             if args.only and not case.startswith(args.only):
                 continue
             a, b = peak_mib(ours_fn), peak_mib(ref_fn)
