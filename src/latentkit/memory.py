@@ -365,8 +365,8 @@ def optimize(
       and cuDNN (tensor cores) often run faster, False back in NCHW; results equal to
       float rounding. None keeps the layout ``load`` chose (see ``prefers_channels_last``).
     - ``prepack``: True packs bf16 CPU weights once for oneDNN (``latentkit.prepack``: the
-      same numbers, 14-33% less time per U-Net step), False unpacks them (for
-      training). None keeps what ``load`` chose (packed for bf16 on a CPU).
+      same numbers within bf16 rounding, 14-33% less time per U-Net step), False unpacks
+      them (for training). None keeps what ``load`` chose (packed for bf16 on a CPU).
     - ``compile``: ``torch.compile`` the U-Net (the module keeps its type and state-dict
       keys; packed weights are unpacked first, as inductor packs its own). The first call
       at each new size or batch compiles for a long while (minutes for SD on a CPU) and
