@@ -23,7 +23,14 @@ from latentkit.models.unet import UNet2DConditionModel
 from latentkit.models.vae import AutoencoderKL
 from latentkit.pipeline import GenerateOptions, generate, run_to_result
 from latentkit.train import TrainConfig, World, checkpoint, read_records, train
-from latentkit.train.unet import UNetPhase, UNetRecipe, diffusion_loss, min_snr_weight
+from latentkit.train.unet import (
+    UNetPhase,
+    UNetRecipe,
+    diffusion_loss,
+    min_snr_weight,
+    mirror_shortfall,
+    state_distance,
+)
 from latentkit.weights import Components, load, save_diffusers
 
 SIZE = 32
@@ -321,6 +328,67 @@ def test_text_encoder_lr_needs_the_text_layers_training(world):
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="text_encoder_lr is -0.1; it must be positive"):
         recipe(world, train_text_encoder=True, text_encoder_lr=-0.1)
+
+
+MIRRORS = dict(
+    mirror_horizontal=(("left", "right"),),
+    mirror_vertical=(("top", "bottom"), ("above", "below")),
+)
+PLACES = ["a red circle in the top left corner", "a blue star above a green square"]
+MIRRORED = ["a red circle in the bottom left corner", "a blue star below a green square"]
+
+
+def test_mirror_shortfall_is_the_mean_gap_below_the_margin():
+    states = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    near = states + 0.01
+    assert torch.equal(state_distance(states, states), torch.zeros(3))
+    assert torch.allclose(state_distance(2 * states, 2 * near), state_distance(states, near))
+    far = -states  # each state twice its length away: a distance of 2 a token, 10 in all
+    assert torch.allclose(state_distance(states, far), torch.full((3,), 10.0), rtol=0.1)
+    assert float(mirror_shortfall(states, far, margin=5.0)) == 0.0
+    gap = 1 - state_distance(states, far) / 20.0
+    assert torch.allclose(mirror_shortfall(states, far, margin=20.0), gap.mean())
+
+
+def mirror_distance(phase: UNetPhase) -> float:
+    with torch.no_grad():
+        states = phase.text_encoder(phase.tokenizer(PLACES + MIRRORED)["input_ids"])
+    states = states.last_hidden_state
+    return float(state_distance(states[:2], states[2:]).mean())
+
+
+def test_mirror_margin_keeps_the_text_layers_telling_captions_from_their_mirrors(world, tmp_path):
+    distances = {}
+    for margin in (0.0, 1000.0):
+        phase = UNetPhase(
+            recipe(
+                world, train_text_encoder=True, mirror_margin=margin, mirror_weight=10.0, **MIRRORS
+            )
+        )
+        before = mirror_distance(phase)
+        train(phase, config(steps=6), tmp_path / str(margin), progress=False)
+        distances[margin] = mirror_distance(phase)
+        records = read_records(tmp_path / str(margin) / "metrics.jsonl")
+        logged = [r["metrics"] for r in records if "metrics" in r]
+        assert all(("mirror_shortfall" in m) == bool(margin) for m in logged) and logged
+    # Pushed apart with a margin far above any distance; left to the U-Net's gradient without.
+    assert distances[1000.0] > 1.5 * max(before, distances[0.0])
+
+
+def test_mirror_margin_settings_are_checked(world):
+    with pytest.raises(ConfigError, match="train_text_encoder is false") as err:
+        recipe(world, mirror_margin=10.0, **MIRRORS)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="mirror_horizontal and mirror_vertical are empty"):
+        recipe(world, train_text_encoder=True, mirror_margin=10.0)
+    with pytest.raises(ConfigError, match="mirror_margin is -1.0"):
+        recipe(world, train_text_encoder=True, mirror_margin=-1.0, **MIRRORS)
+    with pytest.raises(ConfigError, match="'top' is in both"):
+        recipe(
+            world, mirror_horizontal=(("top", "right"),), mirror_vertical=MIRRORS["mirror_vertical"]
+        )
+    with pytest.raises(ConfigError, match="needs exactly two meanings"):
+        recipe(world, mirror_vertical=(("top", "middle", "bottom"),))
 
 
 def test_fresh_text_layers_restart_the_layers_and_keep_the_embeddings(world):

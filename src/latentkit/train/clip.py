@@ -98,7 +98,7 @@ class CLIPRecipe(DictForm):
         check_groups(self.hard_negative_groups)
         for key in _MIRROR_DIMS:
             MirroredCaptions(getattr(self, key), key)  # its checks, at configuration time
-        check_mirror_axes(self.mirror_horizontal, self.mirror_vertical)
+        check_mirror_axes(self.mirror_horizontal, self.mirror_vertical, "CLIPRecipe")
         _require(bool(self.data_path), "data_path is empty; give the training pairs' folder.")
         _require(
             self.data.caption_dropout == 0,

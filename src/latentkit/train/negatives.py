@@ -60,12 +60,12 @@ def check_groups(groups: WordGroups, key: str = "hard_negative_groups") -> None:
                     _bad_groups(f"the word {spelling!r} stands for two meanings; give it one")
 
 
-def check_mirror_axes(horizontal: WordGroups, vertical: WordGroups) -> None:
+def check_mirror_axes(horizontal: WordGroups, vertical: WordGroups, owner: str) -> None:
     """A word names a place along one axis: listed under both, each flip would swap it."""
     both = sorted(_all_spellings(horizontal) & _all_spellings(vertical))
     if both:
         raise ConfigError(
-            f"CLIPRecipe: the word {both[0]!r} is in both mirror_horizontal and "
+            f"{owner}: the word {both[0]!r} is in both mirror_horizontal and "
             "mirror_vertical; a word names a place along one axis, so list it in one."
         )
 

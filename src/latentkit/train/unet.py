@@ -69,6 +69,7 @@ from ..models.clip import reset_text_layers
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet2DConditionModel
 from .loop import LoaderPhase
+from .negatives import MirroredCaptions, WordGroups, check_mirror_axes
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,9 @@ class UNetRecipe(DictForm):
     re-initialises those layers first (seeded by ``init_seed``), keeping CLIP's embeddings;
     without ``train_text_encoder`` they then stay frozen at that random start.
     ``text_encoder_lr`` gives those layers a learning rate of their own (None: the run's).
+    ``mirror_margin`` (0: off) keeps the training text layers telling each caption from
+    its mirrored captions (``mirror_horizontal`` / ``mirror_vertical``: word pairs, as
+    CLIP's recipe takes them): see :func:`mirror_shortfall`, weighted by ``mirror_weight``.
     """
 
     data_path: str = ""
@@ -101,6 +105,10 @@ class UNetRecipe(DictForm):
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None
     fresh_text_layers: bool = False
+    mirror_horizontal: WordGroups = ()
+    mirror_vertical: WordGroups = ()
+    mirror_margin: float = 0.0
+    mirror_weight: float = 0.1
     cache_latents: bool = False
     cache_dir: str | None = None
     init_seed: int = 0
@@ -134,6 +142,7 @@ class UNetRecipe(DictForm):
             "text_encoder_lr is set but train_text_encoder is false; set train_text_encoder "
             "= true for the text layers to learn, or remove text_encoder_lr.",
         )
+        self._check_mirrors()
         _require(self.sample_steps >= 1, "sample_steps must be at least 1.")
         _require(self.sample_cfg >= 0, "sample_cfg must not be negative.")
         _require(all(s >= 0 for s in self.sample_seeds), "sample_seeds must not be negative.")
@@ -148,6 +157,26 @@ class UNetRecipe(DictForm):
         _require(
             not self.cache_latents or self.data.crop == "center",
             "cache_latents needs data.crop = 'center', since a cached latent fixes its crop.",
+        )
+
+    def _check_mirrors(self) -> None:
+        for key in ("mirror_horizontal", "mirror_vertical"):
+            MirroredCaptions(getattr(self, key), key)  # its checks, at configuration time
+        check_mirror_axes(self.mirror_horizontal, self.mirror_vertical, "UNetRecipe")
+        _require(
+            self.mirror_margin >= 0 and self.mirror_weight > 0,
+            f"mirror_margin is {self.mirror_margin} and mirror_weight {self.mirror_weight}; "
+            "the margin must not be negative (0 is off) and the weight must be positive.",
+        )
+        _require(
+            not self.mirror_margin or self.train_text_encoder,
+            "mirror_margin is set but train_text_encoder is false; a frozen text encoder "
+            "keeps its states as they are, so set train_text_encoder = true or remove it.",
+        )
+        _require(
+            not self.mirror_margin or self.mirror_horizontal or self.mirror_vertical,
+            "mirror_margin is set but mirror_horizontal and mirror_vertical are empty; list "
+            'the word pairs that trade places, e.g. mirror_horizontal = [["left", "right"]].',
         )
 
     @classmethod
@@ -209,6 +238,14 @@ class UNetPhase(LoaderPhase):
         self.caches = open_caches(recipe, self.vae, self.text_encoder, self.tokenizer)
         if recipe.train_text_encoder:
             trainable_text_layers(self.text_encoder)
+        self.mirrors = [
+            MirroredCaptions(groups, key)
+            for key, groups in (
+                ("mirror_horizontal", recipe.mirror_horizontal),
+                ("mirror_vertical", recipe.mirror_vertical),
+            )
+            if groups and recipe.mirror_margin
+        ]
 
     def modules(self) -> dict[str, nn.Module]:
         if self.recipe.train_text_encoder:
@@ -232,10 +269,14 @@ class UNetPhase(LoaderPhase):
 
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         latents, context = self.encode(batch)
+        captions = batch["captions"]
+        pairs = [(i, m) for i, c in enumerate(captions) for f in self.mirrors if (m := f(c))]
         if self.recipe.train_text_encoder:
-            context = self._trained_contexts(batch["captions"], latents.device)
+            # One pass for the captions and their mirrors (one forward per step under DDP).
+            states = self._trained_contexts(captions + [m for _, m in pairs], latents.device)
+            context, mirrored = states[: len(captions)], states[len(captions) :]
         recipe = self.recipe
-        return diffusion_loss(
+        loss, metrics = diffusion_loss(
             self.nets["unet"],
             latents,
             context,
@@ -244,6 +285,14 @@ class UNetPhase(LoaderPhase):
             min_snr_gamma=recipe.min_snr_gamma,
             noise_offset=recipe.noise_offset,
         )
+        if self.mirrors:  # the metric on every step, so ranks log the same keys
+            shortfall = torch.zeros((), device=latents.device)
+            if pairs:
+                rows = torch.tensor([i for i, _ in pairs], device=latents.device)
+                shortfall = mirror_shortfall(context[rows], mirrored, recipe.mirror_margin)
+            loss = loss + recipe.mirror_weight * shortfall
+            metrics["mirror_shortfall"] = float(shortfall.detach())
+        return loss, metrics
 
     @torch.no_grad()
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -351,6 +400,27 @@ def diffusion_loss(
     if min_snr_gamma is not None:
         loss = mse * min_snr_weight(a.view(b), min_snr_gamma, prediction_type)
     return loss.mean(), {"mse": float(mse.detach().mean())}
+
+
+def mirror_shortfall(states: torch.Tensor, mirrored: torch.Tensor, margin: float) -> torch.Tensor:
+    """How far captions' text states [N, tokens, dim] fall short of ``margin`` from their
+    mirrored captions': the mean of ``max(0, 1 - distance / margin)``, differentiable.
+
+    A distance is summed over the tokens and measured in a state's mean norm, so it does
+    not change with the states' scale: 77 states each as far from their mirror as a state
+    is long give 77. The U-Net's gradient alone lets the text layers fold a caption onto
+    its mirror (in the shapes world "top left" and "bottom right" came to differ 20 times
+    less than two colours), after which no U-Net can tell where to draw; the shortfall
+    pushes back only while a pair is closer than the margin.
+    """
+    return (1 - state_distance(states, mirrored) / margin).clamp(min=0).mean()
+
+
+def state_distance(states: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Per caption, the distance between two sets of text states [N, tokens, dim]: summed
+    over the tokens, in units of ``states``' mean norm."""
+    states, other = states.float(), other.float()
+    return (states - other).norm(dim=-1).sum(-1) / states.norm(dim=-1).mean(-1)
 
 
 def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
