@@ -362,7 +362,9 @@ def test_mirror_margin_keeps_the_text_layers_telling_captions_from_their_mirrors
     for margin in (0.0, 1000.0):
         phase = UNetPhase(
             recipe(
-                world, train_text_encoder=True, mirror_margin=margin, mirror_weight=10.0, **MIRRORS
+                world,
+                train_text_encoder=True,
+                **(dict(mirror_margin=margin, mirror_weight=10.0, **MIRRORS) if margin else {}),
             )
         )
         before = mirror_distance(phase)
@@ -387,6 +389,8 @@ def test_mirror_margin_settings_are_checked(world):
         recipe(
             world, mirror_horizontal=(("top", "right"),), mirror_vertical=MIRRORS["mirror_vertical"]
         )
+    with pytest.raises(ConfigError, match="mirror_margin is 0, so they would do nothing"):
+        recipe(world, train_text_encoder=True, **MIRRORS)
     with pytest.raises(ConfigError, match="needs exactly two meanings"):
         recipe(world, mirror_vertical=(("top", "middle", "bottom"),))
 

@@ -59,7 +59,7 @@ from .negatives import (
     NegativeCaptions,
     WordGroups,
     check_groups,
-    check_mirror_axes,
+    mirror_captioners,
 )
 
 # The full model's own folder: our CLIPConfig as JSON beside the CLIPModel state dict.
@@ -94,11 +94,13 @@ class CLIPRecipe(DictForm):
     mirror_horizontal: WordGroups = ()
     mirror_vertical: WordGroups = ()
 
+    def mirror_captioners(self) -> dict[str, MirroredCaptions]:
+        """The mirrored-caption makers of ``mirror_horizontal`` / ``mirror_vertical``."""
+        return mirror_captioners(self.mirror_horizontal, self.mirror_vertical, "CLIPRecipe")
+
     def __post_init__(self) -> None:
         check_groups(self.hard_negative_groups)
-        for key in _MIRROR_DIMS:
-            MirroredCaptions(getattr(self, key), key)  # its checks, at configuration time
-        check_mirror_axes(self.mirror_horizontal, self.mirror_vertical, "CLIPRecipe")
+        self.mirror_captioners()  # their checks, at configuration time
         _require(bool(self.data_path), "data_path is empty; give the training pairs' folder.")
         _require(
             self.data.caption_dropout == 0,
@@ -146,9 +148,7 @@ class CLIPPhase(LoaderPhase):
         groups = recipe.hard_negative_groups
         self.negatives = NegativeCaptions(groups) if groups else None
         self.mirrors = {
-            dim: MirroredCaptions(getattr(recipe, key), key)
-            for key, dim in _MIRROR_DIMS.items()
-            if getattr(recipe, key)
+            _MIRROR_DIMS[key]: captioner for key, captioner in recipe.mirror_captioners().items()
         }
         self._eval: dict[str, torch.Tensor] | None = None
 

@@ -60,7 +60,18 @@ def check_groups(groups: WordGroups, key: str = "hard_negative_groups") -> None:
                     _bad_groups(f"the word {spelling!r} stands for two meanings; give it one")
 
 
-def check_mirror_axes(horizontal: WordGroups, vertical: WordGroups, owner: str) -> None:
+def mirror_captioners(
+    horizontal: WordGroups, vertical: WordGroups, owner: str
+) -> dict[str, MirroredCaptions]:
+    """The captioners of a recipe's ``mirror_horizontal`` and ``mirror_vertical`` pairs,
+    by setting name, those with pairs only; each checked, and no word on both axes."""
+    settings = {"mirror_horizontal": horizontal, "mirror_vertical": vertical}
+    captioners = {key: MirroredCaptions(groups, key) for key, groups in settings.items()}
+    _check_mirror_axes(horizontal, vertical, owner)
+    return {key: captioner for key, captioner in captioners.items() if settings[key]}
+
+
+def _check_mirror_axes(horizontal: WordGroups, vertical: WordGroups, owner: str) -> None:
     """A word names a place along one axis: listed under both, each flip would swap it."""
     both = sorted(_all_spellings(horizontal) & _all_spellings(vertical))
     if both:

@@ -69,7 +69,7 @@ from ..models.clip import reset_text_layers
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet2DConditionModel
 from .loop import LoaderPhase
-from .negatives import MirroredCaptions, WordGroups, check_mirror_axes
+from .negatives import MirroredCaptions, WordGroups, mirror_captioners
 
 
 @dataclass(frozen=True)
@@ -159,10 +159,12 @@ class UNetRecipe(DictForm):
             "cache_latents needs data.crop = 'center', since a cached latent fixes its crop.",
         )
 
+    def mirror_captioners(self) -> dict[str, MirroredCaptions]:
+        """The mirrored-caption makers of ``mirror_horizontal`` / ``mirror_vertical``."""
+        return mirror_captioners(self.mirror_horizontal, self.mirror_vertical, "UNetRecipe")
+
     def _check_mirrors(self) -> None:
-        for key in ("mirror_horizontal", "mirror_vertical"):
-            MirroredCaptions(getattr(self, key), key)  # its checks, at configuration time
-        check_mirror_axes(self.mirror_horizontal, self.mirror_vertical, "UNetRecipe")
+        pairs = self.mirror_captioners()  # their checks, at configuration time
         _require(
             self.mirror_margin >= 0 and self.mirror_weight > 0,
             f"mirror_margin is {self.mirror_margin} and mirror_weight {self.mirror_weight}; "
@@ -177,6 +179,11 @@ class UNetRecipe(DictForm):
             not self.mirror_margin or self.mirror_horizontal or self.mirror_vertical,
             "mirror_margin is set but mirror_horizontal and mirror_vertical are empty; list "
             'the word pairs that trade places, e.g. mirror_horizontal = [["left", "right"]].',
+        )
+        _require(
+            self.mirror_margin or not pairs,
+            "mirror word pairs are listed but mirror_margin is 0, so they would do nothing; "
+            "set a margin (e.g. 40.0) or remove them.",
         )
 
     @classmethod
@@ -238,14 +245,7 @@ class UNetPhase(LoaderPhase):
         self.caches = open_caches(recipe, self.vae, self.text_encoder, self.tokenizer)
         if recipe.train_text_encoder:
             trainable_text_layers(self.text_encoder)
-        self.mirrors = [
-            MirroredCaptions(groups, key)
-            for key, groups in (
-                ("mirror_horizontal", recipe.mirror_horizontal),
-                ("mirror_vertical", recipe.mirror_vertical),
-            )
-            if groups and recipe.mirror_margin
-        ]
+        self.mirrors = list(recipe.mirror_captioners().values())
 
     def modules(self) -> dict[str, nn.Module]:
         if self.recipe.train_text_encoder:
