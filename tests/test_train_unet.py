@@ -26,6 +26,7 @@ from latentkit.train import TrainConfig, World, checkpoint, read_records, train
 from latentkit.train.unet import (
     UNetPhase,
     UNetRecipe,
+    contrast_shortfall,
     diffusion_loss,
     min_snr_weight,
     mirror_shortfall,
@@ -389,10 +390,76 @@ def test_mirror_margin_settings_are_checked(world):
         recipe(
             world, mirror_horizontal=(("top", "right"),), mirror_vertical=MIRRORS["mirror_vertical"]
         )
-    with pytest.raises(ConfigError, match="mirror_margin is 0, so they would do nothing"):
+    with pytest.raises(ConfigError, match="mirror_contrast are 0, so they would do nothing"):
         recipe(world, train_text_encoder=True, **MIRRORS)
     with pytest.raises(ConfigError, match="needs exactly two meanings"):
         recipe(world, mirror_vertical=(("top", "middle", "bottom"),))
+
+
+def test_contrast_shortfall_is_the_log_ratio_gap_below_the_margin():
+    right = torch.tensor([1.0, 1.0, 2.0])
+    mirrored = torch.tensor([2.0, 1.1, 1.0])  # log ratios 0.693, 0.095, -0.693
+    shortfall, ratio = contrast_shortfall(right, mirrored, margin=0.5)  # log 1.5 = 0.405
+    expected = (torch.log(torch.tensor(1.5)) - torch.log(mirrored / right)).clamp(min=0)
+    torch.testing.assert_close(shortfall, expected.mean())
+    assert expected[0] == 0 and ratio == pytest.approx((2.0 + 1.1 + 0.5) / 3)
+    assert float(contrast_shortfall(right, 2 * right, margin=0.5)[0]) == 0.0
+    none, ratio = contrast_shortfall(torch.zeros(0), torch.zeros(0), margin=0.5)
+    assert float(none) == 0.0 and np.isnan(ratio)
+
+
+def test_contrast_rows_are_late_timesteps_and_capped(world):
+    phase = UNetPhase(recipe(world, mirror_contrast=0.2, mirror_contrast_from=500, **MIRRORS))
+    pairs = [(0, "a"), (1, "b"), (1, "c"), (3, "d"), (4, "e")]
+    t = torch.tensor([900, 100, 100, 700, 500])
+    assert phase._contrast_rows(pairs, t) == [(0, 0), (3, 3), (4, 4)]
+    phase.recipe = dataclasses.replace(phase.recipe, mirror_contrast_rows=2)
+    assert phase._contrast_rows(pairs, t) == [(0, 0), (3, 3)]
+
+
+def mirror_error_log_ratio(phase: UNetPhase, world) -> float:
+    """The U-Net's mean log(error from the mirrored caption / error from the true one) on
+    the dataset's first scenes with a mirror, at fixed noise and t = 800."""
+    mirrors = recipe(world, mirror_contrast=0.2, **MIRRORS).mirror_captioners().values()
+    scenes = [(p, p.with_suffix(".txt").read_text()) for p in sorted(world["data"].glob("*.png"))]
+    pairs = [(f, c, m) for f, c in scenes for mirror in mirrors if (m := mirror(c))][:8]
+    pixels = torch.stack([_pixels(f) for f, _, _ in pairs])
+    with torch.no_grad():
+        latents = phase.vae.scale_latents(phase.vae.encode(pixels).mean)
+        ids = phase.tokenizer([c for _, c, _ in pairs] + [m for _, _, m in pairs])["input_ids"]
+        states = phase.text_encoder(ids).last_hidden_state
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(5))
+        a = phase.alphas[800]
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        t = torch.full((2 * len(pairs),), 800)
+        prediction = phase.unet(torch.cat([noisy, noisy]), t, states)
+        errors = (prediction - torch.cat([noise, noise])).pow(2).mean(dim=(1, 2, 3))
+    return float((errors[len(pairs) :] / errors[: len(pairs)]).log().mean())
+
+
+def test_mirror_contrast_makes_the_unet_predict_worse_from_mirrored_captions(world, tmp_path):
+    gaps = {}
+    for contrast in (0.0, 1.0):
+        changes = dict(mirror_contrast=contrast, mirror_contrast_weight=10.0, **MIRRORS)
+        phase = UNetPhase(recipe(world, mirror_contrast_from=0, **(changes if contrast else {})))
+        train(phase, config(steps=30, lr=1e-2), tmp_path / str(contrast), progress=False)
+        records = read_records(tmp_path / str(contrast) / "metrics.jsonl")
+        logged = [r["metrics"] for r in records if "metrics" in r]
+        assert all(("contrast_shortfall" in m) == bool(contrast) for m in logged) and logged
+        gaps[contrast] = mirror_error_log_ratio(phase, world)
+    # A random tiny U-Net hardly uses its context; 30 steps with the contrast make it.
+    assert gaps[1.0] > 0.01 and gaps[1.0] > gaps[0.0] + 0.01
+
+
+def test_mirror_contrast_settings_are_checked(world):
+    with pytest.raises(ConfigError, match="mirror_contrast is -0.1") as err:
+        recipe(world, mirror_contrast=-0.1, **MIRRORS)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="mirror_contrast_rows 0"):
+        recipe(world, mirror_contrast=0.2, mirror_contrast_rows=0, **MIRRORS)
+    with pytest.raises(ConfigError, match="mirror_contrast is set but mirror_horizontal"):
+        recipe(world, mirror_contrast=0.2)
+    assert recipe(world, mirror_contrast=0.2, **MIRRORS).mirror_contrast == 0.2  # frozen text
 
 
 def test_fresh_text_layers_restart_the_layers_and_keep_the_embeddings(world):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,11 @@ class UNetRecipe(DictForm):
     ``mirror_margin`` (0: off) keeps the training text layers telling each caption from
     its mirrored captions (``mirror_horizontal`` / ``mirror_vertical``: word pairs, as
     CLIP's recipe takes them): see :func:`mirror_shortfall`, weighted by ``mirror_weight``.
+    ``mirror_contrast`` (0: off) asks the U-Net itself to predict worse from a mirrored
+    caption than from the true one, by that margin on the log of the error ratio, on at
+    most ``mirror_contrast_rows`` rows a step whose timestep is at least
+    ``mirror_contrast_from`` (where the layout is still open): see
+    :func:`contrast_shortfall`, weighted by ``mirror_contrast_weight``.
     """
 
     data_path: str = ""
@@ -109,6 +115,10 @@ class UNetRecipe(DictForm):
     mirror_vertical: WordGroups = ()
     mirror_margin: float = 0.0
     mirror_weight: float = 0.1
+    mirror_contrast: float = 0.0
+    mirror_contrast_weight: float = 0.05
+    mirror_contrast_rows: int = 8
+    mirror_contrast_from: int = 500
     cache_latents: bool = False
     cache_dir: str | None = None
     init_seed: int = 0
@@ -181,9 +191,25 @@ class UNetRecipe(DictForm):
             'the word pairs that trade places, e.g. mirror_horizontal = [["left", "right"]].',
         )
         _require(
-            self.mirror_margin or not pairs,
-            "mirror word pairs are listed but mirror_margin is 0, so they would do nothing; "
-            "set a margin (e.g. 40.0) or remove them.",
+            self.mirror_contrast >= 0
+            and self.mirror_contrast_weight > 0
+            and self.mirror_contrast_rows >= 1
+            and self.mirror_contrast_from >= 0,
+            f"mirror_contrast is {self.mirror_contrast}, mirror_contrast_weight "
+            f"{self.mirror_contrast_weight}, mirror_contrast_rows {self.mirror_contrast_rows} "
+            f"and mirror_contrast_from {self.mirror_contrast_from}; the margin must not be "
+            "negative (0 is off), the weight must be positive, at least one row, and the "
+            "timestep not negative.",
+        )
+        _require(
+            not self.mirror_contrast or self.mirror_horizontal or self.mirror_vertical,
+            "mirror_contrast is set but mirror_horizontal and mirror_vertical are empty; list "
+            'the word pairs that trade places, e.g. mirror_horizontal = [["left", "right"]].',
+        )
+        _require(
+            self.mirror_margin or self.mirror_contrast or not pairs,
+            "mirror word pairs are listed but mirror_margin and mirror_contrast are 0, so they "
+            "would do nothing; set a margin (e.g. mirror_margin = 40.0) or remove them.",
         )
 
     @classmethod
@@ -268,31 +294,59 @@ class UNetPhase(LoaderPhase):
         return {"pixels": batch["pixels"], "captions": batch["captions"], "keys": batch_keys(batch)}
 
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        recipe = self.recipe
         latents, context = self.encode(batch)
         captions = batch["captions"]
         pairs = [(i, m) for i, c in enumerate(captions) for f in self.mirrors if (m := f(c))]
-        if self.recipe.train_text_encoder:
+        mirrored = None
+        if recipe.train_text_encoder:
             # One pass for the captions and their mirrors (one forward per step under DDP).
             states = self._trained_contexts(captions + [m for _, m in pairs], latents.device)
             context, mirrored = states[: len(captions)], states[len(captions) :]
-        recipe = self.recipe
-        loss, metrics = diffusion_loss(
-            self.nets["unet"],
-            latents,
-            context,
-            self.alphas,
-            prediction_type=recipe.schedule.prediction_type,
-            min_snr_gamma=recipe.min_snr_gamma,
-            noise_offset=recipe.noise_offset,
+        elif pairs and recipe.mirror_contrast:
+            mirrored = self._contexts([m for _, m in pairs], latents.device)
+        noised = noise_latents(
+            latents, self.alphas, recipe.schedule.prediction_type, recipe.noise_offset
         )
-        if self.mirrors:  # the metric on every step, so ranks log the same keys
+        # The contrast's rows ride in the same U-Net forward as the batch (DDP allows one).
+        chosen = self._contrast_rows(pairs, noised.t)
+        extra = torch.tensor([i for i, _ in chosen], dtype=torch.long, device=latents.device)
+        errors = denoising_errors(
+            self.nets["unet"],
+            noised.with_rows(extra),
+            torch.cat([context, mirrored[[j for _, j in chosen]]]) if chosen else context,
+        )
+        errors, mirrored_errors = errors[: len(captions)], errors[len(captions) :]
+        loss = weighted_loss(errors, noised.alpha_bar, recipe.min_snr_gamma, noised.prediction_type)
+        metrics = {"mse": float(errors.detach().mean())}
+        if recipe.mirror_margin:  # the metrics on every step, so ranks log the same keys
             shortfall = torch.zeros((), device=latents.device)
             if pairs:
                 rows = torch.tensor([i for i, _ in pairs], device=latents.device)
                 shortfall = mirror_shortfall(context[rows], mirrored, recipe.mirror_margin)
             loss = loss + recipe.mirror_weight * shortfall
             metrics["mirror_shortfall"] = float(shortfall.detach())
+        if recipe.mirror_contrast:
+            shortfall, ratio = contrast_shortfall(
+                errors[extra], mirrored_errors, recipe.mirror_contrast
+            )
+            loss = loss + recipe.mirror_contrast_weight * shortfall
+            metrics["contrast_shortfall"] = float(shortfall.detach())
+            metrics["mirror_error_ratio"] = ratio
         return loss, metrics
+
+    def _contrast_rows(
+        self, pairs: list[tuple[int, str]], t: torch.Tensor
+    ) -> list[tuple[int, int]]:
+        """(batch row, index into the mirrored captions) of at most ``mirror_contrast_rows``
+        pairs whose timestep is at least ``mirror_contrast_from``; none when it is off."""
+        recipe = self.recipe
+        if not recipe.mirror_contrast:
+            return []
+        late = [
+            (i, j) for j, (i, _) in enumerate(pairs) if int(t[i]) >= recipe.mirror_contrast_from
+        ]
+        return late[: recipe.mirror_contrast_rows]
 
     @torch.no_grad()
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -363,6 +417,66 @@ class UNetPhase(LoaderPhase):
 # --- the objective ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class NoisedLatents:
+    """One batch's noisy latents ``x_t``, timesteps, alpha-bars and regression targets."""
+
+    noisy: torch.Tensor
+    t: torch.Tensor
+    alpha_bar: torch.Tensor  # [B]
+    target: torch.Tensor
+    prediction_type: str
+
+    def with_rows(self, rows: torch.Tensor) -> NoisedLatents:
+        """These latents with ``rows`` of them appended again (for a second caption)."""
+        if not len(rows):
+            return self
+        return NoisedLatents(
+            *(torch.cat([x, x[rows]]) for x in (self.noisy, self.t, self.alpha_bar, self.target)),
+            self.prediction_type,
+        )
+
+
+def noise_latents(
+    latents: torch.Tensor, alphas: torch.Tensor, prediction_type: str, noise_offset: float = 0.0
+) -> NoisedLatents:
+    """Noise ``latents`` at random timesteps (see the module docstring). ``alphas`` is the
+    schedule's alpha-bar on the latents' device. The noise offset (Guttenberg 2023) adds a
+    per-channel constant to the noise, so that the model learns to change an image's mean
+    brightness, which plain noise almost never asks of it."""
+    b, c = latents.shape[:2]
+    device = latents.device
+    noise = torch.randn(latents.shape)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(b, c, 1, 1)
+    t = torch.randint(0, len(alphas), (b,))
+    noise, t = noise.to(device), t.to(device)
+    a = alphas[t].view(b, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = a.sqrt() * noise - (1 - a).sqrt() * latents
+    else:  # "sample"
+        target = latents
+    return NoisedLatents(noisy, t, a.view(b), target, prediction_type)
+
+
+def denoising_errors(unet: nn.Module, noised: NoisedLatents, context: torch.Tensor) -> torch.Tensor:
+    """Per row, the mean squared error of the U-Net's prediction [B]."""
+    prediction = unet(noised.noisy, noised.t, context).float()
+    return (prediction - noised.target).pow(2).mean(dim=(1, 2, 3))
+
+
+def weighted_loss(
+    errors: torch.Tensor, alpha_bar: torch.Tensor, min_snr_gamma: float | None, prediction_type: str
+) -> torch.Tensor:
+    """The batch's loss: the rows' errors, min-SNR-gamma weighted when a gamma is given."""
+    if min_snr_gamma is not None:
+        errors = errors * min_snr_weight(alpha_bar, min_snr_gamma, prediction_type)
+    return errors.mean()
+
+
 def diffusion_loss(
     unet: nn.Module,
     latents: torch.Tensor,
@@ -373,33 +487,31 @@ def diffusion_loss(
     min_snr_gamma: float | None = None,
     noise_offset: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The denoising loss of one batch at random timesteps (see the module docstring).
+    """The denoising loss of one batch at random timesteps, and its unweighted mean error."""
+    noised = noise_latents(latents, alphas, prediction_type, noise_offset)
+    errors = denoising_errors(unet, noised, context)
+    loss = weighted_loss(errors, noised.alpha_bar, min_snr_gamma, prediction_type)
+    return loss, {"mse": float(errors.detach().mean())}
 
-    ``alphas`` is the schedule's alpha-bar on the latents' device. The noise offset
-    (Guttenberg 2023) adds a per-channel constant to the noise, so that the model learns
-    to change an image's mean brightness, which plain noise almost never asks of it.
+
+def contrast_shortfall(
+    right: torch.Tensor, mirrored: torch.Tensor, margin: float
+) -> tuple[torch.Tensor, float]:
+    """How far the U-Net's errors from mirrored captions fall short of being ``margin``
+    (on the log of the ratio) above its errors from the true captions, on the same noisy
+    latents: the mean of ``max(0, log(1 + margin) - log(mirrored / right))``, and the
+    mean ratio itself (NaN without rows).
+
+    At high noise the layout is still open, so a U-Net that reads a place word predicts
+    the scene's latents better from its caption than from the caption naming the opposite
+    place (``scripts/probe_words.py`` measures that ratio). The plain loss rewards this
+    only through the small weight it gives high noise; the shortfall asks for it.
     """
-    b, c = latents.shape[:2]
-    device = latents.device
-    noise = torch.randn(latents.shape)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn(b, c, 1, 1)
-    t = torch.randint(0, len(alphas), (b,))
-    noise, t = noise.to(device), t.to(device)
-    a = alphas[t].view(b, 1, 1, 1)
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    prediction = unet(noisy, t, context).float()
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = a.sqrt() * noise - (1 - a).sqrt() * latents
-    else:  # "sample"
-        target = latents
-    mse = (prediction - target).pow(2).mean(dim=(1, 2, 3))
-    loss = mse
-    if min_snr_gamma is not None:
-        loss = mse * min_snr_weight(a.view(b), min_snr_gamma, prediction_type)
-    return loss.mean(), {"mse": float(mse.detach().mean())}
+    if not len(right):
+        return right.new_zeros(()), float("nan")
+    gap = mirrored.clamp(min=1e-12).log() - right.clamp(min=1e-12).log()
+    shortfall = (math.log1p(margin) - gap).clamp(min=0).mean()
+    return shortfall, float(gap.detach().exp().mean())
 
 
 def mirror_shortfall(states: torch.Tensor, mirrored: torch.Tensor, margin: float) -> torch.Tensor:
