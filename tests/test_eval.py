@@ -18,6 +18,7 @@ from latentkit.data import shapes
 from latentkit.errors import ConfigError, WeightsError
 from latentkit.judge.text_following import (
     REPORT_KEYS,
+    by_kind,
     frechet_distance,
     gaussian_frechet,
     load_score_clip,
@@ -143,6 +144,21 @@ def test_clip_keeps_its_own_text_layers_when_the_text_encoder_was_trained_on(tmp
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+def test_by_kind_scores_one_and_two_object_prompts_apart():
+    scenes = prompt_scenes("held-out", 12)
+    expected = [s.attributes() for s in scenes]
+    read = copy.deepcopy(expected)
+    for attrs in read:  # every one-object picture in the wrong colour, pairs right
+        if attrs["count"] == 1:
+            first = attrs["objects"][0]
+            first["colour"] = "red" if first["colour"] != "red" else "blue"
+    kinds = by_kind(read, expected)
+    assert kinds["one_object"]["colour"] == 0.0 and kinds["one_object"]["shape"] == 1.0
+    assert all(v == 1.0 for v in kinds["two_objects"].values())
+    only_pairs = [e for e in expected if e["count"] == 2]
+    assert by_kind(only_pairs, only_pairs)["one_object"] is None
+
+
 # --- the command --------------------------------------------------------------------------
 
 
@@ -172,6 +188,11 @@ def test_eval_writes_report_and_grid(sd1_dir, tmp_path, capsys):
     assert report["clip_score"] is None and "unavailable" in text
     assert report["frechet_distance"] >= 0
     assert len(report["by_prompt"]) == 3
+    kinds = [report["by_kind"][k] for k in ("one_object", "two_objects")]
+    assert all(k is None or set(k) == set(REPORT_KEYS) for k in kinds) and any(kinds)
+    order = report["two_object_order"]
+    assert order is None or sum(order.values()) == pytest.approx(1.0)
+    assert "1 object" in text and "2 objects" in text
     assert (out / "grid.png").is_file()
     for key in REPORT_KEYS:
         assert key in text

@@ -16,7 +16,7 @@ from latentkit.judge import ATTRIBUTES, Judge, load_judge, read_attributes, save
 from latentkit.judge.data import Augment, labels, make_batch, object_labels
 from latentkit.judge.evaluate import evaluate
 from latentkit.judge.model import HEAD_VOCAB, default_vocab
-from latentkit.judge.read import canonical, held_out_of
+from latentkit.judge.read import canonical, held_out_of, order_fractions, pair_order
 
 ASSETS = files("latentkit") / "assets" / "judge"
 
@@ -177,6 +177,29 @@ def test_score_wrong_count_fails_objects_but_not_background():
     result = score(two_read, one)
     assert result["background"]
     assert not any(result[k] for k in ATTRIBUTES if k != "background")
+
+
+def test_pair_order_tells_a_pair_drawn_the_wrong_way_round():
+    attrs = scene_attrs(5, count=2)
+    assert pair_order(reading(attrs), attrs) == "in_order"
+    swapped = reading(attrs)  # the same words, the two objects exchanged on the canvas
+    swapped["objects"].reverse()
+    assert pair_order(swapped, attrs) == "swapped"
+    assert not score(swapped, attrs)["all"] and score(swapped, attrs)["position_or_relation"]
+    said_the_other_way = reading(attrs)  # "B below A" for "A above B": the same picture
+    said_the_other_way["objects"].reverse()
+    said_the_other_way["relation"] = shapes.INVERSE[attrs["relation"]]
+    assert pair_order(said_the_other_way, attrs) == "in_order"
+    twins = reading(attrs)  # both objects alike: no way round is better than the other
+    twins["objects"][1] = {**twins["objects"][1], **{
+        k: twins["objects"][0][k] for k in ("colour", "shape")
+    }}  # fmt: skip
+    assert pair_order(twins, attrs) == "undecided"
+    one = scene_attrs(3, count=1)
+    assert pair_order(reading(one), one) is None and pair_order(reading(attrs), one) is None
+    fractions = order_fractions([reading(attrs), swapped, reading(one)], [attrs, attrs, one])
+    assert fractions == {"in_order": 0.5, "swapped": 0.5, "undecided": 0.0}
+    assert order_fractions([reading(one)], [one]) is None
 
 
 # --- training data ---------------------------------------------------------------------

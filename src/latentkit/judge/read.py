@@ -163,3 +163,35 @@ def accuracy(predicted: list[dict], expected: list[dict]) -> dict[str, float]:
         raise ValueError("accuracy needs equally many, and some, predictions and expectations.")
     scores = [score(p, e) for p, e in zip(predicted, expected, strict=True)]
     return {key: sum(s[key] for s in scores) / len(scores) for key in scores[0]}
+
+
+PAIR_ORDERS = ("in_order", "swapped", "undecided")
+
+
+def pair_order(predicted: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """Whether a two-object picture holds the prompt's objects in the prompt's order:
+    "in_order" when more of the slots' colours and shapes agree in order than swapped,
+    "swapped" when fewer (the pair drawn the wrong way round: blue above red for "red
+    above blue"), "undecided" on a tie; None unless both name two objects. Which way
+    round a pair is drawn is what a relation's direction asks, and ``score`` shows it
+    only through the slots' shape and colour."""
+    if predicted["count"] != 2 or expected["count"] != 2:
+        return None
+    drawn = canonical(predicted)["objects"]
+    asked = canonical(expected)["objects"]
+
+    def agreeing(order: list[dict]) -> int:
+        slots = zip(drawn, order, strict=True)
+        return sum(p[key] == e[key] for p, e in slots for key in ("colour", "shape"))
+
+    straight, crossed = agreeing(asked), agreeing(asked[::-1])
+    return "in_order" if straight > crossed else "swapped" if crossed > straight else "undecided"
+
+
+def order_fractions(predicted: list[dict], expected: list[dict]) -> dict[str, float] | None:
+    """The fraction of each ``pair_order`` among the pairs it applies to (None if none)."""
+    orders = [pair_order(p, e) for p, e in zip(predicted, expected, strict=True)]
+    orders = [o for o in orders if o is not None]
+    if not orders:
+        return None
+    return {name: orders.count(name) / len(orders) for name in PAIR_ORDERS}

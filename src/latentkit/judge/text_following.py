@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from ..data import shapes
 from ..errors import ConfigError
-from .read import accuracy, load_judge, read_attributes
+from .read import PAIR_ORDERS, accuracy, load_judge, order_fractions, read_attributes
 
 # Evaluation names for the shapes splits: "seen" combinations are the training split's.
 EVAL_SPLITS = {"seen": "train", "held-out": "held-out"}
@@ -212,6 +212,8 @@ def _score(images, scenes, prompts, settings, clip, tokenizer) -> dict:
         "sampler": settings.sampler,
         "seed": settings.seed,
         "accuracy": accuracy(read, expected),
+        "by_kind": by_kind(read, expected),
+        "two_object_order": order_fractions(read, expected),
         "clip_score": None if clip is None else clip_score(clip, tokenizer, images, each_prompt),
         # The reference is each prompt's own scene rendered once (renders are exact, so
         # repeats would add nothing); with few prompts the covariance is rank-deficient,
@@ -221,10 +223,31 @@ def _score(images, scenes, prompts, settings, clip, tokenizer) -> dict:
     }
 
 
+def by_kind(read: list[dict], expected: list[dict]) -> dict[str, dict[str, float] | None]:
+    """``accuracy`` over the one-object and the two-object prompts apart (None: none)."""
+    out = {}
+    for kind, count in (("one_object", 1), ("two_objects", 2)):
+        rows = [i for i, e in enumerate(expected) if e["count"] == count]
+        out[kind] = accuracy([read[i] for i in rows], [expected[i] for i in rows]) if rows else None
+    return out
+
+
 def format_table(report: dict) -> str:
-    """The per-attribute accuracies as a two-column text table, then the other scores."""
-    lines = [f"{'attribute':<22}accuracy"]
-    lines += [f"{key:<22}{100 * report['accuracy'][key]:6.1f}%" for key in REPORT_KEYS]
+    """The per-attribute accuracies as a text table (all prompts, one-object and two-object
+    prompts apart), how two-object pairs were ordered, then the other scores."""
+    kinds = [report["accuracy"], *report["by_kind"].values()]
+
+    def cell(values: dict[str, float] | None, key: str) -> str:
+        return f"{'-':>8}" if values is None else f"{100 * values[key]:7.1f}%"
+
+    lines = [f"{'attribute':<22}{'all':>8}{'1 object':>9}{'2 objects':>10}"]
+    lines += [f"{key:<22}" + "".join(cell(k, key) for k in kinds) for key in REPORT_KEYS]
+    order = report["two_object_order"]
+    if order is not None:
+        lines.append(
+            "two-object pairs: {:.1f}% in the prompt's order, {:.1f}% the other way round, "
+            "{:.1f}% undecided".format(*(100 * order[k] for k in PAIR_ORDERS))
+        )
     clip = report["clip_score"]
     lines.append(
         f"{'CLIP score':<22}" + ("unavailable (no clip/)" if clip is None else f"{clip:.4f}")
