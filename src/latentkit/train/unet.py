@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +90,7 @@ class UNetRecipe(DictForm):
     its mirrored captions (``mirror_horizontal`` / ``mirror_vertical``: word pairs, as
     CLIP's recipe takes them): see :func:`mirror_shortfall`, weighted by ``mirror_weight``.
     ``mirror_contrast`` (0: off) asks the U-Net itself to predict worse from a mirrored
-    caption than from the true one, by that margin on the log of the error ratio, on at
+    caption than from the true one, its error at least ``1 + mirror_contrast`` times, on at
     most ``mirror_contrast_rows`` rows a step whose timestep is at least
     ``mirror_contrast_from`` (where the layout is still open): see
     :func:`contrast_shortfall`, weighted by ``mirror_contrast_weight``.
@@ -116,7 +115,7 @@ class UNetRecipe(DictForm):
     mirror_margin: float = 0.0
     mirror_weight: float = 0.1
     mirror_contrast: float = 0.0
-    mirror_contrast_weight: float = 0.05
+    mirror_contrast_weight: float = 1.0
     mirror_contrast_rows: int = 8
     mirror_contrast_from: int = 500
     cache_latents: bool = False
@@ -497,21 +496,23 @@ def diffusion_loss(
 def contrast_shortfall(
     right: torch.Tensor, mirrored: torch.Tensor, margin: float
 ) -> tuple[torch.Tensor, float]:
-    """How far the U-Net's errors from mirrored captions fall short of being ``margin``
-    (on the log of the ratio) above its errors from the true captions, on the same noisy
-    latents: the mean of ``max(0, log(1 + margin) - log(mirrored / right))``, and the
-    mean ratio itself (NaN without rows).
+    """How far the U-Net's errors from mirrored captions fall short of ``1 + margin`` times
+    its errors from the true captions, on the same noisy latents: the mean of
+    ``max(0, (1 + margin) * right - mirrored)``, and the mean ratio ``mirrored / right``
+    (NaN without rows).
 
     At high noise the layout is still open, so a U-Net that reads a place word predicts
     the scene's latents better from its caption than from the caption naming the opposite
-    place (``scripts/probe_words.py`` measures that ratio). The plain loss rewards this
-    only through the small weight it gives high noise; the shortfall asks for it.
+    place (``scripts/probe_words.py`` measures that ratio). The shortfall is a difference
+    of errors, not of their logs: its gradient is then on the scale of the denoising
+    loss's, where a log would divide it by errors that are small at high noise and let
+    the contrast drown the loss (in the shapes world colours went unread).
     """
     if not len(right):
         return right.new_zeros(()), float("nan")
-    gap = mirrored.clamp(min=1e-12).log() - right.clamp(min=1e-12).log()
-    shortfall = (math.log1p(margin) - gap).clamp(min=0).mean()
-    return shortfall, float(gap.detach().exp().mean())
+    shortfall = ((1 + margin) * right - mirrored).clamp(min=0).mean()
+    ratio = mirrored.detach() / right.detach().clamp(min=1e-12)
+    return shortfall, float(ratio.mean())
 
 
 def mirror_shortfall(states: torch.Tensor, mirrored: torch.Tensor, margin: float) -> torch.Tensor:
