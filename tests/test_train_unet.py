@@ -29,10 +29,11 @@ from latentkit.train.unet import (
     UNetRecipe,
     contrast_shortfall,
     denoising_errors,
-    diffusion_loss,
     min_snr_weight,
     mirror_shortfall,
+    noise_latents,
     state_distance,
+    weighted_loss,
 )
 from latentkit.weights import Components, load, save_diffusers
 
@@ -109,6 +110,15 @@ def config(**changes) -> TrainConfig:
 
 
 # --- the objective ------------------------------------------------------------------------
+
+
+def diffusion_loss(unet, latents, context, alphas, *, prediction_type="epsilon",
+                   min_snr_gamma=None, noise_offset=0.0):  # fmt: skip
+    """The phase's denoising loss of one batch, composed as ``UNetPhase.loss`` does."""
+    noised = noise_latents(latents, alphas, prediction_type, noise_offset)
+    errors = denoising_errors(unet, noised, context)
+    loss = weighted_loss(errors, noised.alpha_bar, min_snr_gamma, prediction_type)
+    return loss, {"mse": float(errors.detach().mean())}
 
 
 class Zero(torch.nn.Module):
@@ -413,9 +423,9 @@ def test_contrast_rows_are_late_timesteps_and_capped(world):
     phase = UNetPhase(recipe(world, mirror_contrast=0.2, mirror_contrast_from=500, **MIRRORS))
     pairs = [(0, "a"), (1, "b"), (1, "c"), (3, "d"), (4, "e")]
     t = torch.tensor([900, 100, 100, 700, 500])
-    assert phase._contrast_rows(pairs, t) == [(0, 0), (3, 3), (4, 4)]
+    assert phase._contrast_rows(pairs, t) == [0, 3, 4]
     phase.recipe = dataclasses.replace(phase.recipe, mirror_contrast_rows=2)
-    assert phase._contrast_rows(pairs, t) == [(0, 0), (3, 3)]
+    assert phase._contrast_rows(pairs, t) == [0, 3]
 
 
 def test_contrast_gradient_makes_the_unet_tell_mirrored_captions_apart():
@@ -446,11 +456,17 @@ def test_contrast_gradient_makes_the_unet_tell_mirrored_captions_apart():
     assert abs(ratios[0] - 1) < 0.1 and ratios[-1] > 1.15
 
 
-def test_mirror_contrast_trains_and_logs(world, tmp_path):
+@pytest.mark.parametrize("with_margin", [False, True])
+def test_mirror_contrast_trains_and_logs(world, tmp_path, with_margin):
+    """Alone on a frozen text encoder (only the contrasted rows' mirrors are encoded), and
+    beside the margin on training text layers (every pair's mirrors are)."""
     changes = dict(mirror_contrast=0.2, mirror_contrast_from=0, **MIRRORS)
+    if with_margin:
+        changes |= dict(train_text_encoder=True, mirror_margin=10.0)
     train(UNetPhase(recipe(world, **changes)), config(steps=3), tmp_path, progress=False)
     logged = [r["metrics"] for r in read_records(tmp_path / "metrics.jsonl") if "metrics" in r]
     assert logged and all(m["contrast_shortfall"] >= 0 for m in logged)
+    assert all(("mirror_shortfall" in m) == with_margin for m in logged)
     assert all(m["mirror_error_ratio"] > 0 for m in logged)  # every batch has place words
 
 
@@ -460,6 +476,8 @@ def test_mirror_contrast_settings_are_checked(world):
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="mirror_contrast_rows 0"):
         recipe(world, mirror_contrast=0.2, mirror_contrast_rows=0, **MIRRORS)
+    with pytest.raises(ConfigError, match="mirror_contrast_from is 1000, past the schedule's"):
+        recipe(world, mirror_contrast=0.2, mirror_contrast_from=1000, **MIRRORS)
     with pytest.raises(ConfigError, match="mirror_contrast is set but mirror_horizontal"):
         recipe(world, mirror_contrast=0.2)
     assert recipe(world, mirror_contrast=0.2, **MIRRORS).mirror_contrast == 0.2  # frozen text

@@ -200,6 +200,12 @@ class UNetRecipe(DictForm):
             "negative (0 is off), the weight must be positive, at least one row, and the "
             "timestep not negative.",
         )
+        last = self.schedule.num_train_timesteps - 1
+        _require(
+            self.mirror_contrast_from <= last,
+            f"mirror_contrast_from is {self.mirror_contrast_from}, past the schedule's last "
+            f"timestep {last}, so no row would ever be contrasted; give 0 to {last}.",
+        )
         _require(
             not self.mirror_contrast or self.mirror_horizontal or self.mirror_vertical,
             "mirror_contrast is set but mirror_horizontal and mirror_vertical are empty; list "
@@ -296,24 +302,28 @@ class UNetPhase(LoaderPhase):
         recipe = self.recipe
         latents, context = self.encode(batch)
         captions = batch["captions"]
+        noised = noise_latents(
+            latents, self.alphas, recipe.schedule.prediction_type, recipe.noise_offset
+        )
         pairs = [(i, m) for i, c in enumerate(captions) for f in self.mirrors if (m := f(c))]
+        contrasted = self._contrast_rows(pairs, noised.t)
+        if not recipe.mirror_margin:  # only the margin needs every pair's mirrored states
+            pairs = [pairs[k] for k in contrasted]
+            contrasted = list(range(len(pairs)))
         mirrored = None
         if recipe.train_text_encoder:
             # One pass for the captions and their mirrors (one forward per step under DDP).
             states = self._trained_contexts(captions + [m for _, m in pairs], latents.device)
             context, mirrored = states[: len(captions)], states[len(captions) :]
-        elif pairs and recipe.mirror_contrast:
+        elif pairs:
             mirrored = self._contexts([m for _, m in pairs], latents.device)
-        noised = noise_latents(
-            latents, self.alphas, recipe.schedule.prediction_type, recipe.noise_offset
-        )
         # The contrast's rows ride in the same U-Net forward as the batch (DDP allows one).
-        chosen = self._contrast_rows(pairs, noised.t)
-        extra = torch.tensor([i for i, _ in chosen], dtype=torch.long, device=latents.device)
+        rows = torch.tensor([pairs[k][0] for k in contrasted], dtype=torch.long)
+        rows = rows.to(latents.device)
         errors = denoising_errors(
             self.nets["unet"],
-            noised.with_rows(extra),
-            torch.cat([context, mirrored[[j for _, j in chosen]]]) if chosen else context,
+            noised.with_rows(rows),
+            torch.cat([context, mirrored[contrasted]]) if contrasted else context,
         )
         errors, mirrored_errors = errors[: len(captions)], errors[len(captions) :]
         loss = weighted_loss(errors, noised.alpha_bar, recipe.min_snr_gamma, noised.prediction_type)
@@ -321,30 +331,27 @@ class UNetPhase(LoaderPhase):
         if recipe.mirror_margin:  # the metrics on every step, so ranks log the same keys
             shortfall = torch.zeros((), device=latents.device)
             if pairs:
-                rows = torch.tensor([i for i, _ in pairs], device=latents.device)
-                shortfall = mirror_shortfall(context[rows], mirrored, recipe.mirror_margin)
+                owners = torch.tensor([i for i, _ in pairs], device=latents.device)
+                shortfall = mirror_shortfall(context[owners], mirrored, recipe.mirror_margin)
             loss = loss + recipe.mirror_weight * shortfall
             metrics["mirror_shortfall"] = float(shortfall.detach())
         if recipe.mirror_contrast:
             shortfall, ratio = contrast_shortfall(
-                errors[extra], mirrored_errors, recipe.mirror_contrast
+                errors[rows], mirrored_errors, recipe.mirror_contrast
             )
             loss = loss + recipe.mirror_contrast_weight * shortfall
             metrics["contrast_shortfall"] = float(shortfall.detach())
             metrics["mirror_error_ratio"] = ratio
         return loss, metrics
 
-    def _contrast_rows(
-        self, pairs: list[tuple[int, str]], t: torch.Tensor
-    ) -> list[tuple[int, int]]:
-        """(batch row, index into the mirrored captions) of at most ``mirror_contrast_rows``
-        pairs whose timestep is at least ``mirror_contrast_from``; none when it is off."""
+    def _contrast_rows(self, pairs: list[tuple[int, str]], t: torch.Tensor) -> list[int]:
+        """Indices into ``pairs`` (batch row, mirrored caption) of at most
+        ``mirror_contrast_rows`` whose timestep is at least ``mirror_contrast_from``; none
+        when the contrast is off."""
         recipe = self.recipe
         if not recipe.mirror_contrast:
             return []
-        late = [
-            (i, j) for j, (i, _) in enumerate(pairs) if int(t[i]) >= recipe.mirror_contrast_from
-        ]
+        late = [k for k, (i, _) in enumerate(pairs) if int(t[i]) >= recipe.mirror_contrast_from]
         return late[: recipe.mirror_contrast_rows]
 
     @torch.no_grad()
@@ -474,23 +481,6 @@ def weighted_loss(
     if min_snr_gamma is not None:
         errors = errors * min_snr_weight(alpha_bar, min_snr_gamma, prediction_type)
     return errors.mean()
-
-
-def diffusion_loss(
-    unet: nn.Module,
-    latents: torch.Tensor,
-    context: torch.Tensor,
-    alphas: torch.Tensor,
-    *,
-    prediction_type: str = "epsilon",
-    min_snr_gamma: float | None = None,
-    noise_offset: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The denoising loss of one batch at random timesteps, and its unweighted mean error."""
-    noised = noise_latents(latents, alphas, prediction_type, noise_offset)
-    errors = denoising_errors(unet, noised, context)
-    loss = weighted_loss(errors, noised.alpha_bar, min_snr_gamma, prediction_type)
-    return loss, {"mse": float(errors.detach().mean())}
 
 
 def contrast_shortfall(
