@@ -419,13 +419,35 @@ def test_contrast_shortfall_is_the_error_gap_below_the_margin():
     assert float(none) == 0.0 and np.isnan(ratio)
 
 
-def test_contrast_rows_are_late_timesteps_and_capped(world):
+def test_contrast_pairs_are_late_timesteps_in_row_order_and_capped(world):
     phase = UNetPhase(recipe(world, mirror_contrast=0.2, mirror_contrast_from=500, **MIRRORS))
-    pairs = [(0, "a"), (1, "b"), (1, "c"), (3, "d"), (4, "e")]
+    pairs = [(0, "a"), (1, "b"), (3, "d"), (4, "e"), (0, "a2"), (3, "d2")]
     t = torch.tensor([900, 100, 100, 700, 500])
-    assert phase._contrast_rows(pairs, t) == [0, 3, 4]
-    phase.recipe = dataclasses.replace(phase.recipe, mirror_contrast_rows=2)
-    assert phase._contrast_rows(pairs, t) == [0, 3]
+    assert phase._contrast_pairs(pairs, t) == [(0, "a"), (0, "a2"), (3, "d"), (3, "d2"), (4, "e")]
+    phase.recipe = dataclasses.replace(phase.recipe, mirror_contrast_rows=3)
+    assert phase._contrast_pairs(pairs, t) == [(0, "a"), (0, "a2"), (3, "d")]
+
+
+def test_contrast_groups_give_the_contrast_hard_negatives(world, tmp_path):
+    groups = (("red", "blue", "green"), ("circle", "square"))
+    phase = UNetPhase(
+        recipe(world, mirror_contrast=0.2, mirror_contrast_from=0, contrast_groups=groups)
+    )
+    captions = ["a red circle", "a plain picture", "a blue square left of a red circle"]
+    negatives = phase._negatives(captions, step=3)
+    assert [i for i, _ in negatives] == [0, 2]  # the second has no word of the groups
+    for i, negative in negatives:
+        assert negative != captions[i] and len(negative.split()) == len(captions[i].split())
+    assert phase._negatives(captions, step=3) == negatives  # the step seeds them
+    assert len({tuple(phase._negatives(captions, step)) for step in range(8)}) > 1
+    train(phase, config(steps=3), tmp_path, progress=False)
+    logged = [r["metrics"] for r in read_records(tmp_path / "metrics.jsonl") if "metrics" in r]
+    assert logged and all(m["contrast_shortfall"] >= 0 for m in logged)
+    assert any(m["mirror_error_ratio"] > 0 for m in logged)  # rows were contrasted
+    with pytest.raises(ConfigError, match="contrast_groups is listed but mirror_contrast is 0"):
+        recipe(world, contrast_groups=groups)
+    with pytest.raises(ConfigError, match="contrast_groups: the group"):
+        recipe(world, mirror_contrast=0.2, contrast_groups=(("red",),))
 
 
 def test_contrast_gradient_makes_the_unet_tell_mirrored_captions_apart():

@@ -92,8 +92,10 @@ def _spellings(meaning: str) -> list[str]:
 class NegativeCaptions:
     """Makes one hard negative per caption from ``groups`` (see the module docstring)."""
 
-    def __init__(self, groups: WordGroups, swap_probability: float = 0.5):
-        check_groups(groups)
+    def __init__(
+        self, groups: WordGroups, swap_probability: float = 0.5, key: str = "hard_negative_groups"
+    ):
+        check_groups(groups, key)
         self.swap_probability = swap_probability
         # spelling -> (group index, meaning index)
         self.meaning_of = {

@@ -69,7 +69,7 @@ from ..models.clip import reset_text_layers
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet2DConditionModel
 from .loop import LoaderPhase
-from .negatives import MirroredCaptions, WordGroups, mirror_captioners
+from .negatives import MirroredCaptions, NegativeCaptions, WordGroups, mirror_captioners
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,10 @@ class UNetRecipe(DictForm):
     caption than from the true one, its error at least ``1 + mirror_contrast`` times, on at
     most ``mirror_contrast_rows`` rows a step whose timestep is at least
     ``mirror_contrast_from`` (where the layout is still open): see
-    :func:`contrast_shortfall`, weighted by ``mirror_contrast_weight``.
+    :func:`contrast_shortfall`, weighted by ``mirror_contrast_weight``. ``contrast_groups``
+    (word groups, as CLIP's ``hard_negative_groups``) gives that contrast hard negatives
+    besides the mirrors: the caption with one colour or shape replaced, or two swapped
+    ("a red circle above a blue square" -> "a blue circle above a red square").
     """
 
     data_path: str = ""
@@ -118,6 +121,7 @@ class UNetRecipe(DictForm):
     mirror_contrast_weight: float = 1.0
     mirror_contrast_rows: int = 8
     mirror_contrast_from: int = 500
+    contrast_groups: WordGroups = ()
     cache_latents: bool = False
     cache_dir: str | None = None
     init_seed: int = 0
@@ -152,6 +156,7 @@ class UNetRecipe(DictForm):
             "= true for the text layers to learn, or remove text_encoder_lr.",
         )
         self._check_mirrors()
+        self.contrast_negatives()  # its checks, at configuration time
         _require(self.sample_steps >= 1, "sample_steps must be at least 1.")
         _require(self.sample_cfg >= 0, "sample_cfg must not be negative.")
         _require(all(s >= 0 for s in self.sample_seeds), "sample_seeds must not be negative.")
@@ -171,6 +176,12 @@ class UNetRecipe(DictForm):
     def mirror_captioners(self) -> dict[str, MirroredCaptions]:
         """The mirrored-caption makers of ``mirror_horizontal`` / ``mirror_vertical``."""
         return mirror_captioners(self.mirror_horizontal, self.mirror_vertical, "UNetRecipe")
+
+    def contrast_negatives(self) -> NegativeCaptions | None:
+        """The hard-negative maker of ``contrast_groups``; None without groups."""
+        if not self.contrast_groups:
+            return None
+        return NegativeCaptions(self.contrast_groups, key="contrast_groups")
 
     def _check_mirrors(self) -> None:
         pairs = self.mirror_captioners()  # their checks, at configuration time
@@ -207,9 +218,18 @@ class UNetRecipe(DictForm):
             f"timestep {last}, so no row would ever be contrasted; give 0 to {last}.",
         )
         _require(
-            not self.mirror_contrast or self.mirror_horizontal or self.mirror_vertical,
-            "mirror_contrast is set but mirror_horizontal and mirror_vertical are empty; list "
-            'the word pairs that trade places, e.g. mirror_horizontal = [["left", "right"]].',
+            not self.mirror_contrast
+            or self.mirror_horizontal
+            or self.mirror_vertical
+            or self.contrast_groups,
+            "mirror_contrast is set but mirror_horizontal, mirror_vertical and "
+            "contrast_groups are empty; list the word pairs that trade places, e.g. "
+            'mirror_horizontal = [["left", "right"]], or word groups to replace.',
+        )
+        _require(
+            self.mirror_contrast or not self.contrast_groups,
+            "contrast_groups is listed but mirror_contrast is 0, so they would do nothing; "
+            "set a contrast (e.g. mirror_contrast = 0.2) or remove them.",
         )
         _require(
             self.mirror_margin or self.mirror_contrast or not pairs,
@@ -277,6 +297,7 @@ class UNetPhase(LoaderPhase):
         if recipe.train_text_encoder:
             trainable_text_layers(self.text_encoder)
         self.mirrors = list(recipe.mirror_captioners().values())
+        self.negatives = recipe.contrast_negatives()
 
     def modules(self) -> dict[str, nn.Module]:
         if self.recipe.train_text_encoder:
@@ -305,34 +326,35 @@ class UNetPhase(LoaderPhase):
         noised = noise_latents(
             latents, self.alphas, recipe.schedule.prediction_type, recipe.noise_offset
         )
-        pairs = [(i, m) for i, c in enumerate(captions) for f in self.mirrors if (m := f(c))]
-        contrasted = self._contrast_rows(pairs, noised.t)
-        if not recipe.mirror_margin:  # only the margin needs every pair's mirrored states
-            pairs = [pairs[k] for k in contrasted]
-            contrasted = list(range(len(pairs)))
-        mirrored = None
+        mirrored = [(i, m) for i, c in enumerate(captions) for f in self.mirrors if (m := f(c))]
+        margin_pairs = mirrored if recipe.mirror_margin else []
+        contrast_pairs = self._contrast_pairs(mirrored + self._negatives(captions, step), noised.t)
+        others = [text for _, text in margin_pairs + contrast_pairs]
+        margin_states = contrast_states = None
         if recipe.train_text_encoder:
-            # One pass for the captions and their mirrors (one forward per step under DDP).
-            states = self._trained_contexts(captions + [m for _, m in pairs], latents.device)
-            context, mirrored = states[: len(captions)], states[len(captions) :]
-        elif pairs:
-            mirrored = self._contexts([m for _, m in pairs], latents.device)
+            # One pass for the captions and the others (one forward per step under DDP).
+            states = self._trained_contexts(captions + others, latents.device)
+            context, margin_states, contrast_states = states.split(
+                [len(captions), len(margin_pairs), len(contrast_pairs)]
+            )
+        elif contrast_pairs:
+            contrast_states = self._contexts([text for _, text in contrast_pairs], latents.device)
         # The contrast's rows ride in the same U-Net forward as the batch (DDP allows one).
-        rows = torch.tensor([pairs[k][0] for k in contrasted], dtype=torch.long)
+        rows = torch.tensor([i for i, _ in contrast_pairs], dtype=torch.long)
         rows = rows.to(latents.device)
         errors = denoising_errors(
             self.nets["unet"],
             noised.with_rows(rows),
-            torch.cat([context, mirrored[contrasted]]) if contrasted else context,
+            torch.cat([context, contrast_states]) if contrast_pairs else context,
         )
         errors, mirrored_errors = errors[: len(captions)], errors[len(captions) :]
         loss = weighted_loss(errors, noised.alpha_bar, recipe.min_snr_gamma, noised.prediction_type)
         metrics = {"mse": float(errors.detach().mean())}
         if recipe.mirror_margin:  # the metrics on every step, so ranks log the same keys
             shortfall = torch.zeros((), device=latents.device)
-            if pairs:
-                owners = torch.tensor([i for i, _ in pairs], device=latents.device)
-                shortfall = mirror_shortfall(context[owners], mirrored, recipe.mirror_margin)
+            if margin_pairs:
+                owners = torch.tensor([i for i, _ in margin_pairs], device=latents.device)
+                shortfall = mirror_shortfall(context[owners], margin_states, recipe.mirror_margin)
             loss = loss + recipe.mirror_weight * shortfall
             metrics["mirror_shortfall"] = float(shortfall.detach())
         if recipe.mirror_contrast:
@@ -344,15 +366,22 @@ class UNetPhase(LoaderPhase):
             metrics["mirror_error_ratio"] = ratio
         return loss, metrics
 
-    def _contrast_rows(self, pairs: list[tuple[int, str]], t: torch.Tensor) -> list[int]:
-        """Indices into ``pairs`` (batch row, mirrored caption) of at most
-        ``mirror_contrast_rows`` whose timestep is at least ``mirror_contrast_from``; none
-        when the contrast is off."""
+    def _negatives(self, captions: list[str], step: int) -> list[tuple[int, str]]:
+        """(batch row, hard negative) for the captions ``contrast_groups`` can change; the
+        step seeds them, so each epoch draws others."""
+        if self.negatives is None:
+            return []
+        return [(i, n) for i, c in enumerate(captions) if (n := self.negatives(c, step))]
+
+    def _contrast_pairs(self, pairs: list[tuple[int, str]], t: torch.Tensor) -> list[tuple[int, str]]:
+        """At most ``mirror_contrast_rows`` of ``pairs`` (batch row, other caption) whose
+        timestep is at least ``mirror_contrast_from``, in row order (a row's mirror and its
+        negative side by side); none when the contrast is off."""
         recipe = self.recipe
         if not recipe.mirror_contrast:
             return []
-        late = [k for k, (i, _) in enumerate(pairs) if int(t[i]) >= recipe.mirror_contrast_from]
-        return late[: recipe.mirror_contrast_rows]
+        late = [(i, text) for i, text in pairs if int(t[i]) >= recipe.mirror_contrast_from]
+        return sorted(late, key=lambda pair: pair[0])[: recipe.mirror_contrast_rows]
 
     @torch.no_grad()
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
