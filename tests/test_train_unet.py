@@ -27,6 +27,7 @@ from latentkit.train.unet import (
     NoisedLatents,
     UNetPhase,
     UNetRecipe,
+    caption_ends,
     contrast_shortfall,
     denoising_errors,
     min_snr_weight,
@@ -406,6 +407,39 @@ def test_mirror_margin_settings_are_checked(world):
         recipe(world, train_text_encoder=True, **MIRRORS)
     with pytest.raises(ConfigError, match="needs exactly two meanings"):
         recipe(world, mirror_vertical=(("top", "middle", "bottom"),))
+
+
+def test_margin_over_caption_tokens_leaves_the_padding_out():
+    states = torch.randn(2, 6, 4)
+    other = states.clone()
+    other[:, 4:] += 10 * torch.randn(2, 2, 4)  # only the padding differs
+    tokens = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(state_distance(states, other, tokens), torch.zeros(2))
+    assert bool((state_distance(states, other) > 10).all())
+    assert float(mirror_shortfall(states, other, margin=5.0, tokens=tokens)) == 1.0
+    ends = caption_ends(torch.tensor([[49406, 7, 49407, 49407], [49406, 7, 8, 9]]), 49407)
+    assert ends.tolist() == [2, 3]  # the first end token; the last index when cut
+
+
+def test_caption_margin_trains_and_marks_each_pair_to_its_end(world, tmp_path):
+    phase = UNetPhase(
+        recipe(
+            world,
+            train_text_encoder=True,
+            mirror_margin=5.0,
+            mirror_margin_tokens="caption",
+            **MIRRORS,
+        )  # fmt: skip
+    )
+    captions = ["a red circle in the top left", "a blue square"]
+    tokens = phase._margin_tokens([(0, "a red circle in the bottom left")], captions, "cpu")
+    # start, a, red, circle, in, the, top, left, end: nine states
+    assert tokens.shape == (1, 77) and tokens[0, :9].all() and not tokens[0, 9:].any()
+    train(phase, config(steps=2), tmp_path, progress=False)
+    logged = [r["metrics"] for r in read_records(tmp_path / "metrics.jsonl") if "metrics" in r]
+    assert logged and all(m["mirror_shortfall"] >= 0 for m in logged)
+    with pytest.raises(ConfigError, match="mirror_margin_tokens is 'pads'; choose one of"):
+        recipe(world, mirror_margin_tokens="pads")
 
 
 def test_contrast_shortfall_is_the_error_gap_below_the_margin():

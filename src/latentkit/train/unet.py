@@ -71,6 +71,8 @@ from ..models.unet import UNet2DConditionModel
 from .loop import LoaderPhase
 from .negatives import MirroredCaptions, NegativeCaptions, WordGroups, mirror_captioners
 
+MARGIN_TOKENS = ("all", "caption")
+
 
 @dataclass(frozen=True)
 class UNetRecipe(DictForm):
@@ -88,7 +90,9 @@ class UNetRecipe(DictForm):
     ``text_encoder_lr`` gives those layers a learning rate of their own (None: the run's).
     ``mirror_margin`` (0: off) keeps the training text layers telling each caption from
     its mirrored captions (``mirror_horizontal`` / ``mirror_vertical``: word pairs, as
-    CLIP's recipe takes them): see :func:`mirror_shortfall`, weighted by ``mirror_weight``.
+    CLIP's recipe takes them): see :func:`mirror_shortfall`, weighted by ``mirror_weight``;
+    ``mirror_margin_tokens`` measures it over ``"all"`` 77 states or over the ``"caption"``'s
+    own (up to its end token), leaving the padding states alone.
     ``mirror_contrast`` (0: off) asks the U-Net itself to predict worse from a mirrored
     caption than from the true one, its error at least ``1 + mirror_contrast`` times, on at
     most ``mirror_contrast_rows`` rows a step whose timestep is at least
@@ -117,6 +121,7 @@ class UNetRecipe(DictForm):
     mirror_vertical: WordGroups = ()
     mirror_margin: float = 0.0
     mirror_weight: float = 0.1
+    mirror_margin_tokens: str = "all"
     mirror_contrast: float = 0.0
     mirror_contrast_weight: float = 1.0
     mirror_contrast_rows: int = 8
@@ -194,6 +199,11 @@ class UNetRecipe(DictForm):
             not self.mirror_margin or self.train_text_encoder,
             "mirror_margin is set but train_text_encoder is false; a frozen text encoder "
             "keeps its states as they are, so set train_text_encoder = true or remove it.",
+        )
+        _require(
+            self.mirror_margin_tokens in MARGIN_TOKENS,
+            f"mirror_margin_tokens is {self.mirror_margin_tokens!r}; choose one of "
+            f"{list(MARGIN_TOKENS)}.",
         )
         _require(
             not self.mirror_margin or self.mirror_horizontal or self.mirror_vertical,
@@ -354,7 +364,10 @@ class UNetPhase(LoaderPhase):
             shortfall = torch.zeros((), device=latents.device)
             if margin_pairs:
                 owners = torch.tensor([i for i, _ in margin_pairs], device=latents.device)
-                shortfall = mirror_shortfall(context[owners], margin_states, recipe.mirror_margin)
+                tokens = self._margin_tokens(margin_pairs, captions, latents.device)
+                shortfall = mirror_shortfall(
+                    context[owners], margin_states, recipe.mirror_margin, tokens
+                )
             loss = loss + recipe.mirror_weight * shortfall
             metrics["mirror_shortfall"] = float(shortfall.detach())
         if recipe.mirror_contrast:
@@ -366,6 +379,17 @@ class UNetPhase(LoaderPhase):
             metrics["mirror_error_ratio"] = ratio
         return loss, metrics
 
+    def _margin_tokens(
+        self, pairs: list[tuple[int, str]], captions: list[str], device: torch.device
+    ) -> torch.Tensor | None:
+        """Which states the margin measures, [pairs, tokens] (None: all): with ``"caption"``,
+        those up to the later of the caption's and its mirror's end token."""
+        if self.recipe.mirror_margin_tokens == "all":
+            return None
+        ids = self.tokenizer([captions[i] for i, _ in pairs] + [m for _, m in pairs])
+        ends = caption_ends(ids["input_ids"], self.tokenizer.eos_id).view(2, -1).amax(0)
+        return (torch.arange(ids["input_ids"].shape[1]) <= ends[:, None]).to(device)
+
     def _negatives(self, captions: list[str], step: int) -> list[tuple[int, str]]:
         """(batch row, hard negative) for the captions ``contrast_groups`` can change; the
         step seeds them, so each epoch draws others."""
@@ -373,7 +397,9 @@ class UNetPhase(LoaderPhase):
             return []
         return [(i, n) for i, c in enumerate(captions) if (n := self.negatives(c, step))]
 
-    def _contrast_pairs(self, pairs: list[tuple[int, str]], t: torch.Tensor) -> list[tuple[int, str]]:
+    def _contrast_pairs(
+        self, pairs: list[tuple[int, str]], t: torch.Tensor
+    ) -> list[tuple[int, str]]:
         """At most ``mirror_contrast_rows`` of ``pairs`` (batch row, other caption) whose
         timestep is at least ``mirror_contrast_from``, in row order (a row's mirror and its
         negative side by side); none when the contrast is off."""
@@ -534,9 +560,15 @@ def contrast_shortfall(
     return shortfall, float(ratio.mean())
 
 
-def mirror_shortfall(states: torch.Tensor, mirrored: torch.Tensor, margin: float) -> torch.Tensor:
+def mirror_shortfall(
+    states: torch.Tensor,
+    mirrored: torch.Tensor,
+    margin: float,
+    tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
     """How far captions' text states [N, tokens, dim] fall short of ``margin`` from their
-    mirrored captions': the mean of ``max(0, 1 - distance / margin)``, differentiable.
+    mirrored captions': the mean of ``max(0, 1 - distance / margin)``, differentiable;
+    the distance summed over the states ``tokens`` [N, tokens] marks (None: all).
 
     A distance is summed over the tokens and measured in a state's mean norm, so it does
     not change with the states' scale: 77 states each as far from their mirror as a state
@@ -545,14 +577,28 @@ def mirror_shortfall(states: torch.Tensor, mirrored: torch.Tensor, margin: float
     less than two colours), after which no U-Net can tell where to draw; the shortfall
     pushes back only while a pair is closer than the margin.
     """
-    return (1 - state_distance(states, mirrored) / margin).clamp(min=0).mean()
+    return (1 - state_distance(states, mirrored, tokens) / margin).clamp(min=0).mean()
 
 
-def state_distance(states: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+def state_distance(
+    states: torch.Tensor, other: torch.Tensor, tokens: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per caption, the distance between two sets of text states [N, tokens, dim]: summed
-    over the tokens, in units of ``states``' mean norm."""
+    over the tokens (those ``tokens`` [N, tokens] marks, else all), in units of ``states``'
+    mean norm over all of them."""
     states, other = states.float(), other.float()
-    return (states - other).norm(dim=-1).sum(-1) / states.norm(dim=-1).mean(-1)
+    apart = (states - other).norm(dim=-1)
+    if tokens is not None:
+        apart = apart * tokens
+    return apart.sum(-1) / states.norm(dim=-1).mean(-1)
+
+
+def caption_ends(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Per row of token ids [N, tokens], the index of the first end token (the last index
+    when a truncated caption has none)."""
+    is_end = ids == eos_token_id
+    first = is_end.int().argmax(-1)
+    return torch.where(is_end.any(-1), first, torch.full_like(first, ids.shape[1] - 1))
 
 
 def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
