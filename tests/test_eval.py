@@ -142,6 +142,10 @@ def test_clip_keeps_its_own_text_layers_when_the_text_encoder_was_trained_on(tmp
     loaded = load_score_clip(tmp_path / "clip", tuned)
     for key, value in clip.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+    # From a text encoder in generation's half precision (on a GPU: on that device), the
+    # scoring CLIP is still one float32 model on the CPU.
+    loaded = load_score_clip(tmp_path / "clip", copy.deepcopy(tuned).to(torch.bfloat16))
+    assert {(p.device.type, p.dtype) for p in loaded.parameters()} == {("cpu", torch.float32)}
 
 
 def test_by_kind_scores_one_and_two_object_prompts_apart():

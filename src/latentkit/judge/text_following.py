@@ -110,8 +110,9 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
 def clip_score(clip, tokenizer, images: list[Image.Image], prompts: list[str]) -> float:
     """Mean cosine similarity between each image's and its prompt's CLIP embedding."""
     size = clip.config.vision.image_size
-    pixels = torch.stack([_pixels(im, size) for im in images])
-    ids = tokenizer(prompts)["input_ids"]
+    device = next(clip.parameters()).device
+    pixels = torch.stack([_pixels(im, size) for im in images]).to(device)
+    ids = tokenizer(prompts)["input_ids"].to(device)
     image = torch.cat([clip.get_image_features(p) for p in pixels.split(64)])
     text = torch.cat([clip.get_text_features(t) for t in ids.split(64)])
     return float(F.cosine_similarity(image.float(), text.float(), dim=-1).mean())
@@ -321,5 +322,6 @@ def load_score_clip(folder: Path | None, text_encoder):
         needed = CLIPModel(config).state_dict().keys()
     shared = text_encoder.state_dict() if text_encoder is not None else {}
     state |= {k: shared[k] for k in needed if k not in state and k in shared}
-    state = {k: v.float() for k, v in state.items()}
+    # On the CPU whatever device the model generates on: the shared tensors came from it.
+    state = {k: v.to("cpu", torch.float32) for k, v in state.items()}
     return build_loaded(lambda: CLIPModel(config), state, "CLIP model").float().eval()
