@@ -5,8 +5,10 @@ A smoke test of the package data, not of quality (``latentkit eval`` measures th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 
 import latentkit
 from latentkit.cli import main
+from latentkit.data import shapes
 from latentkit.judge.text_following import load_score_clip, score_clip_folder
 from latentkit.models_registry import shipped_folder
 from latentkit.pipeline import GenerateOptions, generate, run_to_result
@@ -97,3 +100,30 @@ def test_probe_words_script_reads_the_shipped_model_and_refuses_bad_timesteps():
     refused = run("--seed", "-1")
     assert refused.returncode == 2
     assert "--seed is -1; it must be 0 or more." in refused.stderr
+
+
+def test_probe_states_script_changes_one_fact_and_splits_caption_from_padding():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "probe_states.py"
+    spec = importlib.util.spec_from_file_location("probe_states", script)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    pairs = probe.caption_pairs(6, seed=0)
+    assert all(len(p) == 6 for p in pairs.values())
+    for kind, words in (("shape", shapes.SHAPES + ("disc",)), ("colour", tuple(shapes.COLOURS))):
+        for original, changed in pairs[kind]:
+            a, b = original.split(), changed.split()
+            differ = [(x, y) for x, y in zip(a, b, strict=True) if x != y]
+            assert len(differ) == 1 and set(differ[0]) <= set(words), (original, changed)
+    for original, changed in pairs["place or relation"]:
+        assert original != changed and len(original.split()) == len(changed.split())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, str(script), "--captions", "3"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    cells = re.findall(r"(\d+\.\d) / (\d+\.\d)", done.stdout.splitlines()[-1])
+    assert len(cells) == 4 and all(float(c) + float(p) > 0 for c, p in cells)
+    refused = subprocess.run(
+        [sys.executable, str(script), "--captions", "0"], capture_output=True, text=True, env=env
+    )
+    assert refused.returncode == 2 and "--captions is 0; it must be at least 1." in refused.stderr
