@@ -10,7 +10,10 @@ colour. The same phrasing is kept, so the captions differ in that word alone. It
 how far the text encoder's states move, summed over the caption's own states (up to its
 end token) and over the padding states after it, in units of a state's mean norm (as
 `mirror_margin` measures). In a causal text encoder every state after a word depends on
-it, so the padding can carry a word too.
+it, so the padding can carry a word too. A second table says where the U-Net looks: the
+share of its cross-attention (all layers, heads and pixels) on the start token, on the
+caption's words and end token, and on the padding, for rendered scenes noised to a few
+timesteps.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 import latentkit
 from latentkit.data import shapes
+from latentkit.diffusion.schedule import alphas_cumprod
 from latentkit.errors import LatentkitError
 from latentkit.train.negatives import MirroredCaptions
 from latentkit.train.unet import caption_ends, state_distance
@@ -31,6 +35,8 @@ MIRRORS = (
     MirroredCaptions((("left", "right"),), "horizontal"),
     MirroredCaptions((("top|upper", "bottom|lower"), ("above", "below|under|beneath")), "vertical"),
 )
+
+ATTENTION_STEPS = (900, 500)
 
 
 def caption_pairs(n: int, seed: int) -> dict[str, list[tuple[str, str]]]:
@@ -105,6 +111,34 @@ def distances(model, pairs: list[tuple[str, str]]) -> tuple[float, float]:
     return float(inside), float(state_distance(a, b).mean() - inside)
 
 
+def attention_shares(model, scenes: list[shapes.Scene], t: int, seed: int) -> list[float]:
+    """The U-Net's cross-attention shares on [start token, caption, padding] for
+    ``scenes`` with their training captions, noised to timestep ``t``."""
+    captions = [phrase(scene, seed + i) for i, scene in enumerate(scenes)]
+    ids = model.tokenizer(captions)["input_ids"]
+    where = torch.arange(ids.shape[1]).expand_as(ids)
+    start = where == 0
+    caption = ~start & (where <= caption_ends(ids, model.tokenizer.eos_id)[:, None])
+    parts = torch.stack([start, caption, ~(start | caption)])  # [3, batch, tokens]
+    pixels = torch.stack([torch.from_numpy(np.array(shapes.render(s))) for s in scenes])
+    totals = torch.zeros(3)
+
+    def add(_layer: str, probs: torch.Tensor) -> None:  # [batch, heads, pixels, tokens]
+        per_token = probs.float().sum(dim=(1, 2))  # [batch, tokens]
+        totals.add_((parts.float() * per_token[None]).sum(dim=(1, 2)))
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        image = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
+        latents = model.vae.scale_latents(model.vae.encode(image).mean)
+        a = alphas_cumprod(model.schedule)[t]
+        noise = torch.randn(latents.shape, generator=generator)
+        x = a.sqrt() * latents + (1 - a).sqrt() * noise
+        with model.unet.capture_cross_attention(add):
+            model.unet(x, torch.full((len(x),), t), model.text_encoder.encode(ids))
+    return (totals / totals.sum()).tolist()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="repeatable (default: shapes)")
@@ -118,6 +152,7 @@ def main() -> None:
     pairs = caption_pairs(args.captions, args.seed)
     print(f"{args.captions} captions per change; distance over the caption / over the padding")
     print(f"{'model':<40}" + "".join(f"{kind:>20}" for kind in pairs))
+    models = []
     for name in args.model or ["shapes"]:
         try:
             model = latentkit.load(name, dtype=torch.float32, device="cpu")
@@ -125,6 +160,15 @@ def main() -> None:
             parser.error(str(err))
         cells = [distances(model, p) for p in pairs.values()]
         print(f"{name[-40:]:<40}" + "".join(f"{f'{c:.1f} / {p:.1f}':>20}" for c, p in cells))
+        models.append((name, model))
+    rng = np.random.default_rng(args.seed)
+    scenes = [shapes.sample_scene(rng) for _ in range(32)]
+    print("\ncross-attention share: start token / caption / padding (32 scenes)")
+    print(f"{'model':<40}" + "".join(f"{f't = {t}':>20}" for t in ATTENTION_STEPS))
+    for name, model in models:
+        shares = [attention_shares(model, scenes, t, args.seed) for t in ATTENTION_STEPS]
+        cells = ["/".join(f"{100 * v:.0f}" for v in share) for share in shares]
+        print(f"{name[-40:]:<40}" + "".join(f"{c:>20}" for c in cells))
 
 
 if __name__ == "__main__":

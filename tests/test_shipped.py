@@ -121,8 +121,11 @@ def test_probe_states_script_changes_one_fact_and_splits_caption_from_padding():
         [sys.executable, str(script), "--captions", "3"], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr
-    cells = re.findall(r"(\d+\.\d) / (\d+\.\d)", done.stdout.splitlines()[-1])
+    distances, shares = [line for line in done.stdout.splitlines() if line.startswith("shapes")]
+    cells = re.findall(r"(\d+\.\d) / (\d+\.\d)", distances)
     assert len(cells) == 4 and all(float(c) + float(p) > 0 for c, p in cells)
+    for cell in shares.split()[1:]:  # start / caption / padding, in percent, per timestep
+        assert 98 <= sum(int(v) for v in cell.split("/")) <= 102
     refused = subprocess.run(
         [sys.executable, str(script), "--captions", "0"], capture_output=True, text=True, env=env
     )
