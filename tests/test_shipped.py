@@ -23,6 +23,7 @@ from latentkit.data import shapes
 from latentkit.judge.text_following import load_score_clip, score_clip_folder
 from latentkit.models_registry import shipped_folder
 from latentkit.pipeline import GenerateOptions, generate, run_to_result
+from latentkit.safetensors_io import read_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,3 +131,29 @@ def test_probe_states_script_changes_one_fact_and_splits_caption_from_padding():
         [sys.executable, str(script), "--captions", "0"], capture_output=True, text=True, env=env
     )
     assert refused.returncode == 2 and "--captions is 0; it must be at least 1." in refused.stderr
+
+
+def test_rebuild_plain_clip_script_puts_the_judge_clip_together_again(tmp_path):
+    """The embedding is the shipped text encoder's; the text layers are CLIP's own, which
+    the shipped model's trained away from; the folder does not get overwritten."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "rebuild_plain_clip.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "weights"
+
+    def run():
+        return subprocess.run(
+            [sys.executable, str(script), str(out)], capture_output=True, text=True, env=env
+        )
+
+    done = run()
+    assert done.returncode == 0, done.stderr
+    shipped = latentkit.load("shapes", dtype=torch.float32, device="cpu").text_encoder.state_dict()
+    rebuilt = dict(read_safetensors(out / "text_encoder" / "model.safetensors"))
+    embedding = "text_model.embeddings.token_embedding.weight"
+    assert torch.equal(rebuilt[embedding].float(), shipped[embedding])
+    layers = [k for k in rebuilt if ".layers." in k]
+    assert layers and any(not torch.equal(rebuilt[k].float(), shipped[k]) for k in layers)
+    assert load_score_clip(out / "clip", None) is not None  # whole: it needs nothing shared
+    assert (out / "tokenizer").is_dir()
+    refused = run()
+    assert refused.returncode == 2 and "exists; give a new folder" in refused.stderr
