@@ -28,8 +28,9 @@ import latentkit
 from latentkit.data import shapes
 from latentkit.diffusion.schedule import alphas_cumprod
 from latentkit.errors import LatentkitError
+from latentkit.models.clip import pooled_positions
 from latentkit.train.negatives import MirroredCaptions
-from latentkit.train.unet import caption_ends, state_distance
+from latentkit.train.unet import state_distance
 
 MIRRORS = (
     MirroredCaptions((("left", "right"),), "horizontal"),
@@ -105,7 +106,7 @@ def distances(model, pairs: list[tuple[str, str]]) -> tuple[float, float]:
     ids = [model.tokenizer([p[k] for p in pairs])["input_ids"] for k in (0, 1)]
     with torch.inference_mode():
         a, b = (model.text_encoder.encode(i) for i in ids)
-    ends = torch.maximum(*(caption_ends(i, model.tokenizer.eos_id) for i in ids))
+    ends = torch.maximum(*(pooled_positions(i, model.tokenizer.eos_id) for i in ids))
     caption = torch.arange(ids[0].shape[1]) <= ends[:, None]
     inside = state_distance(a, b, caption).mean()
     return float(inside), float(state_distance(a, b).mean() - inside)
@@ -118,7 +119,7 @@ def attention_shares(model, scenes: list[shapes.Scene], t: int, seed: int) -> li
     ids = model.tokenizer(captions)["input_ids"]
     where = torch.arange(ids.shape[1]).expand_as(ids)
     start = where == 0
-    caption = ~start & (where <= caption_ends(ids, model.tokenizer.eos_id)[:, None])
+    caption = ~start & (where <= pooled_positions(ids, model.tokenizer.eos_id)[:, None])
     parts = torch.stack([start, caption, ~(start | caption)])  # [3, batch, tokens]
     pixels = torch.stack([torch.from_numpy(np.array(shapes.render(s))) for s in scenes])
     totals = torch.zeros(3)

@@ -17,7 +17,7 @@ from latentkit.data.config import DataConfig
 from latentkit.data.shapes import write_dataset
 from latentkit.diffusion.schedule import alphas_cumprod
 from latentkit.errors import ConfigError
-from latentkit.models.clip import CLIPTextModel
+from latentkit.models.clip import CLIPTextModel, pooled_positions
 from latentkit.models.tokenizer import CLIPTokenizer
 from latentkit.models.unet import UNet2DConditionModel
 from latentkit.models.vae import AutoencoderKL
@@ -27,7 +27,6 @@ from latentkit.train.unet import (
     NoisedLatents,
     UNetPhase,
     UNetRecipe,
-    caption_ends,
     contrast_shortfall,
     denoising_errors,
     min_snr_weight,
@@ -417,8 +416,8 @@ def test_margin_over_caption_tokens_leaves_the_padding_out():
     assert torch.equal(state_distance(states, other, tokens), torch.zeros(2))
     assert bool((state_distance(states, other) > 10).all())
     assert float(mirror_shortfall(states, other, margin=5.0, tokens=tokens)) == 1.0
-    ends = caption_ends(torch.tensor([[49406, 7, 49407, 49407], [49406, 7, 8, 9]]), 49407)
-    assert ends.tolist() == [2, 3]  # the first end token; the last index when cut
+    ends = pooled_positions(torch.tensor([[49406, 7, 49407, 49407], [49406, 7, 8, 49407]]), 49407)
+    assert ends.tolist() == [2, 3]  # the first end token, where the caption's states end
 
 
 def test_caption_margin_trains_and_marks_each_pair_to_its_end(world, tmp_path):
@@ -432,7 +431,8 @@ def test_caption_margin_trains_and_marks_each_pair_to_its_end(world, tmp_path):
         )  # fmt: skip
     )
     captions = ["a red circle in the top left", "a blue square"]
-    tokens = phase._margin_tokens([(0, "a red circle in the bottom left")], captions, "cpu")
+    ids = phase.tokenizer([captions[0], "a red circle in the bottom left"])["input_ids"]
+    tokens = phase._margin_tokens(ids[:1], ids[1:])
     # start, a, red, circle, in, the, top, left, end: nine states
     assert tokens.shape == (1, 77) and tokens[0, :9].all() and not tokens[0, 9:].any()
     train(phase, config(steps=2), tmp_path, progress=False)
@@ -440,6 +440,8 @@ def test_caption_margin_trains_and_marks_each_pair_to_its_end(world, tmp_path):
     assert logged and all(m["mirror_shortfall"] >= 0 for m in logged)
     with pytest.raises(ConfigError, match="mirror_margin_tokens is 'pads'; choose one of"):
         recipe(world, mirror_margin_tokens="pads")
+    with pytest.raises(ConfigError, match="but mirror_margin is 0, so it would do nothing"):
+        recipe(world, mirror_margin_tokens="caption")
 
 
 def test_contrast_shortfall_is_the_error_gap_below_the_margin():

@@ -65,7 +65,7 @@ from ..diffusers_folder import (
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import alphas_cumprod
 from ..errors import ConfigError, LatentkitError
-from ..models.clip import reset_text_layers
+from ..models.clip import pooled_positions, reset_text_layers
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet2DConditionModel
 from .loop import LoaderPhase
@@ -206,6 +206,11 @@ class UNetRecipe(DictForm):
             f"{list(MARGIN_TOKENS)}.",
         )
         _require(
+            self.mirror_margin or self.mirror_margin_tokens == "all",
+            f"mirror_margin_tokens is {self.mirror_margin_tokens!r} but mirror_margin is 0, so "
+            "it would do nothing; set a margin (e.g. mirror_margin = 8.0) or remove it.",
+        )
+        _require(
             not self.mirror_margin or self.mirror_horizontal or self.mirror_vertical,
             "mirror_margin is set but mirror_horizontal and mirror_vertical are empty; list "
             'the word pairs that trade places, e.g. mirror_horizontal = [["left", "right"]].',
@@ -340,13 +345,13 @@ class UNetPhase(LoaderPhase):
         margin_pairs = mirrored if recipe.mirror_margin else []
         contrast_pairs = self._contrast_pairs(mirrored + self._negatives(captions, step), noised.t)
         others = [text for _, text in margin_pairs + contrast_pairs]
-        margin_states = contrast_states = None
+        margin_states = contrast_states = margin_ids = None
         if recipe.train_text_encoder:
             # One pass for the captions and the others (one forward per step under DDP).
-            states = self._trained_contexts(captions + others, latents.device)
-            context, margin_states, contrast_states = states.split(
-                [len(captions), len(margin_pairs), len(contrast_pairs)]
-            )
+            ids = self.tokenizer(captions + others)["input_ids"].to(latents.device)
+            sizes = [len(captions), len(margin_pairs), len(contrast_pairs)]
+            context, margin_states, contrast_states = self._trained_contexts(ids).split(sizes)
+            caption_ids, margin_ids, _ = ids.split(sizes)
         elif contrast_pairs:
             contrast_states = self._contexts([text for _, text in contrast_pairs], latents.device)
         # The contrast's rows ride in the same U-Net forward as the batch (DDP allows one).
@@ -364,7 +369,7 @@ class UNetPhase(LoaderPhase):
             shortfall = torch.zeros((), device=latents.device)
             if margin_pairs:
                 owners = torch.tensor([i for i, _ in margin_pairs], device=latents.device)
-                tokens = self._margin_tokens(margin_pairs, captions, latents.device)
+                tokens = self._margin_tokens(caption_ids[owners], margin_ids)
                 shortfall = mirror_shortfall(
                     context[owners], margin_states, recipe.mirror_margin, tokens
                 )
@@ -379,16 +384,15 @@ class UNetPhase(LoaderPhase):
             metrics["mirror_error_ratio"] = ratio
         return loss, metrics
 
-    def _margin_tokens(
-        self, pairs: list[tuple[int, str]], captions: list[str], device: torch.device
-    ) -> torch.Tensor | None:
-        """Which states the margin measures, [pairs, tokens] (None: all): with ``"caption"``,
-        those up to the later of the caption's and its mirror's end token."""
+    def _margin_tokens(self, ids: torch.Tensor, mirrored_ids: torch.Tensor) -> torch.Tensor | None:
+        """Which states the margin measures, [pairs, tokens] (None: all), from the token
+        ids of the captions and of their mirrors: with ``"caption"``, those up to the later
+        of the two end tokens."""
         if self.recipe.mirror_margin_tokens == "all":
             return None
-        ids = self.tokenizer([captions[i] for i, _ in pairs] + [m for _, m in pairs])
-        ends = caption_ends(ids["input_ids"], self.tokenizer.eos_id).view(2, -1).amax(0)
-        return (torch.arange(ids["input_ids"].shape[1]) <= ends[:, None]).to(device)
+        eos = self.tokenizer.eos_id
+        ends = torch.maximum(pooled_positions(ids, eos), pooled_positions(mirrored_ids, eos))
+        return torch.arange(ids.shape[1], device=ids.device) <= ends[:, None]
 
     def _negatives(self, captions: list[str], step: int) -> list[tuple[int, str]]:
         """(batch row, hard negative) for the captions ``contrast_groups`` can change; the
@@ -424,10 +428,9 @@ class UNetPhase(LoaderPhase):
             context = self._contexts(batch["captions"], device)
         return latents, context
 
-    def _trained_contexts(self, captions: list[str], device: torch.device) -> torch.Tensor:
-        """The training text encoder's last states, with gradients (through DDP's forward
-        when distributed)."""
-        ids = self.tokenizer(captions)["input_ids"].to(device)
+    def _trained_contexts(self, ids: torch.Tensor) -> torch.Tensor:
+        """The training text encoder's last states of token ``ids``, with gradients
+        (through DDP's forward when distributed)."""
         return self.nets["text_encoder"](ids).last_hidden_state
 
     def _posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -591,14 +594,6 @@ def state_distance(
     if tokens is not None:
         apart = apart * tokens
     return apart.sum(-1) / states.norm(dim=-1).mean(-1)
-
-
-def caption_ends(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """Per row of token ids [N, tokens], the index of the first end token (the last index
-    when a truncated caption has none)."""
-    is_end = ids == eos_token_id
-    first = is_end.int().argmax(-1)
-    return torch.where(is_end.any(-1), first, torch.full_like(first, ids.shape[1] - 1))
 
 
 def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
