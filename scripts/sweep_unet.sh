@@ -31,6 +31,10 @@ declare -A VARIANTS=(  # ";"-separated --set values
   [H_margin_groups_size]="$M;recipe.contrast_groups=[$COLOURS, $SHAPES, [\"small\", \"large\"]]"
 )
 NAMES=${ONLY:-${!VARIANTS[@]}}
+for name in $NAMES; do
+  [ -n "${VARIANTS[$name]+set}" ] || { echo "sweep_unet.sh: ONLY names $name, which is no variant; choose from: ${!VARIANTS[*]}." >&2; exit 2; }
+done
+[[ "$TRAIN_LIMIT" =~ ^[1-9][0-9]*$ ]] || { echo "sweep_unet.sh: TRAIN_LIMIT is '$TRAIN_LIMIT'; give whole seconds, e.g. 400." >&2; exit 2; }
 mkdir -p "$WORK/runs" "$WORK/exports" "$WORK/evals" "$WORK/logs"
 [ -d "$WORK/data" ] || $PY -m latentkit data shapes --n 10000 --out "$WORK/data" || exit 1
 [ -d "$WORK/clip" ] || $PY scripts/rebuild_plain_clip.py "$WORK/clip" || exit 1
