@@ -11,7 +11,7 @@ from torch import nn
 
 from latentkit import prepack, weights
 from latentkit.memory import optimize
-from latentkit.nn import GEGLU, Upsample2D
+from latentkit.nn import GEGLU, Upsample2D, add_output
 from latentkit.prepack import (
     PackedConv2d,
     PackedGEGLU,
@@ -153,7 +153,105 @@ def test_a_packed_weight_refuses_to_train_and_names_the_way_out(kind):
     assert packed.weight.grad is not None
 
 
-def test_load_packs_bf16_cpu_models_and_keeps_their_output(sd1_dir):
+def exact_plus(layer: nn.Module, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``layer(x) + other`` in fp32, from the layer's bf16 weights."""
+    plain = copy.deepcopy(layer).float()
+    prepack.unpack(plain)
+    with torch.inference_mode():
+        return plain(x.float()) + other.float()
+
+
+def count_fused_additions(monkeypatch) -> list[type]:
+    """Record the class of every packed layer that adds inside its kernel."""
+    calls: list[type] = []
+    for kind in (PackedConv2d, PackedLinear):
+
+        def spy(self, x, other, _fused=kind._packed_plus):
+            calls.append(type(self))
+            return _fused(self, x, other)
+
+        monkeypatch.setattr(kind, "_packed_plus", spy)
+    return calls
+
+
+PLUS_CASES = {
+    "conv, the output's shape": (
+        lambda: bf16_conv(kernel_size=3, padding=1),
+        lambda: image(channels_last=True),
+        lambda: image(16, channels_last=True),
+    ),
+    "conv, a time code": (
+        lambda: bf16_conv(kernel_size=3, padding=1),
+        lambda: image(channels_last=True),
+        lambda: torch.randn(2, 16, 1, 1).to(torch.bfloat16),
+    ),
+    "strided conv": (
+        lambda: bf16_conv(kernel_size=3, stride=2),
+        lambda: image(channels_last=True),
+        lambda: image(16, size=4, channels_last=True),
+    ),
+    "linear": (
+        bf16_linear,
+        lambda: image().flatten(2).transpose(1, 2).contiguous(),
+        lambda: torch.randn(2, 81, 16).to(torch.bfloat16),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PLUS_CASES)
+def test_a_packed_layer_adds_inside_its_kernel_closer_to_fp32(case, monkeypatch):
+    make, inputs, others = PLUS_CASES[case]
+    plain, packed = plain_and_packed(make)
+    calls = count_fused_additions(monkeypatch)
+    x, other = inputs(), others()
+    exact = exact_plus(plain, x, other)
+    with torch.inference_mode():
+        fused, added = add_output(packed, x, other), add_output(plain, x, other)
+    assert calls == [type(packed)]
+    assert fused.shape == added.shape == exact.shape
+    assert fused.is_contiguous(memory_format=torch.channels_last) == (x.dim() == 4)
+    # One rounding of the fp32 sums with ``other`` in them, not two: as close to fp32 as
+    # adding after, and equal to it within bf16 rounding.
+    assert (fused.float() - exact).abs().max() <= (added.float() - exact).abs().max()
+    torch.testing.assert_close(fused.float(), added.float(), atol=0.03, rtol=0.02)
+
+
+def test_a_packed_layer_adds_afterwards_where_its_kernel_cannot(monkeypatch):
+    conv_plain, conv = plain_and_packed(lambda: bf16_conv(kernel_size=3, padding=1))
+    linear_plain, linear = plain_and_packed(bf16_linear)
+    geglu = GEGLU(8, 8).to(torch.bfloat16)
+    prepack.pack(geglu)
+    calls = count_fused_additions(monkeypatch)
+    tokens = image().flatten(2).transpose(1, 2).contiguous()
+    cases = [
+        (conv, conv_plain, image(), image(16)),  # plain layout: the kernel would change it
+        (conv, conv_plain, image(channels_last=True), image(16, channels_last=True).float()),
+        (conv, conv_plain, image(channels_last=True), torch.randn(1, 16, 9, 1).bfloat16()),
+        (linear, linear_plain, tokens, torch.randn(1, 81, 16).bfloat16()),  # broadcast rows
+        (geglu.proj, None, tokens, torch.randn(2, 81, 16).bfloat16()),  # two halves packed
+    ]
+    with torch.inference_mode():
+        for packed, plain, x, other in cases:
+            expected = (plain or packed)(x) + other
+            assert torch.equal(add_output(packed, x, other), expected)
+    x = image(channels_last=True).requires_grad_(True)  # a gradient wanted
+    add_output(conv, x, image(16, channels_last=True)).float().sum().backward()
+    assert x.grad is not None
+    assert calls == []
+
+
+def test_adding_a_layers_output_to_a_plain_layer_writes_into_its_fresh_output():
+    layer = nn.Linear(8, 16)
+    x, other = torch.randn(3, 8), torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(add_output(layer, x, other), layer(x) + other)
+        # Under mixed-precision autocast the layer's output is bf16; the sum stays fp32.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            summed = add_output(layer, x, other)
+            assert summed.dtype == torch.float32 and torch.equal(summed, layer(x) + other)
+
+
+def test_load_packs_bf16_cpu_models_and_keeps_their_output(sd1_dir, monkeypatch):
     def packed_networks(components) -> tuple[bool, bool, bool]:
         networks = (components.unet, components.vae, components.text_encoder)
         return tuple(prepack.is_packed(m) for m in networks)
@@ -173,15 +271,19 @@ def test_load_packs_bf16_cpu_models_and_keeps_their_output(sd1_dir):
     context = torch.randn(2, 77, plain.config.text.hidden_size, generator=g).to(torch.bfloat16)
     t = torch.tensor([10, 500])
     ids = torch.randint(0, 1000, (1, 77), generator=g)
+    fused = count_fused_additions(monkeypatch)
     with torch.inference_mode():
-        # Linear layers may see strided input (attention heads), where the packed kernel
-        # rounds differently (closer to fp32): equal to bf16 rounding, not bit for bit.
+        # Linear layers may see strided input (attention heads), and residuals are added
+        # before the sums are rounded: both closer to fp32, so equal within bf16 rounding,
+        # not bit for bit.
         for ours, theirs in (
             (packed.unet(x, t, context), plain.unet(x, t, context)),
             (packed.vae.decode(x[:1]), plain.vae.decode(x[:1])),
             (packed.text_encoder(ids).last_hidden_state, plain.text_encoder(ids).last_hidden_state),
         ):
             torch.testing.assert_close(ours.float(), theirs.float(), atol=0.05, rtol=0.02)
+    # Residuals and time codes were added inside convolutions and linear layers alike.
+    assert set(fused) == {PackedConv2d, PackedLinear}
 
     optimize(packed, prepack=False)
     assert packed_networks(packed) == (False, False, False)

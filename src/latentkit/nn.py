@@ -102,11 +102,14 @@ class ResnetBlock2D(nn.Module):
         # The normalised maps and the conv outputs are fresh tensors that nothing else
         # holds, so the activation (when no gradient is wanted) and the additions may write
         # into them: at full VAE resolution this saves several full-size allocations.
-        h = self.conv1(_silu_fresh(self.norm1(x)))
+        h = _silu_fresh(self.norm1(x))
         if self.time_emb_proj is not None and temb is not None:
-            h = _add_into(h, self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None])
-        h = self.conv2(_silu_fresh(self.norm2(h)))
-        return _add_into(h, x if self.conv_shortcut is None else self.conv_shortcut(x))
+            time_code = self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]
+            h = add_output(self.conv1, h, time_code)
+        else:
+            h = self.conv1(h)
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return add_output(self.conv2, _silu_fresh(self.norm2(h)), shortcut)
 
 
 def _silu_fresh(t: torch.Tensor) -> torch.Tensor:
@@ -114,12 +117,21 @@ def _silu_fresh(t: torch.Tensor) -> torch.Tensor:
     return F.silu(t, inplace=not torch.is_grad_enabled())
 
 
-def _add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """``fresh + other``, written into ``fresh`` (a conv output, which autograd does not
+def add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``fresh + other``, written into ``fresh`` (a layer's output, which autograd does not
     keep) unless that would change the result's dtype, as under mixed-precision autocast."""
     if fresh.dtype != torch.promote_types(fresh.dtype, other.dtype):
         return fresh + other
     return fresh.add_(other)
+
+
+def add_output(layer: nn.Module, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``layer(x) + other`` (``other`` may broadcast, as a time code over a map). A layer
+    packed for oneDNN (:mod:`latentkit.prepack`) adds inside its own kernel, before its
+    output is rounded: one pass fewer over the output, and closer to fp32. Any other layer
+    adds into its fresh output."""
+    plus = getattr(layer, "plus", None)
+    return plus(x, other) if plus is not None else add_into(layer(x), other)
 
 
 class Downsample2D(nn.Module):
@@ -184,14 +196,21 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of ``x`` over ``context`` (itself when None), plus ``residual`` when
+        given (added by the output projection, see :func:`add_output`)."""
         context = x if context is None else context
         q, k, v = (
             self._split_heads(p) for p in (self.to_q(x), self.to_k(context), self.to_v(context))
         )
         out = self._attend(q, k, v)
         b, h, n, d = out.shape
-        return self.to_out[0](out.transpose(1, 2).reshape(b, n, h * d))
+        return _project(self.to_out[0], out.transpose(1, 2).reshape(b, n, h * d), residual)
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -261,8 +280,13 @@ class FeedForward(nn.Module):
             [GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)]
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return _project(self.net[2], self.net[0](x), residual)
+
+
+def _project(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``layer(x)``, plus ``residual`` when there is one."""
+    return layer(x) if residual is None else add_output(layer, x, residual)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -281,9 +305,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = self.attn1(self.norm1(x), residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class Transformer2DModel(nn.Module):
@@ -324,10 +348,8 @@ class Transformer2DModel(nn.Module):
             hidden = block(hidden, context)
         layout = _memory_format(x)
         if self.use_linear_projection:
-            hidden = _to_map(self.proj_out(hidden), h, w, layout)
-        else:
-            hidden = self.proj_out(_to_map(hidden, h, w, layout))
-        return x + hidden
+            return _to_map(add_output(self.proj_out, hidden, _to_tokens(x)), h, w, layout)
+        return add_output(self.proj_out, _to_map(hidden, h, w, layout), x)
 
 
 def _Conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
