@@ -274,3 +274,16 @@ def test_every_sampler_and_schedule_makes_a_finite_picture(sd1_dir, sampler, sch
     result = run_to_result(generate(model, options))
     assert torch.isfinite(result.latents).all()
     assert result.images[0].size == (32, 32)
+
+
+def test_a_cpu_decode_first_hands_the_allocators_freed_memory_back(monkeypatch):
+    # The U-Net's freed activations would otherwise stay resident under the decode's peak.
+    import latentkit.pipeline as pipeline
+
+    events = []
+    monkeypatch.setattr(pipeline, "return_freed_memory", lambda: events.append("returned"))
+    vae = OverflowingVAE()
+    decode = vae.images_from_latents
+    vae.images_from_latents = lambda x: events.append("decoded") or decode(x)
+    pipeline.decode_latents(vae, torch.randn(1, 4, 4, 4))
+    assert events == ["returned", "decoded"]

@@ -25,6 +25,7 @@ from .errors import ConfigError, LatentkitError
 from .img2img import prepare_source, tensor_to_images
 from .memory import check_fits
 from .prompts import encode_prompt, match_lengths
+from .runtime import return_freed_memory
 from .stepping import iterate_sampler
 from .tiling import DECODE_TILE, images_from_latents_tiled
 
@@ -280,6 +281,10 @@ def decode_latents(vae, latents: torch.Tensor, *, tiled: bool = False) -> torch.
         return images_from_latents_tiled(vae, x) if tiled else vae.images_from_latents(x)
 
     dtype = next(vae.parameters()).dtype
+    if latents.device.type == "cpu":
+        # The U-Net's freed activations, which the allocator keeps, would otherwise sit
+        # under the decode's own peak: 0.24 GiB of a 512 px SD 1.5 picture in bf16.
+        return_freed_memory()
     with torch.inference_mode():
         images = decode(latents.to(dtype))
         if not torch.isfinite(latents).all():

@@ -31,12 +31,11 @@ weight cannot learn: :func:`unpack` turns every packed layer back into a plain o
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 from torch import nn
 
 from .nn import GEGLU, Upsample2D, add_into
+from .runtime import return_freed_memory
 
 
 def prefers_packed_weights(device: str | torch.device, dtype: torch.dtype) -> bool:
@@ -352,7 +351,9 @@ def pack(module: nn.Module) -> int:
         elif type(layer) in _PACKED:
             packed += _pack_as(layer, _PACKED[type(layer)])
     if packed:
-        _return_freed_memory()
+        # Without this a packed SD 1.5 stayed 0.2 GiB larger resident than an unpacked one
+        # (2.51 against 2.31 GiB; 2.32 after it).
+        return_freed_memory()
     return packed
 
 
@@ -399,16 +400,6 @@ def _pack_weight_if_packable(layer: _Packed) -> bool:
         packed = layer._pack(weight.detach())
     layer.weight = nn.Parameter(packed, requires_grad=False)
     return True
-
-
-def _return_freed_memory() -> None:
-    """Hand the dense weights' freed memory back to the system. glibc keeps freed blocks of
-    up to 32 MB for reuse, so without this a packed SD 1.5 stayed 0.2 GiB larger resident
-    than an unpacked one (2.51 against 2.31 GiB; 2.32 after the trim)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _dense_weight(layer: _Packed) -> None:
