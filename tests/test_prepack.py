@@ -237,6 +237,9 @@ def test_a_packed_layer_adds_afterwards_where_its_kernel_cannot(monkeypatch):
     x = image(channels_last=True).requires_grad_(True)  # a gradient wanted
     add_output(conv, x, image(16, channels_last=True)).float().sum().backward()
     assert x.grad is not None
+    other = image(16, channels_last=True).requires_grad_(True)  # for what is added alone
+    add_output(conv, image(channels_last=True), other).float().sum().backward()
+    assert other.grad is not None and torch.equal(other.grad, torch.ones_like(other.grad))
     assert calls == []
 
 

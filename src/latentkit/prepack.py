@@ -63,18 +63,19 @@ class _Packed:
     def plus(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """``self(x) + other``: inside oneDNN's kernel (a binary post-op on the fp32 sums)
         where the packed kernel runs and ``other`` suits it, else added afterwards."""
-        if self.runs_packed(x) and other.dtype == x.dtype and self._adds_in_kernel(x, other):
+        if self.runs_packed(x, other) and other.dtype == x.dtype and self._adds_in_kernel(x, other):
             return self._packed_plus(x, other)
         return add_into(self(x), other)
 
     def _adds_in_kernel(self, x: torch.Tensor, other: torch.Tensor) -> bool:
         return False
 
-    def runs_packed(self, x: torch.Tensor) -> bool:
-        """Whether a call on ``x`` runs the packed kernel: the weight is packed and no
-        gradient is wanted (the packed kernels have no backward)."""
-        wants_gradient = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        return self.weight.is_mkldnn and not wants_gradient
+    def runs_packed(self, *inputs: torch.Tensor) -> bool:
+        """Whether a call on ``inputs`` (what goes into the kernel: ``x``, and what is added
+        to its output) runs the packed kernel: the weight is packed and no gradient is
+        wanted (the packed kernels have no backward)."""
+        wanted = [self.weight.requires_grad, *(t.requires_grad for t in inputs)]
+        return self.weight.is_mkldnn and not (torch.is_grad_enabled() and any(wanted))
 
     def _forward_with_gradient(self, x: torch.Tensor) -> torch.Tensor:
         # The packed kernels have no backward: gradients for the input go through the dense
