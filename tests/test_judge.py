@@ -16,7 +16,7 @@ from latentkit.judge import ATTRIBUTES, Judge, load_judge, read_attributes, save
 from latentkit.judge.data import Augment, labels, make_batch, object_labels
 from latentkit.judge.evaluate import evaluate
 from latentkit.judge.model import HEAD_VOCAB, default_vocab
-from latentkit.judge.read import canonical, held_out_of, order_fractions, pair_order
+from latentkit.judge.read import accuracy, canonical, held_out_of, order_fractions, pair_order
 
 ASSETS = files("latentkit") / "assets" / "judge"
 
@@ -161,6 +161,40 @@ def test_score_two_objects_compares_slot_by_slot():
     assert score(flipped, attrs)["position_or_relation"] is False
 
 
+def test_score_matches_a_pair_drawn_the_wrong_way_round_to_the_prompts_objects():
+    attrs = scene_attrs(5, count=2)
+    swapped = reading(attrs)  # the same words, the two objects exchanged on the canvas
+    swapped["objects"].reverse()
+    by_object = score(swapped, attrs)
+    assert not by_object["position_or_relation"] and not by_object["all"]
+    assert by_object["shape"] and by_object["colour"] and by_object["size"]
+    # Slot by slot the same picture keeps its relation and loses everything else.
+    by_slot = score(swapped, attrs, match="slots")
+    assert by_slot["position_or_relation"]
+    assert not (by_slot["shape"] or by_slot["colour"] or by_slot["all"])
+    mixed = [reading(attrs), swapped]
+    assert accuracy(mixed, [attrs, attrs])["position_or_relation"] == 0.5
+    assert accuracy(mixed, [attrs, attrs], match="slots")["position_or_relation"] == 1.0
+
+
+def test_score_needs_the_pair_told_apart_for_its_relation():
+    attrs = scene_attrs(5, count=2)
+    twins = reading(attrs)  # both objects drawn alike: which stands where cannot be told
+    twins["objects"][1] = {**twins["objects"][1], **{
+        k: twins["objects"][0][k] for k in ("colour", "shape")
+    }}  # fmt: skip
+    assert pair_order(twins, attrs) == "undecided"
+    assert twins["relation"] == canonical(attrs)["relation"]
+    assert not score(twins, attrs)["position_or_relation"]
+    assert score(twins, attrs, match="slots")["position_or_relation"]
+
+
+def test_score_refuses_an_unknown_matching():
+    attrs = scene_attrs(5, count=2)
+    with pytest.raises(ValueError, match="objects"):
+        score(reading(attrs), attrs, match="words")
+
+
 def test_score_accepts_either_wording_of_a_relation():
     attrs = scene_attrs(2, count=2)
     other_way = reading(attrs)
@@ -185,7 +219,6 @@ def test_pair_order_tells_a_pair_drawn_the_wrong_way_round():
     swapped = reading(attrs)  # the same words, the two objects exchanged on the canvas
     swapped["objects"].reverse()
     assert pair_order(swapped, attrs) == "swapped"
-    assert not score(swapped, attrs)["all"] and score(swapped, attrs)["position_or_relation"]
     said_the_other_way = reading(attrs)  # "B below A" for "A above B": the same picture
     said_the_other_way["objects"].reverse()
     said_the_other_way["relation"] = shapes.INVERSE[attrs["relation"]]

@@ -29,7 +29,8 @@ def evaluate(
         x = augment_tensor(rng, x, augment)
     with torch.no_grad():
         predicted = read_attributes(judge, x)
-    return accuracy(predicted, [attrs for _, attrs in pairs])
+    # Slot by slot: the judge must read each object where it is, not just find it.
+    return accuracy(predicted, [attrs for _, attrs in pairs], match="slots")
 
 
 def report(judge: Judge, n: int, seed: int) -> dict[str, dict[str, float]]:

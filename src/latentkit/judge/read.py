@@ -125,18 +125,34 @@ def canonical(attributes: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def score(predicted: dict[str, Any], expected: dict[str, Any]) -> dict[str, bool]:
+MATCHINGS = ("objects", "slots")
+
+
+def score(predicted: dict[str, Any], expected: dict[str, Any], match: str = "objects") -> dict:
     """Which attributes of ``expected`` (the prompt's scene) ``predicted`` got right.
 
-    Objects are compared slot by slot in canonical order: "shape" is right only if every
-    slot's shape is. When the counts differ the object attributes cannot be matched and
-    are all wrong; background is judged on its own. ``all`` is every attribute at once.
-    Note that a pair drawn the wrong way round (red above blue asked, blue above red drawn)
-    keeps the relation word but swaps the slots, so it loses shape/colour, not relation.
+    ``match="objects"`` (what ``latentkit eval`` reports): a two-object reading's objects
+    are first matched to the prompt's by ``pair_order``, so each error counts once, under
+    its own attribute. A pair drawn the wrong way round (blue above red for "a red circle
+    above a blue square") keeps its colours and shapes and loses the relation: a relation
+    is right only when the prompt's two objects are told apart and stand as it says.
+    ``match="slots"`` compares the objects slot by slot in canonical order instead (upper
+    or left object first), so the same picture keeps the relation and loses shape, colour
+    and size; the judge's own accuracy on renders is measured that way.
+
+    An object attribute is right only if every object's is. When the counts differ the
+    objects cannot be matched and are all wrong; background is judged on its own. ``all``
+    is every attribute at once.
     """
+    if match not in MATCHINGS:
+        raise ValueError(f"match must be one of {MATCHINGS}, got {match!r}.")
+    order = pair_order(predicted, expected)
     predicted, expected = canonical(predicted), canonical(expected)
     same_count = predicted["count"] == expected["count"]
-    slots = list(zip(predicted["objects"], expected["objects"], strict=False))
+    asked = expected["objects"]
+    if match == "objects" and order == "swapped":
+        asked = asked[::-1]
+    slots = list(zip(predicted["objects"], asked, strict=False))
 
     def objects_agree(key: str) -> bool:
         return same_count and all(p[key] == e[key] for p, e in slots)
@@ -145,6 +161,8 @@ def score(predicted: dict[str, Any], expected: dict[str, Any]) -> dict[str, bool
         where = objects_agree("position")
     else:
         where = same_count and predicted["relation"] == expected["relation"]
+        if match == "objects":
+            where = where and order == "in_order"
     result = {
         "count": same_count,
         "shape": objects_agree("shape"),
@@ -157,11 +175,11 @@ def score(predicted: dict[str, Any], expected: dict[str, Any]) -> dict[str, bool
     return result
 
 
-def accuracy(predicted: list[dict], expected: list[dict]) -> dict[str, float]:
+def accuracy(predicted: list[dict], expected: list[dict], match: str = "objects") -> dict:
     """Mean of ``score`` over pairs: the fraction right per attribute (and ``all``)."""
     if len(predicted) != len(expected) or not predicted:
         raise ValueError("accuracy needs equally many, and some, predictions and expectations.")
-    scores = [score(p, e) for p, e in zip(predicted, expected, strict=True)]
+    scores = [score(p, e, match) for p, e in zip(predicted, expected, strict=True)]
     return {key: sum(s[key] for s in scores) / len(scores) for key in scores[0]}
 
 
@@ -173,8 +191,8 @@ def pair_order(predicted: dict[str, Any], expected: dict[str, Any]) -> str | Non
     "in_order" when more of the slots' colours and shapes agree in order than swapped,
     "swapped" when fewer (the pair drawn the wrong way round: blue above red for "red
     above blue"), "undecided" on a tie; None unless both name two objects. Which way
-    round a pair is drawn is what a relation's direction asks, and ``score`` shows it
-    only through the slots' shape and colour."""
+    round a pair is drawn is what a relation's direction asks; ``score`` matches the
+    objects by it."""
     if predicted["count"] != 2 or expected["count"] != 2:
         return None
     drawn = canonical(predicted)["objects"]

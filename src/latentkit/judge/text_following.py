@@ -214,6 +214,8 @@ def _score(images, scenes, prompts, settings, clip, tokenizer) -> dict:
         "seed": settings.seed,
         "accuracy": accuracy(read, expected),
         "by_kind": by_kind(read, expected),
+        # Slot by slot, as reports before object matching scored (see read.score).
+        "accuracy_by_slot": accuracy(read, expected, match="slots"),
         "two_object_order": order_fractions(read, expected),
         "clip_score": None if clip is None else clip_score(clip, tokenizer, images, each_prompt),
         # The reference is each prompt's own scene rendered once (renders are exact, so
@@ -249,6 +251,12 @@ def format_table(report: dict) -> str:
             "two-object pairs: {:.1f}% in the prompt's order, {:.1f}% the other way round, "
             "{:.1f}% undecided".format(*(100 * order[k] for k in PAIR_ORDERS))
         )
+    slots = report["accuracy_by_slot"]
+    lines.append(
+        "slot by slot (a pair drawn the wrong way round keeps its relation and loses its "
+        "shapes, colours and sizes): "
+        + ", ".join(f"{key} {100 * slots[key]:.1f}%" for key in REPORT_KEYS[1:5])
+    )
     clip = report["clip_score"]
     lines.append(
         f"{'CLIP score':<22}" + ("unavailable (no clip/)" if clip is None else f"{clip:.4f}")
