@@ -243,6 +243,22 @@ def test_a_packed_layer_adds_afterwards_where_its_kernel_cannot(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("make", [lambda: bf16_conv(kernel_size=3, padding=1), bf16_linear])
+def test_a_packed_layer_whose_bias_wants_a_gradient_gets_the_plain_layers(make):
+    """The packed kernels have no backward: with the bias learning and gradients on, the
+    layer runs densely, so the bias gets its gradient rather than a silent wrong one."""
+    plain, packed = plain_and_packed(make)
+    x = image(channels_last=True)
+    if isinstance(plain, nn.Linear):
+        x = x.flatten(2).transpose(1, 2).contiguous()
+    assert packed.bias.requires_grad and not packed.runs_packed(x)
+    packed(x).float().square().sum().backward()
+    plain(x).float().square().sum().backward()
+    torch.testing.assert_close(packed.bias.grad, plain.bias.grad)
+    with torch.no_grad():
+        assert packed.runs_packed(x)  # inference still takes the packed kernel
+
+
 def test_adding_a_layers_output_to_a_plain_layer_writes_into_its_fresh_output():
     layer = nn.Linear(8, 16)
     x, other = torch.randn(3, 8), torch.randn(3, 16)
