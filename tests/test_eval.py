@@ -187,9 +187,9 @@ def test_eval_writes_report_and_grid(sd1_dir, tmp_path, capsys):
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert set(report["accuracy"]) == set(report["accuracy_by_slot"]) == set(REPORT_KEYS)
-    # One-object prompts score alike either way; only two-object pictures can differ.
-    if report["by_kind"]["two_objects"] is None:
-        assert report["accuracy_by_slot"] == report["accuracy"]
+    # Matching objects moves shape, colour, size and relation, never count or background.
+    for key in ("count", "background"):
+        assert report["accuracy_by_slot"][key] == report["accuracy"][key]
     assert "slot by slot" in text
     assert (report["prompts"], report["per_prompt"], report["images"]) == (3, 2, 6)
     assert report["split"] == "seen" and report["cfg"] == 2
