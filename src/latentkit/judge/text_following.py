@@ -31,6 +31,8 @@ EVAL_SPLITS = {"seen": "train", "held-out": "held-out"}
 PROMPT_SEEDS = {"seen": 90_210, "held-out": 90_211}
 DEFAULT_PROMPTS = 64
 REPORT_KEYS = ("count", "shape", "colour", "size", "position_or_relation", "background", "all")
+# The attributes that object matching can change (see read.score).
+MATCHED_KEYS = ("shape", "colour", "size", "position_or_relation")
 
 
 @dataclass(frozen=True)
@@ -255,7 +257,7 @@ def format_table(report: dict) -> str:
     lines.append(
         "slot by slot (a pair drawn the wrong way round keeps its relation and loses its "
         "shapes, colours and sizes): "
-        + ", ".join(f"{key} {100 * slots[key]:.1f}%" for key in REPORT_KEYS[1:5])
+        + ", ".join(f"{key} {100 * slots[key]:.1f}%" for key in MATCHED_KEYS)
     )
     clip = report["clip_score"]
     lines.append(
