@@ -73,11 +73,11 @@ class _Packed:
     def runs_packed(self, *inputs: torch.Tensor) -> bool:
         """Whether a call on ``inputs`` (what goes into the kernel: ``x``, and what is added
         to its output) runs the packed kernel: the weight is packed and no gradient is
-        wanted, the bias's included (the packed kernels have no backward)."""
-        bias = getattr(self, "bias", None)
-        wanted = [self.weight.requires_grad, *(t.requires_grad for t in inputs)]
-        wanted.append(bias is not None and bias.requires_grad)
-        return self.weight.is_mkldnn and not (torch.is_grad_enabled() and any(wanted))
+        wanted, by the layer's own parameters (its bias too) or the inputs (the packed
+        kernels have no backward)."""
+        tensors = [*self.parameters(recurse=False), *inputs]
+        wanted = any(t.requires_grad for t in tensors)
+        return self.weight.is_mkldnn and not (torch.is_grad_enabled() and wanted)
 
     def _forward_with_gradient(self, x: torch.Tensor) -> torch.Tensor:
         # The packed kernels have no backward: gradients for the input go through the dense

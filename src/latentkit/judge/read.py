@@ -19,11 +19,13 @@ import torch
 from ..data import shapes
 from ..errors import WeightsError
 from ..safetensors_io import read_safetensors, write_safetensors
-from .model import Judge, JudgeConfig, default_vocab, to_batch
+from .model import OBJECT_KEYS, Judge, JudgeConfig, default_vocab, to_batch
 
 WEIGHTS = "judge.safetensors"
 CONFIG = "judge.json"
 ATTRIBUTES = ("count", "shape", "colour", "size", "position_or_relation", "background")
+# The attributes whose score depends on how a pair's objects are matched (see ``score``).
+MATCHED_ATTRIBUTES = (*OBJECT_KEYS, "position_or_relation")
 
 
 def save_judge(judge: Judge, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -80,7 +82,7 @@ def read_attributes(judge: Judge, images, batch_size: int = 256) -> list[dict[st
 def _decode(best: dict[str, list[int]], i: int, vocab: dict[str, list[str]]) -> dict:
     count = int(vocab["count"][best["count"][i]])
     objects = [
-        {key: vocab[key][best[f"{key}{slot}"][i]] for key in ("shape", "colour", "size")}
+        {key: vocab[key][best[f"{key}{slot}"][i]] for key in OBJECT_KEYS}
         for slot in range(1, count + 1)
     ]
     single = count == 1

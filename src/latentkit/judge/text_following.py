@@ -22,7 +22,15 @@ from PIL import Image, ImageDraw
 
 from ..data import shapes
 from ..errors import ConfigError
-from .read import PAIR_ORDERS, accuracy, load_judge, order_fractions, read_attributes
+from .read import (
+    ATTRIBUTES,
+    MATCHED_ATTRIBUTES,
+    PAIR_ORDERS,
+    accuracy,
+    load_judge,
+    order_fractions,
+    read_attributes,
+)
 
 # Evaluation names for the shapes splits: "seen" combinations are the training split's.
 EVAL_SPLITS = {"seen": "train", "held-out": "held-out"}
@@ -30,9 +38,7 @@ EVAL_SPLITS = {"seen": "train", "held-out": "held-out"}
 # prompts' exact scenes are not training images.
 PROMPT_SEEDS = {"seen": 90_210, "held-out": 90_211}
 DEFAULT_PROMPTS = 64
-REPORT_KEYS = ("count", "shape", "colour", "size", "position_or_relation", "background", "all")
-# The attributes that object matching can change (see read.score).
-MATCHED_KEYS = ("shape", "colour", "size", "position_or_relation")
+REPORT_KEYS = (*ATTRIBUTES, "all")
 
 
 @dataclass(frozen=True)
@@ -257,7 +263,7 @@ def format_table(report: dict) -> str:
     lines.append(
         "slot by slot (a pair drawn the wrong way round keeps its relation and loses its "
         "shapes, colours and sizes): "
-        + ", ".join(f"{key} {100 * slots[key]:.1f}%" for key in MATCHED_KEYS)
+        + ", ".join(f"{key} {100 * slots[key]:.1f}%" for key in MATCHED_ATTRIBUTES)
     )
     clip = report["clip_score"]
     lines.append(
