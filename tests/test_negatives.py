@@ -109,6 +109,38 @@ def test_mirroring_twice_gives_the_caption_back_and_no_words_give_none():
     assert mirror("a red circle left of a blue square") is None
 
 
+# Transposed: one axis's phrases for the other's, the longest phrase first.
+DIAGONAL = (
+    ("left of|to the left of|on the left of", "above"),
+    ("right of|to the right of", "below|under|beneath"),
+)
+
+
+@pytest.mark.parametrize(
+    ("caption", "transposed"),
+    [
+        ("a red circle left of a blue square", "a red circle above a blue square"),
+        ("a red circle to the left of a blue square", "a red circle above a blue square"),
+        (
+            "a star on the left of a disc, on a black background",
+            "a star above a disc, on a black background",
+        ),
+        ("a star beneath a disc", "a star right of a disc"),  # no third spelling: the first
+        ("A star To The Right Of a disc.", "A star under a disc."),  # by index
+        ("a star above a disc", "a star left of a disc"),
+    ],
+)
+def test_mirrored_captions_swap_whole_phrases(caption, transposed):
+    assert MirroredCaptions(DIAGONAL, "mirror_diagonal")(caption) == transposed
+
+
+def test_phrases_match_whole_words_only_and_not_across_punctuation():
+    mirror = MirroredCaptions(DIAGONAL, "mirror_diagonal")
+    assert mirror("a red circle on the left") is None  # "left" alone is no phrase here
+    assert mirror("a red circle at the left, of course") is None  # "left, of": a comma between
+    assert mirror("a cleft of rock") is None
+
+
 def test_mirror_groups_need_exactly_two_meanings():
     with pytest.raises(ConfigError) as err:
         MirroredCaptions((("top", "middle", "bottom"),), "mirror_vertical")

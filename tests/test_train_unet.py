@@ -394,7 +394,9 @@ def test_mirror_margin_settings_are_checked(world):
     with pytest.raises(ConfigError, match="train_text_encoder is false") as err:
         recipe(world, mirror_margin=10.0, **MIRRORS)
     assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match="mirror_horizontal and mirror_vertical are empty"):
+    with pytest.raises(
+        ConfigError, match="mirror_horizontal, mirror_vertical and mirror_diagonal are empty"
+    ):
         recipe(world, train_text_encoder=True, mirror_margin=10.0)
     with pytest.raises(ConfigError, match="mirror_margin is -1.0"):
         recipe(world, train_text_encoder=True, mirror_margin=-1.0, **MIRRORS)
@@ -406,6 +408,41 @@ def test_mirror_margin_settings_are_checked(world):
         recipe(world, train_text_encoder=True, **MIRRORS)
     with pytest.raises(ConfigError, match="needs exactly two meanings"):
         recipe(world, mirror_vertical=(("top", "middle", "bottom"),))
+
+
+def test_mirror_margin_rows_caps_the_captions_the_margin_encodes(world):
+    captions = [
+        "a red circle in the top left corner",
+        "a blue star left of a green square",
+        "a white disc below a red star",
+        "a yellow star on the right",
+    ]
+    encoded = {}
+    for rows in (0, 2):
+        phase = UNetPhase(
+            recipe(
+                world,
+                train_text_encoder=True,
+                mirror_margin=10.0,
+                mirror_margin_rows=rows,
+                mirror_diagonal=(("left of", "above"), ("right of", "below")),
+                **MIRRORS,
+            )
+        )
+        seen = []
+        encode = phase._trained_contexts
+        phase._trained_contexts = lambda ids, encode=encode, seen=seen: (
+            seen.append(len(ids)) or encode(ids)
+        )
+        phase.bind(World(), {"unet": phase.unet, "text_encoder": phase.text_encoder})
+        pixels = torch.rand(len(captions), 3, SIZE, SIZE) * 2 - 1
+        batch = {"pixels": pixels, "captions": captions, "keys": [str(i) for i in range(4)]}
+        phase.loss(batch, step=0)
+        encoded[rows] = seen[0] - len(captions)
+    # Every caption has a mirror on some axis, the two relations one on the diagonal too.
+    assert encoded[0] == 7 and encoded[2] == 2
+    with pytest.raises(ConfigError, match="mirror_margin_rows is -1"):
+        recipe(world, train_text_encoder=True, mirror_margin=10.0, mirror_margin_rows=-1, **MIRRORS)
 
 
 def test_margin_over_caption_tokens_leaves_the_padding_out():

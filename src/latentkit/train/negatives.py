@@ -22,6 +22,9 @@ Mirroring (``MirroredCaptions``) is the image-side counterpart: an image flipped
 axis, captioned with every word of that axis's pairs swapped ("top left" -> "bottom left"
 for an upside-down flip, "A left of B" -> "A right of B" for a left-right one). A batch
 that holds both images needs towers that see places, since nothing else tells them apart.
+Mirrored across its diagonal (transposed), an image trades one axis for the other: "A left
+of B" becomes "A above B". Such pairs name phrases ("left of|to the left of"), matched as a
+whole before any shorter phrase inside them.
 """
 
 from __future__ import annotations
@@ -37,10 +40,13 @@ WordGroups = tuple[tuple[str, ...], ...]
 _TOKEN = re.compile(r"^(\W*)(.*?)(\W*)$")
 
 
-def check_groups(groups: WordGroups, key: str = "hard_negative_groups") -> None:
+def check_groups(
+    groups: WordGroups, key: str = "hard_negative_groups", phrases: bool = False
+) -> None:
     """Each group needs two meanings; each meaning at least one spelling, each spelling one
-    word; and no spelling may stand for two meanings (in one group or in two), else a
-    "negative" could say the same as its caption. ``key`` names the setting in errors."""
+    word (or, with ``phrases``, one or more); and no spelling may stand for two meanings (in
+    one group or in two), else a "negative" could say the same as its caption. ``key``
+    names the setting in errors."""
 
     def _bad_groups(problem: str) -> None:
         raise ConfigError(f"{key}: {problem}.")
@@ -54,18 +60,23 @@ def check_groups(groups: WordGroups, key: str = "hard_negative_groups") -> None:
             if not spellings:
                 _bad_groups(f"the group {list(group)} has an empty meaning; each needs a word")
             for spelling in spellings:
-                if len(spelling.split()) != 1:
+                if not phrases and len(spelling.split()) != 1:
                     _bad_groups(f"{spelling!r} is not one word; list single words, in two groups")
                 if owner.setdefault(spelling, (g, m)) != (g, m):
                     _bad_groups(f"the word {spelling!r} stands for two meanings; give it one")
 
 
 def mirror_captioners(
-    horizontal: WordGroups, vertical: WordGroups, owner: str
+    horizontal: WordGroups, vertical: WordGroups, owner: str, diagonal: WordGroups = ()
 ) -> dict[str, MirroredCaptions]:
-    """The captioners of a recipe's ``mirror_horizontal`` and ``mirror_vertical`` pairs,
-    by setting name, those with pairs only; each checked, and no word on both axes."""
-    settings = {"mirror_horizontal": horizontal, "mirror_vertical": vertical}
+    """The captioners of a recipe's ``mirror_horizontal``, ``mirror_vertical`` (and
+    ``mirror_diagonal``) pairs, by setting name, those with pairs only; each checked, and
+    no word on both of the two axes (the diagonal trades one axis's words for the other's)."""
+    settings = {
+        "mirror_horizontal": horizontal,
+        "mirror_vertical": vertical,
+        "mirror_diagonal": diagonal,
+    }
     captioners = {key: MirroredCaptions(groups, key) for key, groups in settings.items()}
     _check_mirror_axes(horizontal, vertical, owner)
     return {key: captioner for key, captioner in captioners.items() if settings[key]}
@@ -86,7 +97,7 @@ def _all_spellings(groups: WordGroups) -> set[str]:
 
 
 def _spellings(meaning: str) -> list[str]:
-    return [s.strip().lower() for s in meaning.split("|") if s.strip()]
+    return [" ".join(s.lower().split()) for s in meaning.split("|") if s.strip()]
 
 
 class NegativeCaptions:
@@ -132,38 +143,63 @@ class NegativeCaptions:
 
 
 class MirroredCaptions:
-    """The caption of an image mirrored across one axis, from that axis's word pairs.
+    """The caption of an image mirrored across one axis, from that axis's pairs.
 
     Each group is two meanings that trade places in the mirror (``("top|upper",
-    "bottom|lower")``); every word of a group becomes the other meaning's spelling at the
-    same index, or its first when it has fewer ("upper" -> "lower", "beneath" -> "above").
+    "bottom|lower")``); every spelling of a group becomes the other meaning's spelling at
+    the same index, or its first when it has fewer ("upper" -> "lower", "beneath" ->
+    "above"). A spelling may be a phrase ("to the left of"); the longest spelling that
+    starts at a word wins, so "to the left of" is not read as "left of" after "to the".
     """
 
     def __init__(self, groups: WordGroups, key: str):
-        check_groups(groups, key)
+        check_groups(groups, key, phrases=True)
         odd = [list(group) for group in groups if len(group) != 2]
         if odd:
             raise ConfigError(f"{key}: the group {odd[0]} needs exactly two meanings to mirror.")
-        self.counterpart: dict[str, str] = {}
+        self.counterpart: dict[tuple[str, ...], str] = {}
         for group in groups:
             pair = [_spellings(meaning) for meaning in group]
             for side, other in ((pair[0], pair[1]), (pair[1], pair[0])):
                 for index, spelling in enumerate(side):
-                    self.counterpart[spelling] = other[index] if index < len(other) else other[0]
+                    swapped = other[index] if index < len(other) else other[0]
+                    self.counterpart[tuple(spelling.split())] = swapped
+        self.longest = max((len(words) for words in self.counterpart), default=0)
 
     def __call__(self, caption: str) -> str | None:
-        """The mirrored caption; ``None`` when no word of the groups occurs in it (the
+        """The mirrored caption; ``None`` when no spelling of the groups occurs in it (the
         mirrored image would then be another picture of the same caption)."""
         words = caption.split()
-        changed = [i for i, word in enumerate(words) if _bare(word) in self.counterpart]
-        if not changed:
-            return None
-        for i in changed:
-            swapped = self.counterpart[_bare(words[i])]
-            words[i] = _respell(words[i], swapped)
-            if i > 0 and _bare(words[i - 1]) in ("a", "an"):
-                words[i - 1] = _respell(words[i - 1], _article(swapped, words[i - 1]))
-        return " ".join(words)
+        out: list[str] = []
+        i = 0
+        changed = False
+        while i < len(words):
+            span, swapped = self._match(words, i)
+            if swapped is None:
+                out.append(words[i])
+                i += 1
+                continue
+            lead = _TOKEN.match(words[i]).group(1)
+            trail = _TOKEN.match(words[i + span - 1]).group(3)
+            if out and _bare(out[-1]) in ("a", "an"):
+                out[-1] = _respell(out[-1], _article(swapped, out[-1]))
+            out.append(f"{lead}{swapped}{trail}")
+            i += span
+            changed = True
+        return " ".join(out) if changed else None
+
+    def _match(self, words: list[str], start: int) -> tuple[int, str | None]:
+        """The longest spelling starting at ``words[start]``: (its length in words, its
+        counterpart), or (1, None). Punctuation may only stand before and after it."""
+        for span in range(min(self.longest, len(words) - start), 0, -1):
+            part = words[start : start + span]
+            inner_clean = all(_TOKEN.match(w).group(1) == "" for w in part[1:]) and all(
+                _TOKEN.match(w).group(3) == "" for w in part[:-1]
+            )
+            key = tuple(_bare(w) for w in part)
+            if inner_clean and key in self.counterpart:
+                return span, self.counterpart[key]
+        return 1, None
 
 
 def _bare(word: str) -> str:

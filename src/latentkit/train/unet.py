@@ -90,9 +90,12 @@ class UNetRecipe(DictForm):
     ``text_encoder_lr`` gives those layers a learning rate of their own (None: the run's).
     ``mirror_margin`` (0: off) keeps the training text layers telling each caption from
     its mirrored captions (``mirror_horizontal`` / ``mirror_vertical``: word pairs, as
-    CLIP's recipe takes them): see :func:`mirror_shortfall`, weighted by ``mirror_weight``;
-    ``mirror_margin_tokens`` measures it over ``"all"`` 77 states or over the ``"caption"``'s
-    own (up to its end token), leaving the padding states alone.
+    CLIP's recipe takes them; ``mirror_diagonal``: phrase pairs that trade one axis for the
+    other, "left of" for "above"): see :func:`mirror_shortfall`, weighted by
+    ``mirror_weight``, over at most ``mirror_margin_rows`` mirrored captions a step (0: all;
+    each costs a pass of the text encoder); ``mirror_margin_tokens`` measures it over
+    ``"all"`` 77 states or over the ``"caption"``'s own (up to its end token), leaving the
+    padding states alone.
     ``mirror_contrast`` (0: off) asks the U-Net itself to predict worse from a mirrored
     caption than from the true one, its error at least ``1 + mirror_contrast`` times, on at
     most ``mirror_contrast_rows`` rows a step whose timestep is at least
@@ -119,7 +122,9 @@ class UNetRecipe(DictForm):
     fresh_text_layers: bool = False
     mirror_horizontal: WordGroups = ()
     mirror_vertical: WordGroups = ()
+    mirror_diagonal: WordGroups = ()
     mirror_margin: float = 0.0
+    mirror_margin_rows: int = 0
     mirror_weight: float = 0.1
     mirror_margin_tokens: str = "all"
     mirror_contrast: float = 0.0
@@ -179,8 +184,11 @@ class UNetRecipe(DictForm):
         )
 
     def mirror_captioners(self) -> dict[str, MirroredCaptions]:
-        """The mirrored-caption makers of ``mirror_horizontal`` / ``mirror_vertical``."""
-        return mirror_captioners(self.mirror_horizontal, self.mirror_vertical, "UNetRecipe")
+        """The mirrored-caption makers of ``mirror_horizontal`` / ``mirror_vertical`` /
+        ``mirror_diagonal``."""
+        return mirror_captioners(
+            self.mirror_horizontal, self.mirror_vertical, "UNetRecipe", self.mirror_diagonal
+        )
 
     def contrast_negatives(self) -> NegativeCaptions | None:
         """The hard-negative maker of ``contrast_groups``; None without groups."""
@@ -211,9 +219,15 @@ class UNetRecipe(DictForm):
             "it would do nothing; set a margin (e.g. mirror_margin = 8.0) or remove it.",
         )
         _require(
-            not self.mirror_margin or self.mirror_horizontal or self.mirror_vertical,
-            "mirror_margin is set but mirror_horizontal and mirror_vertical are empty; list "
-            'the word pairs that trade places, e.g. mirror_horizontal = [["left", "right"]].',
+            not self.mirror_margin or pairs,
+            "mirror_margin is set but mirror_horizontal, mirror_vertical and mirror_diagonal "
+            "are empty; list the word pairs that trade places, e.g. mirror_horizontal = "
+            '[["left", "right"]].',
+        )
+        _require(
+            self.mirror_margin_rows >= 0,
+            f"mirror_margin_rows is {self.mirror_margin_rows}; give the most mirrored "
+            "captions a step the margin measures, or 0 for all of them.",
         )
         _require(
             self.mirror_contrast >= 0
@@ -233,12 +247,9 @@ class UNetRecipe(DictForm):
             f"timestep {last}, so no row would ever be contrasted; give 0 to {last}.",
         )
         _require(
-            not self.mirror_contrast
-            or self.mirror_horizontal
-            or self.mirror_vertical
-            or self.contrast_groups,
-            "mirror_contrast is set but mirror_horizontal, mirror_vertical and "
-            "contrast_groups are empty; list the word pairs that trade places, e.g. "
+            not self.mirror_contrast or pairs or self.contrast_groups,
+            "mirror_contrast is set but mirror_horizontal, mirror_vertical, mirror_diagonal "
+            "and contrast_groups are empty; list the word pairs that trade places, e.g. "
             'mirror_horizontal = [["left", "right"]], or word groups to replace.',
         )
         _require(
@@ -342,7 +353,7 @@ class UNetPhase(LoaderPhase):
             latents, self.alphas, recipe.schedule.prediction_type, recipe.noise_offset
         )
         mirrored = [(i, m) for i, c in enumerate(captions) for f in self.mirrors if (m := f(c))]
-        margin_pairs = mirrored if recipe.mirror_margin else []
+        margin_pairs = mirrored[: recipe.mirror_margin_rows or None] if recipe.mirror_margin else []
         contrast_pairs = self._contrast_pairs(mirrored + self._negatives(captions, step), noised.t)
         others = [text for _, text in margin_pairs + contrast_pairs]
         margin_states = contrast_states = margin_ids = None
