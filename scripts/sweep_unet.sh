@@ -8,6 +8,11 @@
 #   ONLY="A_margin F_groups16" ...     # some variants only
 #   EXTRA="train.checkpoint_every=100"  # --set values for every run (space-separated)
 #
+# SET=diagonal runs the second set instead (the README's diagonal sweep), each variant with
+# the diagonal pairs ("left of" <-> "above") besides the mirrors, but N8:
+#
+#   WORK=/tmp/sweep SET=diagonal EVAL_DEVICE=cuda TRAIN_LIMIT=440 EXTRA="train.steps=2400" bash scripts/sweep_unet.sh
+#
 # A run cut by the limit is evaluated at its newest checkpoint (EMA weights). Every run has
 # the recipe's U-Net on the plain CLIP (scripts/rebuild_plain_clip.py), its text layers
 # training along, mirror_contrast = 0.2 with the mirror word pairs; the variants add:
@@ -20,6 +25,18 @@ M='recipe.mirror_margin=40.0'
 COLOURS='["red", "green", "blue", "yellow", "orange", "purple", "white"]'
 SHAPES='["circle|disc", "square", "triangle", "star", "hexagon"]'
 G="recipe.contrast_groups=[$COLOURS, $SHAPES]"
+D='recipe.mirror_diagonal=[["left of|to the left of|on the left of", "above"], ["right of|to the right of|on the right of", "below|under|beneath"]]'
+R16='recipe.mirror_margin_rows=16'; C16='recipe.mirror_contrast_rows=16'
+declare -A DIAGONAL=(  # the second set
+  [N1_margin_diag]="$M;$D"
+  [N2_margin16_diag]="$M;$D;$R16;$C16"
+  [N3_margin16_diag_groups]="$M;$D;$R16;$C16;$G"
+  [N4_diag16]="$D;$C16"
+  [N5_diag_groups24]="$D;$G;recipe.mirror_contrast_rows=24"
+  [N6_margin20_16_diag_groups]="recipe.mirror_margin=20.0;$D;$R16;$C16;$G"
+  [N7_caption16_diag_groups]="recipe.mirror_margin=16.0;recipe.mirror_margin_tokens=caption;$D;$R16;$C16;$G"
+  [N8_margin]="$M"
+)
 declare -A VARIANTS=(  # ";"-separated --set values
   [A_margin]="$M"
   [B_contrast]=""
@@ -30,6 +47,11 @@ declare -A VARIANTS=(  # ";"-separated --set values
   [G_margin_groups_t300]="$M;$G;recipe.mirror_contrast_from=300"
   [H_margin_groups_size]="$M;recipe.contrast_groups=[$COLOURS, $SHAPES, [\"small\", \"large\"]]"
 )
+case ${SET:-first} in
+  first) ;;
+  diagonal) unset VARIANTS; declare -A VARIANTS; for k in "${!DIAGONAL[@]}"; do VARIANTS[$k]=${DIAGONAL[$k]}; done ;;
+  *) echo "sweep_unet.sh: SET is '$SET'; choose first or diagonal." >&2; exit 2 ;;
+esac
 NAMES=${ONLY:-${!VARIANTS[@]}}
 for name in $NAMES; do
   [ -n "${VARIANTS[$name]+set}" ] || { echo "sweep_unet.sh: ONLY names $name, which is no variant; choose from: ${!VARIANTS[*]}." >&2; exit 2; }
@@ -81,11 +103,15 @@ wait
 $PY - "$WORK/evals" <<'TABLE'
 import json, sys
 from pathlib import Path
-keys = ["count", "shape", "colour", "size", "position_or_relation", "background"]
-print("variant " + " ".join(keys) + " pairs-in-order/swapped/neither")
+keys = ["count", "shape", "colour", "size", "position_or_relation", "background", "all"]
+print("variant " + " ".join(keys) + " pairs-in-order/swapped/neither one-object-shape/position "
+      "two-object-shape/relation")
 for report in sorted(Path(sys.argv[1]).glob("*/report.json")):
     r = json.loads(report.read_text())
-    a, o = r["accuracy"], r["two_object_order"]
-    order = "/".join(f"{100 * o[k]:.0f}" for k in ("in_order", "swapped", "undecided"))
-    print(report.parent.name, " ".join(f"{100 * a[k]:.1f}" for k in keys), order)
+    a, o, k = r["accuracy"], r["two_object_order"], r["by_kind"]
+    order = "/".join(f"{100 * o[key]:.0f}" for key in ("in_order", "swapped", "undecided"))
+    one, two = k["one_object"], k["two_objects"]
+    kinds = (f"{100 * one['shape']:.0f}/{100 * one['position_or_relation']:.0f} "
+             f"{100 * two['shape']:.0f}/{100 * two['position_or_relation']:.0f}")
+    print(report.parent.name, " ".join(f"{100 * a[key]:.1f}" for key in keys), order, kinds)
 TABLE
