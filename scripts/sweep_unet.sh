@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Train U-Net recipe variants of the shapes model side by side (one process each, e.g. on
 # one GPU), stop each after TRAIN_LIMIT seconds, export each like the shipped model and
-# evaluate it on held-out prompts; print the table. The README's eight-variant table came
-# from this on one H200 (TRAIN_LIMIT=400):
+# evaluate it on held-out prompts; print the table. The eight-variant table of
+# docs/shapes-experiments.md came from this on one H200 (TRAIN_LIMIT=400):
 #
 #   WORK=/tmp/sweep DEVICE=cuda TRAIN_LIMIT=400 bash scripts/sweep_unet.sh
 #   ONLY="A_margin F_groups16" ...     # some variants only
 #   EXTRA="train.checkpoint_every=100"  # --set values for every run (space-separated)
 #
-# SET=diagonal runs the second set instead (the README's diagonal sweep), each variant with
+# SET=diagonal runs the second set instead (its diagonal sweep), each variant with
 # the diagonal pairs ("left of" <-> "above") besides the mirrors, but N8:
 #
 #   WORK=/tmp/sweep SET=diagonal EVAL_DEVICE=cuda TRAIN_LIMIT=440 EXTRA="train.steps=2400" bash scripts/sweep_unet.sh
