@@ -170,34 +170,33 @@ class MirroredCaptions:
         """The mirrored caption; ``None`` when no spelling of the groups occurs in it (the
         mirrored image would then be another picture of the same caption)."""
         words = caption.split()
+        parts = [_TOKEN.match(word).groups() for word in words]  # (lead, bare, trail)
         out: list[str] = []
         i = 0
         changed = False
         while i < len(words):
-            span, swapped = self._match(words, i)
+            span, swapped = self._match(parts, i)
             if swapped is None:
                 out.append(words[i])
                 i += 1
                 continue
-            lead = _TOKEN.match(words[i]).group(1)
-            trail = _TOKEN.match(words[i + span - 1]).group(3)
             if out and _bare(out[-1]) in ("a", "an"):
                 out[-1] = _respell(out[-1], _article(swapped, out[-1]))
-            out.append(f"{lead}{swapped}{trail}")
+            # The phrase's words as one, keeping the punctuation around it.
+            out.append(_respell(" ".join(words[i : i + span]), swapped))
             i += span
             changed = True
         return " ".join(out) if changed else None
 
-    def _match(self, words: list[str], start: int) -> tuple[int, str | None]:
-        """The longest spelling starting at ``words[start]``: (its length in words, its
-        counterpart), or (1, None). Punctuation may only stand before and after it."""
-        for span in range(min(self.longest, len(words) - start), 0, -1):
-            part = words[start : start + span]
-            inner_clean = all(_TOKEN.match(w).group(1) == "" for w in part[1:]) and all(
-                _TOKEN.match(w).group(3) == "" for w in part[:-1]
-            )
-            key = tuple(_bare(w) for w in part)
-            if inner_clean and key in self.counterpart:
+    def _match(self, parts: list[tuple[str, str, str]], start: int) -> tuple[int, str | None]:
+        """The longest spelling starting at word ``start`` of a caption split into (lead,
+        word, trail) ``parts``: (its length in words, its counterpart), or (1, None).
+        Punctuation may only stand before and after it, not inside."""
+        for span in range(min(self.longest, len(parts) - start), 0, -1):
+            phrase = parts[start : start + span]
+            inside = [p[2] for p in phrase[:-1]] + [p[0] for p in phrase[1:]]
+            key = tuple(p[1].lower() for p in phrase)
+            if not any(inside) and key in self.counterpart:
                 return span, self.counterpart[key]
         return 1, None
 
