@@ -443,6 +443,8 @@ def test_mirror_margin_rows_caps_the_captions_the_margin_encodes(world):
     assert encoded[0] == 7 and encoded[2] == 2
     with pytest.raises(ConfigError, match="mirror_margin_rows is -1"):
         recipe(world, train_text_encoder=True, mirror_margin=10.0, mirror_margin_rows=-1, **MIRRORS)
+    with pytest.raises(ConfigError, match="mirror_margin_rows is 4 but mirror_margin is 0"):
+        recipe(world, mirror_margin_rows=4, mirror_contrast=0.2, **MIRRORS)
 
 
 def test_margin_over_caption_tokens_leaves_the_padding_out():

@@ -230,6 +230,11 @@ class UNetRecipe(DictForm):
             "captions a step the margin measures, or 0 for all of them.",
         )
         _require(
+            self.mirror_margin or not self.mirror_margin_rows,
+            f"mirror_margin_rows is {self.mirror_margin_rows} but mirror_margin is 0, so it "
+            "would do nothing; set a margin (e.g. mirror_margin = 40.0) or remove it.",
+        )
+        _require(
             self.mirror_contrast >= 0
             and self.mirror_contrast_weight > 0
             and self.mirror_contrast_rows >= 1
