@@ -8,8 +8,8 @@
 #   ONLY="A_margin F_groups16" ...     # some variants only
 #   EXTRA="train.checkpoint_every=100"  # --set values for every run (space-separated)
 #
-# SET=diagonal runs the second set instead (its diagonal sweep), each variant with
-# the diagonal pairs ("left of" <-> "above") besides the mirrors, but N8:
+# SET=diagonal runs the second set instead (the diagonal sweep of that page), each variant
+# but N8 with the diagonal pairs ("left of" <-> "above") besides the mirrors:
 #
 #   WORK=/tmp/sweep SET=diagonal EVAL_DEVICE=cuda TRAIN_LIMIT=440 EXTRA="train.steps=2400" bash scripts/sweep_unet.sh
 #
@@ -27,7 +27,7 @@ SHAPES='["circle|disc", "square", "triangle", "star", "hexagon"]'
 G="recipe.contrast_groups=[$COLOURS, $SHAPES]"
 D='recipe.mirror_diagonal=[["left of|to the left of|on the left of", "above"], ["right of|to the right of|on the right of", "below|under|beneath"]]'
 R16='recipe.mirror_margin_rows=16'; C16='recipe.mirror_contrast_rows=16'
-declare -A DIAGONAL=(  # the second set
+declare -A DIAGONAL=(  # SET=diagonal
   [N1_margin_diag]="$M;$D"
   [N2_margin16_diag]="$M;$D;$R16;$C16"
   [N3_margin16_diag_groups]="$M;$D;$R16;$C16;$G"
@@ -37,7 +37,7 @@ declare -A DIAGONAL=(  # the second set
   [N7_caption16_diag_groups]="recipe.mirror_margin=16.0;recipe.mirror_margin_tokens=caption;$D;$R16;$C16;$G"
   [N8_margin]="$M"
 )
-declare -A VARIANTS=(  # ";"-separated --set values
+declare -A FIRST=(  # SET=first (the default); ";"-separated --set values
   [A_margin]="$M"
   [B_contrast]=""
   [C_margin_groups]="$M;$G"
@@ -48,8 +48,8 @@ declare -A VARIANTS=(  # ";"-separated --set values
   [H_margin_groups_size]="$M;recipe.contrast_groups=[$COLOURS, $SHAPES, [\"small\", \"large\"]]"
 )
 case ${SET:-first} in
-  first) ;;
-  diagonal) unset VARIANTS; declare -A VARIANTS; for k in "${!DIAGONAL[@]}"; do VARIANTS[$k]=${DIAGONAL[$k]}; done ;;
+  first) declare -n VARIANTS=FIRST ;;
+  diagonal) declare -n VARIANTS=DIAGONAL ;;
   *) echo "sweep_unet.sh: SET is '$SET'; choose first or diagonal." >&2; exit 2 ;;
 esac
 NAMES=${ONLY:-${!VARIANTS[@]}}
