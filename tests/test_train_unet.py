@@ -410,41 +410,60 @@ def test_mirror_margin_settings_are_checked(world):
         recipe(world, mirror_vertical=(("top", "middle", "bottom"),))
 
 
+MARGIN_CAPTIONS = [
+    "a red circle in the top left corner",
+    "a blue star left of a green square",
+    "a white disc below a red star",
+    "a yellow star on the right",
+]
+
+
+def margin_encodes(world, step: int = 0, **options) -> tuple[int, float]:
+    """How many mirrored captions the margin passes through the text encoder on one loss
+    at ``step`` (MARGIN_CAPTIONS, margin 10, the MIRRORS pairs and a diagonal), and the
+    logged shortfall."""
+    phase = UNetPhase(
+        recipe(
+            world,
+            train_text_encoder=True,
+            mirror_margin=10.0,
+            mirror_diagonal=(("left of", "above"), ("right of", "below")),
+            **MIRRORS,
+            **options,
+        )
+    )
+    seen = []
+    encode = phase._trained_contexts
+    phase._trained_contexts = lambda ids: seen.append(len(ids)) or encode(ids)
+    phase.bind(World(), {"unet": phase.unet, "text_encoder": phase.text_encoder})
+    captions = MARGIN_CAPTIONS
+    pixels = torch.rand(len(captions), 3, SIZE, SIZE) * 2 - 1
+    batch = {"pixels": pixels, "captions": captions, "keys": [str(i) for i in range(4)]}
+    _, metrics = phase.loss(batch, step=step)
+    return seen[0] - len(captions), metrics["mirror_shortfall"]
+
+
 def test_mirror_margin_rows_caps_the_captions_the_margin_encodes(world):
-    captions = [
-        "a red circle in the top left corner",
-        "a blue star left of a green square",
-        "a white disc below a red star",
-        "a yellow star on the right",
-    ]
-    encoded = {}
-    for rows in (0, 2):
-        phase = UNetPhase(
-            recipe(
-                world,
-                train_text_encoder=True,
-                mirror_margin=10.0,
-                mirror_margin_rows=rows,
-                mirror_diagonal=(("left of", "above"), ("right of", "below")),
-                **MIRRORS,
-            )
-        )
-        seen = []
-        encode = phase._trained_contexts
-        phase._trained_contexts = lambda ids, encode=encode, seen=seen: (
-            seen.append(len(ids)) or encode(ids)
-        )
-        phase.bind(World(), {"unet": phase.unet, "text_encoder": phase.text_encoder})
-        pixels = torch.rand(len(captions), 3, SIZE, SIZE) * 2 - 1
-        batch = {"pixels": pixels, "captions": captions, "keys": [str(i) for i in range(4)]}
-        phase.loss(batch, step=0)
-        encoded[rows] = seen[0] - len(captions)
     # Every caption has a mirror on some axis, the two relations one on the diagonal too.
-    assert encoded[0] == 7 and encoded[2] == 2
+    assert margin_encodes(world)[0] == 7
+    assert margin_encodes(world, mirror_margin_rows=2)[0] == 2
     with pytest.raises(ConfigError, match="mirror_margin_rows is -1"):
         recipe(world, train_text_encoder=True, mirror_margin=10.0, mirror_margin_rows=-1, **MIRRORS)
     with pytest.raises(ConfigError, match="mirror_margin_rows is 4 but mirror_margin is 0"):
         recipe(world, mirror_margin_rows=4, mirror_contrast=0.2, **MIRRORS)
+
+
+def test_mirror_margin_steps_stops_the_margin_after_the_first_steps(world):
+    encoded, shortfall = margin_encodes(world, step=2, mirror_margin_steps=3)
+    assert encoded == 7 and shortfall > 0  # random text layers: far closer than 10
+    # From step 3 on no mirrored caption is encoded, and the logs still carry the key.
+    assert margin_encodes(world, step=3, mirror_margin_steps=3) == (0, 0.0)
+    with pytest.raises(ConfigError, match="mirror_margin_steps is -5; give the number"):
+        recipe(
+            world, train_text_encoder=True, mirror_margin=10.0, mirror_margin_steps=-5, **MIRRORS
+        )
+    with pytest.raises(ConfigError, match="mirror_margin_steps is 600 but mirror_margin is 0"):
+        recipe(world, mirror_margin_steps=600, mirror_contrast=0.2, **MIRRORS)
 
 
 def test_margin_over_caption_tokens_leaves_the_padding_out():

@@ -93,7 +93,8 @@ class UNetRecipe(DictForm):
     CLIP's recipe takes them; ``mirror_diagonal``: phrase pairs that trade one axis for the
     other, "left of" for "above"): see :func:`mirror_shortfall`, weighted by
     ``mirror_weight``, over at most ``mirror_margin_rows`` mirrored captions a step (0: all;
-    each costs a pass of the text encoder); ``mirror_margin_tokens`` measures it over
+    each costs a pass of the text encoder), on the first ``mirror_margin_steps`` steps
+    (0: all); ``mirror_margin_tokens`` measures it over
     ``"all"`` 77 states or over the ``"caption"``'s own (up to its end token), leaving the
     padding states alone.
     ``mirror_contrast`` (0: off) asks the U-Net itself to predict worse from a mirrored
@@ -125,6 +126,7 @@ class UNetRecipe(DictForm):
     mirror_diagonal: WordGroups = ()
     mirror_margin: float = 0.0
     mirror_margin_rows: int = 0
+    mirror_margin_steps: int = 0
     mirror_weight: float = 0.1
     mirror_margin_tokens: str = "all"
     mirror_contrast: float = 0.0
@@ -224,16 +226,17 @@ class UNetRecipe(DictForm):
             "are empty; list the word pairs that trade places, e.g. mirror_horizontal = "
             '[["left", "right"]].',
         )
-        _require(
-            self.mirror_margin_rows >= 0,
-            f"mirror_margin_rows is {self.mirror_margin_rows}; give the most mirrored "
-            "captions a step the margin measures, or 0 for all of them.",
-        )
-        _require(
-            self.mirror_margin or not self.mirror_margin_rows,
-            f"mirror_margin_rows is {self.mirror_margin_rows} but mirror_margin is 0, so it "
-            "would do nothing; set a margin (e.g. mirror_margin = 40.0) or remove it.",
-        )
+        for key, meaning in (
+            ("mirror_margin_rows", "the most mirrored captions a step the margin measures"),
+            ("mirror_margin_steps", "the number of first steps the margin runs on"),
+        ):
+            value = getattr(self, key)
+            _require(value >= 0, f"{key} is {value}; give {meaning}, or 0 for all of them.")
+            _require(
+                self.mirror_margin or not value,
+                f"{key} is {value} but mirror_margin is 0, so it would do nothing; set a "
+                "margin (e.g. mirror_margin = 40.0) or remove it.",
+            )
         _require(
             self.mirror_contrast >= 0
             and self.mirror_contrast_weight > 0
@@ -358,7 +361,9 @@ class UNetPhase(LoaderPhase):
             latents, self.alphas, recipe.schedule.prediction_type, recipe.noise_offset
         )
         mirrored = [(i, m) for i, c in enumerate(captions) for f in self.mirrors if (m := f(c))]
-        margin_pairs = mirrored[: recipe.mirror_margin_rows or None] if recipe.mirror_margin else []
+        margin_pairs = (
+            mirrored[: recipe.mirror_margin_rows or None] if self._margin_on(step) else []
+        )
         contrast_pairs = self._contrast_pairs(mirrored + self._negatives(captions, step), noised.t)
         others = [text for _, text in margin_pairs + contrast_pairs]
         margin_states = contrast_states = margin_ids = None
@@ -399,6 +404,11 @@ class UNetPhase(LoaderPhase):
             metrics["contrast_shortfall"] = float(shortfall.detach())
             metrics["mirror_error_ratio"] = ratio
         return loss, metrics
+
+    def _margin_on(self, step: int) -> bool:
+        """Whether the margin asks anything at 0-based ``step`` (``mirror_margin_steps``)."""
+        until = self.recipe.mirror_margin_steps
+        return bool(self.recipe.mirror_margin) and (not until or step < until)
 
     def _margin_tokens(self, ids: torch.Tensor, mirrored_ids: torch.Tensor) -> torch.Tensor | None:
         """Which states the margin measures, [pairs, tokens] (None: all), from the token
