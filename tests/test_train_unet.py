@@ -455,7 +455,7 @@ def test_mirror_margin_rows_caps_the_captions_the_margin_encodes(world):
 
 def test_mirror_margin_steps_stops_the_margin_after_the_first_steps(world):
     encoded, shortfall = margin_encodes(world, step=2, mirror_margin_steps=3)
-    assert encoded == 7 and shortfall > 0  # random text layers: far closer than 10
+    assert encoded == 7 and shortfall > 0  # random text layers: some pairs closer than 10
     # From step 3 on no mirrored caption is encoded, and the logs still carry the key.
     assert margin_encodes(world, step=3, mirror_margin_steps=3) == (0, 0.0)
     with pytest.raises(ConfigError, match="mirror_margin_steps is -5; give the number"):
