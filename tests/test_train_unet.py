@@ -394,9 +394,7 @@ def test_mirror_margin_settings_are_checked(world):
     with pytest.raises(ConfigError, match="train_text_encoder is false") as err:
         recipe(world, mirror_margin=10.0, **MIRRORS)
     assert "\n" not in str(err.value)
-    with pytest.raises(
-        ConfigError, match="mirror_horizontal, mirror_vertical and mirror_diagonal are empty"
-    ):
+    with pytest.raises(ConfigError, match="mirror_diagonal and swap_pairs are empty"):
         recipe(world, train_text_encoder=True, mirror_margin=10.0)
     with pytest.raises(ConfigError, match="mirror_margin is -1.0"):
         recipe(world, train_text_encoder=True, mirror_margin=-1.0, **MIRRORS)
@@ -408,6 +406,10 @@ def test_mirror_margin_settings_are_checked(world):
         recipe(world, train_text_encoder=True, **MIRRORS)
     with pytest.raises(ConfigError, match="needs exactly two meanings"):
         recipe(world, mirror_vertical=(("top", "middle", "bottom"),))
+    with pytest.raises(ConfigError, match="mirror or swap pairs are listed"):
+        recipe(world, swap_pairs=(("red", "green"),))
+    with pytest.raises(ConfigError, match="swap_pairs: the group"):
+        recipe(world, train_text_encoder=True, mirror_margin=10.0, swap_pairs=(("red",),))
 
 
 MARGIN_CAPTIONS = [
@@ -416,6 +418,18 @@ MARGIN_CAPTIONS = [
     "a white disc below a red star",
     "a yellow star on the right",
 ]
+
+
+def test_swap_pairs_add_their_rewritten_captions_to_the_margin(world):
+    # "red" <-> "green" rewrites three of the four captions (the yellow star has neither).
+    mirrors_only, _ = margin_encodes(world)
+    with_swaps, shortfall = margin_encodes(world, swap_pairs=(("red", "green"),))
+    assert with_swaps == mirrors_only + 3 and shortfall > 0
+    # Swap pairs alone are enough for a margin.
+    phase = UNetPhase(
+        recipe(world, train_text_encoder=True, mirror_margin=10.0, swap_pairs=(("red", "green"),))
+    )
+    assert [m("a red disc") for m in phase.mirrors] == ["a green disc"]
 
 
 def margin_encodes(world, step: int = 0, **options) -> tuple[int, float]:

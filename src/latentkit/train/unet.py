@@ -91,7 +91,9 @@ class UNetRecipe(DictForm):
     ``mirror_margin`` (0: off) keeps the training text layers telling each caption from
     its mirrored captions (``mirror_horizontal`` / ``mirror_vertical``: word pairs, as
     CLIP's recipe takes them; ``mirror_diagonal``: phrase pairs that trade one axis for the
-    other, "left of" for "above"): see :func:`mirror_shortfall`, weighted by
+    other, "left of" for "above"; ``swap_pairs``: phrase pairs besides the mirrors whose
+    swap changes what a caption says, "black background" for "gray background"): see
+    :func:`mirror_shortfall`, weighted by
     ``mirror_weight``, over at most ``mirror_margin_rows`` mirrored captions a step (0: all;
     each costs a pass of the text encoder), on the first ``mirror_margin_steps`` steps
     (0: all); ``mirror_margin_tokens`` measures it over
@@ -124,6 +126,7 @@ class UNetRecipe(DictForm):
     mirror_horizontal: WordGroups = ()
     mirror_vertical: WordGroups = ()
     mirror_diagonal: WordGroups = ()
+    swap_pairs: WordGroups = ()
     mirror_margin: float = 0.0
     mirror_margin_rows: int = 0
     mirror_margin_steps: int = 0
@@ -186,11 +189,15 @@ class UNetRecipe(DictForm):
         )
 
     def mirror_captioners(self) -> dict[str, MirroredCaptions]:
-        """The mirrored-caption makers of ``mirror_horizontal`` / ``mirror_vertical`` /
-        ``mirror_diagonal``."""
-        return mirror_captioners(
+        """The caption rewriters the margin and the contrast use, by setting name: the
+        mirrors of ``mirror_horizontal`` / ``mirror_vertical`` / ``mirror_diagonal``, then
+        ``swap_pairs`` (those with pairs only)."""
+        captioners = mirror_captioners(
             self.mirror_horizontal, self.mirror_vertical, "UNetRecipe", self.mirror_diagonal
         )
+        if self.swap_pairs:
+            captioners["swap_pairs"] = MirroredCaptions(self.swap_pairs, "swap_pairs")
+        return captioners
 
     def contrast_negatives(self) -> NegativeCaptions | None:
         """The hard-negative maker of ``contrast_groups``; None without groups."""
@@ -222,8 +229,8 @@ class UNetRecipe(DictForm):
         )
         _require(
             not self.mirror_margin or pairs,
-            "mirror_margin is set but mirror_horizontal, mirror_vertical and mirror_diagonal "
-            "are empty; list the word pairs that trade places, e.g. mirror_horizontal = "
+            "mirror_margin is set but mirror_horizontal, mirror_vertical, mirror_diagonal and "
+            "swap_pairs are empty; list the word pairs that trade places, e.g. mirror_horizontal = "
             '[["left", "right"]].',
         )
         for key, meaning in (
@@ -256,8 +263,8 @@ class UNetRecipe(DictForm):
         )
         _require(
             not self.mirror_contrast or pairs or self.contrast_groups,
-            "mirror_contrast is set but mirror_horizontal, mirror_vertical, mirror_diagonal "
-            "and contrast_groups are empty; list the word pairs that trade places, e.g. "
+            "mirror_contrast is set but mirror_horizontal, mirror_vertical, mirror_diagonal, "
+            "swap_pairs and contrast_groups are empty; list the word pairs that trade places, e.g. "
             'mirror_horizontal = [["left", "right"]], or word groups to replace.',
         )
         _require(
@@ -267,7 +274,7 @@ class UNetRecipe(DictForm):
         )
         _require(
             self.mirror_margin or self.mirror_contrast or not pairs,
-            "mirror word pairs are listed but mirror_margin and mirror_contrast are 0, so they "
+            "mirror or swap pairs are listed but mirror_margin and mirror_contrast are 0, so they "
             "would do nothing; set a margin (e.g. mirror_margin = 40.0) or remove them.",
         )
 
