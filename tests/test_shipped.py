@@ -133,6 +133,22 @@ def test_probe_states_script_changes_one_fact_and_splits_caption_from_padding():
     assert refused.returncode == 2 and "--captions is 0; it must be at least 1." in refused.stderr
 
 
+def test_probe_shapes_script_reads_one_picture_per_colour_and_seed():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "probe_shapes.py"
+    spec = importlib.util.spec_from_file_location("probe_shapes", script)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    model = latentkit.load("shapes", dtype=torch.bfloat16, device="cpu")
+    read = probe.shapes_read(model, probe.load_judge(), "star", seeds=1)
+    assert len(read) == len(shapes.COLOURS)
+    assert set(read) <= {*shapes.SHAPES, probe.NONE}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    refused = subprocess.run(
+        [sys.executable, str(script), "--seeds", "0"], capture_output=True, text=True, env=env
+    )
+    assert refused.returncode == 2 and "--seeds is 0; it must be at least 1." in refused.stderr
+
+
 def test_rebuild_plain_clip_script_puts_the_judge_clip_together_again(tmp_path):
     """The embedding is the shipped text encoder's; the text layers are CLIP's own, which
     the shipped model's trained away from; the folder does not get overwritten."""
