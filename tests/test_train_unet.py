@@ -531,14 +531,9 @@ def test_contrast_pairs_are_late_timesteps_in_row_order_and_capped(world):
     phase = UNetPhase(recipe(world, mirror_contrast=0.2, mirror_contrast_from=500, **MIRRORS))
     pairs = [(0, "a"), (1, "b"), (3, "d"), (4, "e"), (0, "a2"), (3, "d2")]
     t = torch.tensor([900, 100, 100, 700, 500])
-    late = [(0, "a"), (0, "a2"), (3, "d"), (3, "d2"), (4, "e")]
-    assert phase._contrast_pairs(pairs, t, step=0) == late
+    assert phase._contrast_pairs(pairs, t) == [(0, "a"), (0, "a2"), (3, "d"), (3, "d2"), (4, "e")]
     phase.recipe = dataclasses.replace(phase.recipe, mirror_contrast_rows=3)
-    assert phase._contrast_pairs(pairs, t, step=0) == late[:3]
-    # mirror_contrast_steps: the contrast on the first steps only (0-based).
-    phase.recipe = dataclasses.replace(phase.recipe, mirror_contrast_steps=5)
-    assert phase._contrast_pairs(pairs, t, step=4) == late[:3]
-    assert phase._contrast_pairs(pairs, t, step=5) == []
+    assert phase._contrast_pairs(pairs, t) == [(0, "a"), (0, "a2"), (3, "d")]
 
 
 def test_contrast_groups_give_the_contrast_hard_negatives(world, tmp_path):
@@ -613,12 +608,6 @@ def test_mirror_contrast_settings_are_checked(world):
         recipe(world, mirror_contrast=0.2, mirror_contrast_rows=0, **MIRRORS)
     with pytest.raises(ConfigError, match="mirror_contrast_from is 1000, past the schedule's"):
         recipe(world, mirror_contrast=0.2, mirror_contrast_from=1000, **MIRRORS)
-    with pytest.raises(ConfigError, match="mirror_contrast_steps is -1; give the number"):
-        recipe(world, mirror_contrast=0.2, mirror_contrast_steps=-1, **MIRRORS)
-    with pytest.raises(ConfigError, match="mirror_contrast_steps is 9 but mirror_contrast is 0"):
-        recipe(
-            world, train_text_encoder=True, mirror_margin=10.0, mirror_contrast_steps=9, **MIRRORS
-        )
     with pytest.raises(ConfigError, match="mirror_contrast is set but mirror_horizontal"):
         recipe(world, mirror_contrast=0.2)
     assert recipe(world, mirror_contrast=0.2, **MIRRORS).mirror_contrast == 0.2  # frozen text

@@ -102,9 +102,8 @@ class UNetRecipe(DictForm):
     ``mirror_contrast`` (0: off) asks the U-Net itself to predict worse from a mirrored
     caption than from the true one, its error at least ``1 + mirror_contrast`` times, on at
     most ``mirror_contrast_rows`` rows a step whose timestep is at least
-    ``mirror_contrast_from`` (where the layout is still open), on the first
-    ``mirror_contrast_steps`` steps (0: all): see :func:`contrast_shortfall`, weighted by
-    ``mirror_contrast_weight``. ``contrast_groups``
+    ``mirror_contrast_from`` (where the layout is still open): see
+    :func:`contrast_shortfall`, weighted by ``mirror_contrast_weight``. ``contrast_groups``
     (word groups, as CLIP's ``hard_negative_groups``) gives that contrast hard negatives
     besides the mirrors: the caption with one colour or shape replaced, or two swapped
     ("a red circle above a blue square" -> "a blue circle above a red square").
@@ -137,7 +136,6 @@ class UNetRecipe(DictForm):
     mirror_contrast_weight: float = 1.0
     mirror_contrast_rows: int = 8
     mirror_contrast_from: int = 500
-    mirror_contrast_steps: int = 0
     contrast_groups: WordGroups = ()
     cache_latents: bool = False
     cache_dir: str | None = None
@@ -235,20 +233,16 @@ class UNetRecipe(DictForm):
             "swap_pairs are empty; list the word pairs that trade places, e.g. mirror_horizontal = "
             '[["left", "right"]].',
         )
-        for key, meaning, switch, example in (
-            ("mirror_margin_rows", "the most mirrored captions a step the margin measures",
-             "mirror_margin", "a margin (e.g. mirror_margin = 40.0)"),
-            ("mirror_margin_steps", "the number of first steps the margin runs on",
-             "mirror_margin", "a margin (e.g. mirror_margin = 40.0)"),
-            ("mirror_contrast_steps", "the number of first steps the contrast runs on",
-             "mirror_contrast", "a contrast (e.g. mirror_contrast = 0.2)"),
-        ):  # fmt: skip
+        for key, meaning in (
+            ("mirror_margin_rows", "the most mirrored captions a step the margin measures"),
+            ("mirror_margin_steps", "the number of first steps the margin runs on"),
+        ):
             value = getattr(self, key)
             _require(value >= 0, f"{key} is {value}; give {meaning}, or 0 for all of them.")
             _require(
-                getattr(self, switch) or not value,
-                f"{key} is {value} but {switch} is 0, so it would do nothing; set {example} "
-                "or remove it.",
+                self.mirror_margin or not value,
+                f"{key} is {value} but mirror_margin is 0, so it would do nothing; set a "
+                "margin (e.g. mirror_margin = 40.0) or remove it.",
             )
         _require(
             self.mirror_contrast >= 0
@@ -377,9 +371,7 @@ class UNetPhase(LoaderPhase):
         margin_pairs = (
             mirrored[: recipe.mirror_margin_rows or None] if self._margin_on(step) else []
         )
-        contrast_pairs = self._contrast_pairs(
-            mirrored + self._negatives(captions, step), noised.t, step
-        )
+        contrast_pairs = self._contrast_pairs(mirrored + self._negatives(captions, step), noised.t)
         others = [text for _, text in margin_pairs + contrast_pairs]
         margin_states = contrast_states = margin_ids = None
         if recipe.train_text_encoder:
@@ -422,9 +414,8 @@ class UNetPhase(LoaderPhase):
 
     def _margin_on(self, step: int) -> bool:
         """Whether the margin asks anything at 0-based ``step`` (``mirror_margin_steps``)."""
-        return bool(self.recipe.mirror_margin) and _first_steps(
-            step, self.recipe.mirror_margin_steps
-        )
+        until = self.recipe.mirror_margin_steps
+        return bool(self.recipe.mirror_margin) and (not until or step < until)
 
     def _margin_tokens(self, ids: torch.Tensor, mirrored_ids: torch.Tensor) -> torch.Tensor | None:
         """Which states the margin measures, [pairs, tokens] (None: all), from the token
@@ -444,14 +435,13 @@ class UNetPhase(LoaderPhase):
         return [(i, n) for i, c in enumerate(captions) if (n := self.negatives(c, step))]
 
     def _contrast_pairs(
-        self, pairs: list[tuple[int, str]], t: torch.Tensor, step: int
+        self, pairs: list[tuple[int, str]], t: torch.Tensor
     ) -> list[tuple[int, str]]:
         """At most ``mirror_contrast_rows`` of ``pairs`` (batch row, other caption) whose
         timestep is at least ``mirror_contrast_from``, in row order (a row's mirror and its
-        negative side by side); none when the contrast is off, or at 0-based ``step`` past
-        ``mirror_contrast_steps``."""
+        negative side by side); none when the contrast is off."""
         recipe = self.recipe
-        if not recipe.mirror_contrast or not _first_steps(step, recipe.mirror_contrast_steps):
+        if not recipe.mirror_contrast:
             return []
         late = [(i, text) for i, text in pairs if int(t[i]) >= recipe.mirror_contrast_from]
         return sorted(late, key=lambda pair: pair[0])[: recipe.mirror_contrast_rows]
@@ -582,11 +572,6 @@ def weighted_loss(
     if min_snr_gamma is not None:
         errors = errors * min_snr_weight(alpha_bar, min_snr_gamma, prediction_type)
     return errors.mean()
-
-
-def _first_steps(step: int, until: int) -> bool:
-    """Whether 0-based ``step`` is among the first ``until`` steps (0: every step is)."""
-    return not until or step < until
 
 
 def contrast_shortfall(
