@@ -2,10 +2,13 @@
 
     python scripts/probe_shapes.py                      # the shipped model, 4 seeds
     python scripts/probe_shapes.py --model runs/shapes-unet/weights-ema --seeds 2
+    python scripts/probe_shapes.py --prompt "a {colour} {shape}"   # no place named
 
-It asks for "a COLOUR SHAPE" for every colour and shape of the shapes world, with seeds
-0 to N-1 and default settings, and the judge reads the shape of what was drawn. A row is
-the asked shape, a column the shape read ("none": no object read). `latentkit eval` gives
+It asks for "a COLOUR SHAPE in the centre" (``--prompt``: any template with ``{colour}``
+and ``{shape}``) for every colour and shape of the shapes world, with seeds 0 to N-1 and
+default settings, and the judge reads the shape of what was drawn. A row is the asked
+shape, a column the shape read ("2 objects": the judge read two). The training captions
+of one object always name its place, so the default does too. `latentkit eval` gives
 the same fraction right for its one-object prompts; this table says what comes instead,
 e.g. a model that draws a coarse outline turns stars into triangles.
 """
@@ -23,45 +26,59 @@ from latentkit.errors import LatentkitError
 from latentkit.judge.read import load_judge, read_attributes
 from latentkit.pipeline import GenerateOptions, generate, run_to_result
 
-NONE = "none"
+TWO = "2 objects"
+PROMPT = "a {colour} {shape} in the centre"
 
 
-def shapes_read(model, judge, shape: str, seeds: int) -> list[str]:
-    """The shape the judge reads in each picture of "a COLOUR ``shape``", for every colour
-    and seeds 0 to ``seeds`` - 1."""
+def shapes_read(model, judge, shape: str, seeds: int, prompt: str = PROMPT) -> list[str]:
+    """The shape the judge reads in each picture of ``prompt`` for ``shape``, for every
+    colour and seeds 0 to ``seeds`` - 1 (``TWO`` where it reads two objects)."""
     read = []
     for colour in shapes.COLOURS:
-        options = GenerateOptions(f"a {colour} {shape}", seed=0, n=seeds)
+        options = GenerateOptions(prompt.format(colour=colour, shape=shape), seed=0, n=seeds)
         for attributes in read_attributes(judge, run_to_result(generate(model, options)).images):
-            objects = attributes.get("objects") or [{"shape": NONE}]
-            read.append(objects[0]["shape"])
+            objects = attributes["objects"]
+            read.append(objects[0]["shape"] if len(objects) == 1 else TWO)
     return read
 
 
-def confusion(model, judge, seeds: int) -> dict[str, Counter]:
+def confusion(model, judge, seeds: int, prompt: str) -> dict[str, Counter]:
     """Per asked shape, how often each shape was read."""
-    return {shape: Counter(shapes_read(model, judge, shape, seeds)) for shape in shapes.SHAPES}
+    return {
+        shape: Counter(shapes_read(model, judge, shape, seeds, prompt)) for shape in shapes.SHAPES
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--seeds", type=int, default=4, help="pictures per colour and shape")
+    parser.add_argument("--prompt", default=PROMPT, help=f"template (default: {PROMPT!r})")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds is {args.seeds}; it must be at least 1.")
     try:
+        args.prompt.format(colour="", shape="")
+        named = "{colour}" in args.prompt and "{shape}" in args.prompt
+    except (KeyError, IndexError, ValueError):
+        named = False
+    if not named:
+        parser.error(
+            f"--prompt is {args.prompt!r}; give a template with {{colour}} and {{shape}} "
+            "and no other {...} field, e.g. 'a {colour} {shape} in the centre'."
+        )
+    try:
         model = latentkit.load(args.model, dtype=torch.bfloat16, device="cpu")
     except LatentkitError as err:
         parser.error(str(err))
-    table = confusion(model, load_judge(), args.seeds)
-    columns = (*shapes.SHAPES, NONE)
+    table = confusion(model, load_judge(), args.seeds, args.prompt)
+    columns = (*shapes.SHAPES, TWO)
     per_row = len(shapes.COLOURS) * args.seeds
-    print(f"asked (rows) / read (columns), {per_row} pictures a row")
-    print(f"{'':<10}" + "".join(f"{c:>9}" for c in columns) + f"{'right':>9}")
+    print(f"{args.prompt!r}: asked (rows) / read (columns), {per_row} pictures a row")
+    print(f"{'':<10}" + "".join(f"{c:>10}" for c in columns) + f"{'right':>10}")
     for shape, counts in table.items():
-        cells = "".join(f"{counts[c]:>9}" for c in columns)
-        print(f"{shape:<10}{cells}{f'{100 * counts[shape] / per_row:.0f}%':>9}")
+        cells = "".join(f"{counts[c]:>10}" for c in columns)
+        print(f"{shape:<10}{cells}{f'{100 * counts[shape] / per_row:.0f}%':>10}")
 
 
 if __name__ == "__main__":

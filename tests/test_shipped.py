@@ -141,12 +141,22 @@ def test_probe_shapes_script_reads_one_picture_per_colour_and_seed():
     model = latentkit.load("shapes", dtype=torch.bfloat16, device="cpu")
     read = probe.shapes_read(model, probe.load_judge(), "star", seeds=1)
     assert len(read) == len(shapes.COLOURS)
-    assert set(read) <= {*shapes.SHAPES, probe.NONE}
+    assert set(read) <= {*shapes.SHAPES, probe.TWO}
     env = dict(os.environ, OMP_NUM_THREADS="1")
     refused = subprocess.run(
         [sys.executable, str(script), "--seeds", "0"], capture_output=True, text=True, env=env
     )
     assert refused.returncode == 2 and "--seeds is 0; it must be at least 1." in refused.stderr
+    refused = subprocess.run(
+        [sys.executable, str(script), "--prompt", "a {color} {shape}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert refused.returncode == 2
+    assert "--prompt is 'a {color} {shape}'; give a template with {colour} and {shape}" in (
+        refused.stderr
+    )
 
 
 def test_rebuild_plain_clip_script_puts_the_judge_clip_together_again(tmp_path):

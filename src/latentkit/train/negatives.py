@@ -156,7 +156,9 @@ class MirroredCaptions:
         check_groups(groups, key, phrases=True)
         odd = [list(group) for group in groups if len(group) != 2]
         if odd:
-            raise ConfigError(f"{key}: the group {odd[0]} needs exactly two meanings to mirror.")
+            raise ConfigError(
+                f"{key}: the group {odd[0]} needs exactly two meanings, each for the other."
+            )
         self.counterpart: dict[tuple[str, ...], str] = {}
         for group in groups:
             pair = [_spellings(meaning) for meaning in group]
