@@ -18,6 +18,7 @@ from latentkit.data import shapes
 from latentkit.errors import ConfigError, WeightsError
 from latentkit.judge.text_following import (
     REPORT_KEYS,
+    EvalSettings,
     by_kind,
     frechet_distance,
     gaussian_frechet,
@@ -228,6 +229,36 @@ def test_eval_with_a_clip_gives_a_clip_score(sd1_dir, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0, err
     assert json.loads((again / "report.json").read_text())["clip_score"] == score
+
+
+def test_inverse_phrasing_says_the_same_pairs_the_other_way_round(sd1_dir, tmp_path, capsys):
+    reports = {}
+    for phrasing in ("canonical", "inverse"):
+        out = tmp_path / phrasing
+        code, text, err = run_cli(
+            capsys, "eval", "--model", str(sd1_dir), "--split", "seen", *ARGS,
+            "--phrasing", phrasing, "--out", str(out),
+        )  # fmt: skip
+        assert code == 0, err
+        reports[phrasing] = json.loads((out / "report.json").read_text())
+        assert reports[phrasing]["phrasing"] == phrasing
+        assert ("inverse phrasing" in text) == (phrasing == "inverse")
+    scenes = prompt_scenes("seen", 3)
+    asked = {k: [row["prompt"] for row in r["by_prompt"]] for k, r in reports.items()}
+    assert asked["canonical"] == [shapes.canonical_caption(s) for s in scenes]
+    assert asked["inverse"] == [shapes.canonical_caption(s, inverse=True) for s in scenes]
+    # The first seen prompt is a pair: "A above B" becomes "B below A".
+    assert asked["canonical"][0] == (
+        "a large white star above a small white triangle on a dark green background"
+    )
+    assert asked["inverse"][0] == (
+        "a small white triangle below a large white star on a dark green background"
+    )
+
+
+def test_unknown_phrasing_is_one_sentence():
+    with pytest.raises(ConfigError, match="phrasing 'backwards' is unknown; choose canonical or"):
+        EvalSettings(phrasing="backwards").validate()
 
 
 def test_bad_split_and_counts_are_one_line(sd1_dir, tmp_path, capsys):

@@ -173,6 +173,11 @@ def test_relation_captions_say_it_either_way():
         == canonical_caption(scene)
         == ("a small red circle above a large blue square on a black background")
     )
+    assert (
+        canonical_caption(flipped, inverse=True)
+        == canonical_caption(scene, inverse=True)
+        == ("a large blue square below a small red circle on a black background")
+    )
     assert flipped.attributes() == scene.attributes()
 
 

@@ -521,13 +521,16 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return text
 
 
-def canonical_caption(scene: Scene) -> str:
-    """The one fixed description of ``scene`` used for evaluation prompts."""
+def canonical_caption(scene: Scene, inverse: bool = False) -> str:
+    """The one fixed description of ``scene`` used for evaluation prompts; ``inverse``
+    says a pair the other way round ("B below A" for "A above B", the same scene)."""
     scene = scene.canonical()
     nouns = [_with_article(f"{o.size} {o.colour} {o.shape}") for o in scene.objects]
     if len(nouns) == 1:
         where = _POSITION_PHRASES[scene.position()][0]
         text = f"{nouns[0]} {where}"
+    elif inverse:
+        text = f"{nouns[1]} {INVERSE[scene.relation]} {nouns[0]}"
     else:
         text = f"{nouns[0]} {scene.relation} {nouns[1]}"
     return f"{text} on a {scene.background} background"

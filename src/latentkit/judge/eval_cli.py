@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError
-from .text_following import DEFAULT_PROMPTS, EVAL_SPLITS, EvalSettings
+from .text_following import DEFAULT_PROMPTS, EVAL_SPLITS, PHRASINGS, EvalSettings
 
 
 def add_cli(commands) -> None:
@@ -19,6 +19,13 @@ def add_cli(commands) -> None:
     )
     p.add_argument("--model", default=None, help="a model folder or name (default: shapes)")
     p.add_argument("--split", choices=sorted(EVAL_SPLITS), default="held-out")
+    p.add_argument(
+        "--phrasing",
+        choices=PHRASINGS,
+        default="canonical",
+        help="name two-object pairs as the held-out list does ('A above B', the default) or "
+        "the other way round ('B below A'); one-object prompts are the same either way",
+    )
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (default 7.5)")
     p.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS, help="how many prompts")
@@ -53,6 +60,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
     settings = EvalSettings(
         split=args.split,
+        phrasing=args.phrasing,
         per_prompt=args.per_prompt,
         cfg=args.cfg,
         prompts=args.prompts,
@@ -82,6 +90,7 @@ def run_eval(args: argparse.Namespace) -> None:
     report["dtype"] = str(dtype).removeprefix("torch.")
     write_outputs(args.out, report, sample_grid(images, prompts, settings.per_prompt))
     s = settings
-    print(f"{s.split}: {s.prompts} prompts x {s.per_prompt} images, cfg {s.cfg}")
+    phrased = "" if s.phrasing == "canonical" else f", {s.phrasing} phrasing"
+    print(f"{s.split}{phrased}: {s.prompts} prompts x {s.per_prompt} images, cfg {s.cfg}")
     print(format_table(report))
     print(f"{report['seconds_per_image']:.2f} s per image; report in {args.out / 'report.json'}")

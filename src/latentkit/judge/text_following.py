@@ -37,6 +37,10 @@ EVAL_SPLITS = {"seen": "train", "held-out": "held-out"}
 # Seeds of the prompt sets, away from the small seeds datasets are written with, so the
 # prompts' exact scenes are not training images.
 PROMPT_SEEDS = {"seen": 90_210, "held-out": 90_211}
+# How a two-object prompt names its pair: "canonical" as the relation is written in the
+# held-out list ("A above B", "A left of B"), "inverse" the other way round ("B below A",
+# "B right of A"): the same scenes, so the two tables compare word orders alone.
+PHRASINGS = ("canonical", "inverse")
 DEFAULT_PROMPTS = 64
 REPORT_KEYS = (*ATTRIBUTES, "all")
 
@@ -50,10 +54,15 @@ class EvalSettings:
     steps: int = 20
     seed: int = 0
     sampler: str = "euler"
+    phrasing: str = "canonical"
 
     def validate(self) -> None:
         if self.split not in EVAL_SPLITS:
             raise ConfigError(f"split {self.split!r} is unknown; choose seen or held-out.")
+        if self.phrasing not in PHRASINGS:
+            raise ConfigError(
+                f"phrasing {self.phrasing!r} is unknown; choose {' or '.join(PHRASINGS)}."
+            )
         if not 1 <= self.per_prompt <= 64:
             raise ConfigError(f"per-prompt must be between 1 and 64, got {self.per_prompt}.")
         if self.prompts < 1:
@@ -175,7 +184,8 @@ def evaluate_text_following(
 
     settings.validate()
     scenes = prompt_scenes(settings.split, settings.prompts)
-    prompts = [shapes.canonical_caption(s) for s in scenes]
+    inverse = settings.phrasing == "inverse"
+    prompts = [shapes.canonical_caption(s, inverse) for s in scenes]
     images: list[Image.Image] = []
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
@@ -213,6 +223,7 @@ def _score(images, scenes, prompts, settings, clip, tokenizer) -> dict:
     ]
     return {
         "split": settings.split,
+        "phrasing": settings.phrasing,
         "prompts": len(prompts),
         "per_prompt": k,
         "images": len(images),
