@@ -189,7 +189,8 @@ PAIR_ORDERS = ("in_order", "swapped", "undecided")
 
 
 def pair_order(predicted: dict[str, Any], expected: dict[str, Any]) -> str | None:
-    """Whether a two-object picture holds the prompt's objects in the prompt's order:
+    """Whether a two-object picture holds the prompt's objects the way round the prompt
+    asks (its scene's order, upper or left first, whichever way the prompt names them):
     "in_order" when more of the slots' colours and shapes agree in order than swapped,
     "swapped" when fewer (the pair drawn the wrong way round: blue above red for "red
     above blue"), "undecided" on a tie; None unless both name two objects. Which way

@@ -267,7 +267,7 @@ def format_table(report: dict) -> str:
     order = report["two_object_order"]
     if order is not None:
         lines.append(
-            "two-object pairs: {:.1f}% in the prompt's order, {:.1f}% the other way round, "
+            "two-object pairs: {:.1f}% the way round the prompt asks, {:.1f}% the other way round, "
             "{:.1f}% undecided".format(*(100 * order[k] for k in PAIR_ORDERS))
         )
     slots = report["accuracy_by_slot"]
