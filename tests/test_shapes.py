@@ -181,6 +181,60 @@ def test_relation_captions_say_it_either_way():
     assert flipped.attributes() == scene.attributes()
 
 
+def _names_pair_in_order(text: str, first: Obj, second: Obj, relation: str) -> bool:
+    """Whether ``text`` says "first RELATION second" (any synonym of the relation)."""
+    for phrase in shapes._RELATION_PHRASES[relation]:
+        head, found, tail = text.partition(f" {phrase} ")
+        if found:
+            named = [
+                obj.colour in part
+                and any(w in part for w in SHAPE_WORDS.get(obj.shape, (obj.shape,)))
+                for part, obj in ((head, first), (tail, second))
+            ]
+            return all(named)
+    return False
+
+
+def test_canonical_pair_order_says_every_pair_one_way(train_scenes):
+    pairs = [scene.canonical() for scene in train_scenes if len(scene.objects) == 2][:300]
+    counts = {}
+    for order in shapes.PAIR_ORDERS:
+        rng = np.random.default_rng(0)
+        texts = [caption(scene, rng, order) for scene in pairs]
+        counts[order] = sum(
+            _names_pair_in_order(text, *scene.objects, scene.relation)
+            for scene, text in zip(pairs, texts, strict=True)
+        )
+    assert counts["canonical"] == len(pairs)
+    assert 0.35 * len(pairs) < counts["both"] < 0.65 * len(pairs)  # the rest say it inverted
+
+
+def test_default_captions_are_those_the_shipped_model_learned():
+    # The first captions of the shipped recipe's data (seed 0): pair_order must not move them.
+    rng = np.random.default_rng(np.random.SeedSequence(0).spawn(2)[1])
+    texts = [caption(scene, rng) for scene in scenes_of_seed(0, 6)]
+    assert texts == [
+        "there is a small blue square to the left of a small red circle",
+        "small blue disc above a large red star",
+        "an image of a small green star in the center",
+        "blue triangle left of an orange triangle",
+        "a large orange star at the right on a dark blue background",
+        "a small red star to the right of a large orange square",
+    ]
+
+
+def scenes_of_seed(seed: int, n: int) -> list[Scene]:
+    """The first ``n`` scenes write_dataset draws for ``seed`` (its scene stream)."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[0])
+    return [sample_scene(rng) for _ in range(n)]
+
+
+def test_unknown_pair_order_is_one_sentence(tmp_path):
+    with pytest.raises(ConfigError, match=r"^Unknown pair order 'random'; choose one of "):
+        write_dataset(tmp_path / "d", 2, pair_order="random")
+    assert not (tmp_path / "d").exists()
+
+
 def test_attributes_are_plain_json():
     attrs = Scene("gray", (Obj("star", "purple", "large", (10.0, 10.0), 18.0),)).attributes()
     assert json.loads(json.dumps(attrs)) == attrs
@@ -285,6 +339,19 @@ def test_cli_subcommand(tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and line.startswith("wrote 3 train images")
     assert len(list((tmp_path / "d").glob("*.png"))) == 3
+    args = parser.parse_args(
+        ["shapes", "--n", "3", "--out", str(tmp_path / "c"), "--seed", "2", "--pair-order",
+         "canonical"]
+    )  # fmt: skip
+    args.run(args)
+    assert "pairs said in canonical order" in capsys.readouterr().out
+    plain, ordered = ((tmp_path / d / "metadata.jsonl").read_text() for d in "dc")
+    assert [json.loads(r)["attributes"] for r in plain.splitlines()] == [
+        json.loads(r)["attributes"] for r in ordered.splitlines()
+    ]  # the same scenes; only two-object captions may differ
+    assert (tmp_path / "d" / "00002.png").read_bytes() == (
+        tmp_path / "c" / "00002.png"
+    ).read_bytes()
 
 
 def test_render_speed(train_scenes, capsys):

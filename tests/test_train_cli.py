@@ -262,3 +262,34 @@ def test_train_then_plot(capsys, tiny):
     assert Image.open(out / "curves.png").size[0] > 100
     code, _, err = run_cli(capsys, "plot", tiny["root"] / "no-run")
     assert code == 2 and "does not exist" in error_line(err)
+
+
+def test_a_curriculum_pauses_with_until_and_resumes_on_other_data(capsys, tiny):
+    ordered, out = tiny["root"] / "shapes-ordered", tiny["root"] / "curriculum"
+    write_dataset(ordered, 16, seed=1, size=32, pair_order="canonical")
+    code, stdout, err = run_cli(
+        capsys, "train", "unet", "--config", tiny["run_file"], "--out", out, "--quiet",
+        "--set", f"recipe.data_path={ordered}", "--until", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "to step 2 of 4 in" in stdout and "--resume goes on" in stdout
+    assert not (out / "weights").exists()
+    code, stdout, err = run_cli(
+        capsys, "train", "unet", "--config", tiny["run_file"], "--out", out, "--quiet", "--resume"
+    )
+    assert code == 0, err
+    assert (
+        "trained unet to step 4 in" in stdout and (out / "weights" / "model_index.json").is_file()
+    )
+
+
+def test_until_past_the_run_is_one_line(capsys, tiny):
+    out = tiny["root"] / "too-far"
+    code, _, err = run_cli(
+        capsys, "train", "unet", "--config", tiny["run_file"], "--out", out, "--until", "9"
+    )
+    assert code == 2
+    assert error_line(err).endswith(
+        "until 9 is not a step of this run; give a whole number from 1 to train.steps (4)."
+    )
+    assert not out.exists()

@@ -255,6 +255,41 @@ def test_resume_is_bit_exact(tmp_path):
         assert torch.equal(tensor, a.tensors["model.net"][name])
 
 
+def test_until_stops_with_a_checkpoint_and_resume_finishes_the_same_run(tmp_path):
+    settings = config(ema_decay=0.9, checkpoint_every=4)
+    straight, paused = tmp_path / "straight", tmp_path / "paused"
+    train(ToyPhase(noise=True), settings, straight, progress=False)
+    summary = train(ToyPhase(noise=True), settings, paused, until=3, progress=False)
+
+    assert summary["steps"] == 3
+    assert checkpoint.latest(paused).step == 3  # not a checkpoint_every step: made for until
+    assert not (paused / "weights").exists() and not (paused / "weights-ema").exists()
+    # The schedule is still the one of all 8 steps, so going on gives the run without a pause.
+    train(ToyPhase(noise=True, init_seed=99), settings, paused, resume=True, progress=False)
+    a, b = checkpoint.latest(straight), checkpoint.latest(paused)
+    assert a.step == b.step == 8
+    for stem, tensors in a.tensors.items():
+        for name, tensor in tensors.items():
+            assert torch.equal(tensor, b.tensors[stem][name]), f"{stem}/{name}"
+    assert losses(straight) == losses(paused)
+    assert (paused / "weights-ema").is_dir()
+
+
+@pytest.mark.parametrize("until", [0, 9, 2.5, True])
+def test_until_outside_the_run_is_one_sentence(tmp_path, until):
+    with pytest.raises(ConfigError, match=r"^until .* is not a step of this run; give a whole "
+                       r"number from 1 to train.steps \(8\)\.$"):  # fmt: skip
+        train(ToyPhase(), config(), tmp_path / "run", until=until, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_until_before_the_resumed_step_is_refused(tmp_path):
+    train(ToyPhase(), config(), tmp_path, until=4, progress=False)
+    with pytest.raises(ConfigError, match=r"^the run is already at step 4, past until 2\.$"):
+        train(ToyPhase(), config(), tmp_path, resume=True, until=2, progress=False)
+    assert checkpoint.latest(tmp_path).step == 4
+
+
 # --- kills while writing ------------------------------------------------------------------
 
 

@@ -42,6 +42,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="run folder (required unless --dry-run)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument(
+        "--until",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="stop after this step with a checkpoint (the learning rate keeps the schedule of "
+        "train.steps); --resume later goes on, with other data if you like",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="print the resolved run file and the networks' sizes, then stop",
@@ -67,14 +75,22 @@ def run_train(args: argparse.Namespace) -> None:
         return
     if args.out is None:
         raise LatentkitError("give --out, the folder to write the run to (or use --dry-run).")
+    from .loop import check_until, train
+
+    check_until(args.until, run.train.steps)
     _, phase_class = phase_classes(run.phase)
     phase = phase_class(run.recipe)
     if main_process:
         save_run_file(run, args.out, args.resume)
-    from .loop import train
 
     summary = train(
-        phase, run.train, args.out, resume=args.resume, progress=not args.quiet, device=args.device
+        phase,
+        run.train,
+        args.out,
+        resume=args.resume,
+        until=args.until,
+        progress=not args.quiet,
+        device=args.device,
     )
     if main_process:
         print(summary_line(run, summary, args.out))
@@ -110,6 +126,12 @@ def save_run_file(run: RunConfig, out: Path, resume: bool) -> None:
 def summary_line(run: RunConfig, summary: dict, out: Path) -> str:
     loss = summary.get("loss")
     shown = f"{loss:.4g}" if isinstance(loss, float) else "n/a"
+    if summary["steps"] < run.train.steps:
+        return (
+            f"trained {run.phase} to step {summary['steps']} of {run.train.steps} in "
+            f"{summary['seconds']:.0f} s, last loss {shown}; --resume goes on from "
+            f"{out / 'checkpoints'}"
+        )
     ema = f" (EMA: {out / 'weights-ema'})" if run.train.ema_decay else ""
     return (
         f"trained {run.phase} to step {summary['steps']} in {summary['seconds']:.0f} s, "

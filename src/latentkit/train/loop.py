@@ -25,7 +25,7 @@ from torch import nn
 from ..config import DictForm, require
 from ..data.badlog import BadSampleLog, merged_report
 from ..data.loader import ImageCaptionLoader
-from ..errors import LatentkitError
+from ..errors import ConfigError, LatentkitError
 from ..module_io import replace_atomically
 from . import checkpoint, distributed
 from .checkpoint import EMA, trainable
@@ -213,6 +213,7 @@ def train(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    until: int | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
@@ -220,17 +221,32 @@ def train(
 
     ``resume=True`` continues from the newest complete checkpoint in ``out_dir`` (or starts
     fresh when there is none); without it an ``out_dir`` that holds checkpoints is refused.
-    Under torchrun every process calls this. Returns a summary of the run.
+    ``until`` stops early, with a checkpoint, after that step: the learning rate still
+    follows the schedule of ``config.steps``, and a later ``resume`` goes on (perhaps with
+    other data: a curriculum). Under torchrun every process calls this. Returns a summary.
     """
+    end = check_until(until, config.steps)
     world = distributed.setup(device)
     try:
-        return _Trainer(phase, config, Path(out_dir), world, progress).run(resume)
+        return _Trainer(phase, config, Path(out_dir), world, progress).run(resume, end)
     finally:
         # The DDP wrappers must be freed before their process group is destroyed (gloo can
         # hang in the group's destructor otherwise); the phase keeps the plain modules.
         if isinstance(getattr(phase, "nets", None), dict):
             phase.nets = distributed.unwrap(phase.nets)
         distributed.teardown(world)
+
+
+def check_until(until: int | None, steps: int) -> int:
+    """The step a run with ``until`` stops after (``steps`` when None), or a ConfigError."""
+    if until is None:
+        return steps
+    if isinstance(until, bool) or not isinstance(until, int) or not 1 <= until <= steps:
+        raise ConfigError(
+            f"until {until!r} is not a step of this run; give a whole number from 1 to "
+            f"train.steps ({steps})."
+        )
+    return until
 
 
 class _Trainer:
@@ -259,23 +275,26 @@ class _Trainer:
 
     # --- the run --------------------------------------------------------------------------
 
-    def run(self, resume: bool) -> dict[str, Any]:
+    def run(self, resume: bool, end: int) -> dict[str, Any]:
         start, data_state = self._start(resume)
+        if start > end:
+            raise ConfigError(f"the run is already at step {start}, past until {end}.")
         self.batch_iter = iter(self.phase.batches(data_state))
         began = time.time()
         try:
-            for step in range(start, self.config.steps):
+            for step in range(start, end):
                 self._one_step(step)
                 self._periodic(step + 1)
-            if start < self.config.steps and not self._due(self.config.steps, "checkpoint_every"):
-                self._checkpoint(self.config.steps)
-            bad_samples = self._report_bad_samples()
-            self._export()
+            if start < end and not self._due(end, "checkpoint_every"):
+                self._checkpoint(end)
+            bad_samples = self._report_bad_samples(end)
+            if end == self.config.steps:
+                self._export()
         finally:
             self.log.close()
         distributed.barrier(self.world)
         return {
-            "steps": self.config.steps,
+            "steps": end,
             "start_step": start,
             "loss": self.log.last_loss,
             "skipped_steps": self.skipped,
@@ -468,7 +487,7 @@ class _Trainer:
         distributed.barrier(self.world)
         return result
 
-    def _report_bad_samples(self) -> dict[str, Any] | None:
+    def _report_bad_samples(self, step: int) -> dict[str, Any] | None:
         """The bad samples every rank met, each counted once (this run's reads only: a
         resumed run starts counting afresh)."""
         log = self.phase.bad_samples()
@@ -476,7 +495,7 @@ class _Trainer:
             return None
         report = merged_report(distributed.gather(log.statuses(), self.world))
         if self.world.is_main:
-            self.log.bad_samples(self.config.steps, report)
+            self.log.bad_samples(step, report)
         return report
 
     def _checkpoint(self, done: int) -> None:
