@@ -14,6 +14,9 @@ paths=(--set "recipe.data_path=$DATA/shapes-64")
 
 stamp "data"
 $PY -m latentkit data shapes --n 10000 --out "$DATA/shapes-64" --overwrite
+# The same scenes with every pair said one way round ("A above B", "A left of B"): the
+# U-Net's first 1,800 steps learn on these (a curriculum: docs/shapes-experiments.md).
+$PY -m latentkit data shapes --n 10000 --out "$DATA/shapes-64-ordered" --pair-order canonical --overwrite
 $PY -m latentkit data shapes --n 256 --seed 1 --split held-out --out "$DATA/shapes-64-eval" --overwrite
 
 # The VAE and CLIP phases are independent: side by side, one thread each. One thread per
@@ -27,11 +30,13 @@ OMP_NUM_THREADS=1 $PY -m latentkit train clip --config configs/shapes/clip.toml 
     "${paths[@]}" --set "recipe.eval_path=$DATA/shapes-64-eval" --quiet
 wait $vae || { cat "$WORK/vae.log"; exit 1; }
 tail -1 "$WORK/vae.log"
-stamp "unet"
-$PY -m latentkit train unet --config configs/shapes/unet.toml --out "$RUNS/shapes-unet" \
-    "${paths[@]}" --set "recipe.vae=$RUNS/shapes-vae/weights" \
-    --set "recipe.text_encoder=$RUNS/shapes-clip/weights" \
-    --set "recipe.cache_dir=$RUNS/shapes-cache"
+unet=(train unet --config configs/shapes/unet.toml --out "$RUNS/shapes-unet"
+      --set "recipe.vae=$RUNS/shapes-vae/weights" --set "recipe.text_encoder=$RUNS/shapes-clip/weights")
+stamp "unet, pairs said one way round"
+$PY -m latentkit "${unet[@]}" --set "recipe.data_path=$DATA/shapes-64-ordered" \
+    --set "recipe.cache_dir=$RUNS/shapes-cache-ordered" --until 1800
+stamp "unet, pairs said either way round"
+$PY -m latentkit "${unet[@]}" "${paths[@]}" --set "recipe.cache_dir=$RUNS/shapes-cache" --resume
 
 stamp "vae decoder"
 $PY -m latentkit train vae --config configs/shapes/vae-decoder.toml --out "$RUNS/shapes-vae-decoder" \
