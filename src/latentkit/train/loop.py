@@ -277,11 +277,11 @@ class _Trainer:
 
     def run(self, resume: bool, end: int) -> dict[str, Any]:
         start, data_state = self._start(resume)
-        if start > end:
-            raise ConfigError(f"the run is already at step {start}, past until {end}.")
-        self.batch_iter = iter(self.phase.batches(data_state))
         began = time.time()
         try:
+            if start > end:
+                raise ConfigError(f"the run is already at step {start}, past until {end}.")
+            self.batch_iter = iter(self.phase.batches(data_state))
             for step in range(start, end):
                 self._one_step(step)
                 self._periodic(step + 1)
