@@ -198,7 +198,7 @@ def _names_pair_in_order(text: str, first: Obj, second: Obj, relation: str) -> b
 def test_canonical_pair_order_says_every_pair_one_way(train_scenes):
     pairs = [scene.canonical() for scene in train_scenes if len(scene.objects) == 2][:300]
     counts = {}
-    for order in shapes.PAIR_ORDERS:
+    for order in shapes.CAPTION_PAIR_ORDERS:
         rng = np.random.default_rng(0)
         texts = [caption(scene, rng, order) for scene in pairs]
         counts[order] = sum(

@@ -14,6 +14,7 @@ from PIL import Image
 
 from latentkit.data.shapes import write_dataset
 from latentkit.errors import ConfigError, LatentkitError
+from latentkit.train.cli import changed_settings
 from latentkit.train.recipes import (
     PHASES,
     apply_override,
@@ -279,6 +280,10 @@ def test_a_curriculum_pauses_with_until_and_resumes_on_other_data(capsys, tiny):
     )
     assert code == 0, err
     assert (
+        f"latentkit: resuming with settings that differ from {out / 'config.toml'} "
+        "(recipe.data_path); it is kept."
+    ) in err.splitlines()
+    assert (
         "trained unet to step 4 in" in stdout and (out / "weights" / "model_index.json").is_file()
     )
 
@@ -293,3 +298,15 @@ def test_until_past_the_run_is_one_line(capsys, tiny):
         "until 9 is not a step of this run; give a whole number from 1 to train.steps (4)."
     )
     assert not out.exists()
+
+
+def test_changed_settings_name_dotted_keys():
+    saved = (
+        'phase = "unet"\n[train]\nsteps = 8\n[recipe]\ndata_path = "a"\n[recipe.data]\nsize = 32\n'
+    )
+    now = (
+        'phase = "unet"\n[train]\nsteps = 8\n[recipe]\ndata_path = "b"\n[recipe.data]\nsize = 64\n'
+    )
+    assert changed_settings(saved, now) == "recipe.data.size, recipe.data_path"
+    assert changed_settings(saved, saved) == ""
+    assert changed_settings("steps = = 3", now) == "changed by hand"

@@ -91,7 +91,7 @@ SPLITS = ("train", "held-out")
 # alone says which object is on top, only the two together. "canonical": always "A above
 # B" or "A left of B", where the order of the nouns says it on its own; the shipped model
 # learns on these first (docs/shapes-experiments.md).
-PAIR_ORDERS = ("both", "canonical")
+CAPTION_PAIR_ORDERS = ("both", "canonical")
 
 HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (
     ("green", "triangle"),
@@ -276,7 +276,7 @@ def held_out_combos(scene: Scene) -> list[str]:
 
 def sample_scene(rng: np.random.Generator, split: str = "train", size: int = 64) -> Scene:
     """A random scene of ``split``; the same generator state always gives the same scene."""
-    _check_split(split)
+    _check_choice("split", split, SPLITS)
     _check_size(size)
     if split == "train":
         parts, relation = _draw_train_parts(rng)
@@ -383,14 +383,9 @@ def _place_pair(rng: np.random.Generator, relation: str, diameters, canvas: int)
     return [(across[i], along[i]) if vertical else (along[i], across[i]) for i in range(2)]
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ConfigError(f"Unknown split {split!r}; choose one of {list(SPLITS)}.")
-
-
-def _check_pair_order(pair_order: str) -> None:
-    if pair_order not in PAIR_ORDERS:
-        raise ConfigError(f"Unknown pair order {pair_order!r}; choose one of {list(PAIR_ORDERS)}.")
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"Unknown {what} {value!r}; choose one of {list(choices)}.")
 
 
 def _check_size(size: int) -> None:
@@ -503,9 +498,9 @@ _PAIR_TEMPLATES = (
 
 def caption(scene: Scene, rng: np.random.Generator, pair_order: str = "both") -> str:
     """One of many phrasings of ``scene``: templates, synonyms, either order of a relation
-    (or the canonical one only: ``PAIR_ORDERS``), and the background sometimes. Always
+    (or the canonical one only: ``CAPTION_PAIR_ORDERS``), and the background sometimes. Always
     names every object's colour and shape."""
-    _check_pair_order(pair_order)
+    _check_choice("pair order", pair_order, CAPTION_PAIR_ORDERS)
     with_background = rng.random() < 0.5
     if len(scene.objects) == 1:
         obj = scene.objects[0]
@@ -580,7 +575,7 @@ def write_dataset(
 ) -> dict[str, Any]:
     """Write ``n`` scenes as an ordinary captioned-image folder: ``00000.png`` with its
     caption in ``00000.txt``, and ``metadata.jsonl`` (file_name, text, attributes).
-    ``pair_order`` changes only the captions of two-object scenes (``PAIR_ORDERS``).
+    ``pair_order`` changes only the captions of two-object scenes (``CAPTION_PAIR_ORDERS``).
 
     Refuses a non-empty folder unless ``overwrite``; then it deletes only files it would
     itself have written (numbered .png/.txt and metadata.jsonl) and leaves the rest alone.
@@ -588,9 +583,9 @@ def write_dataset(
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"The number of images must be a positive integer, not {n!r}.")
-    _check_split(split)
+    _check_choice("split", split, SPLITS)
     _check_size(size)
-    _check_pair_order(pair_order)
+    _check_choice("pair order", pair_order, CAPTION_PAIR_ORDERS)
     out = Path(out_dir)
     _prepare_folder(out, overwrite)
 
@@ -666,7 +661,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument(
         "--pair-order",
-        choices=PAIR_ORDERS,
+        choices=CAPTION_PAIR_ORDERS,
         default="both",
         help="how a two-object caption orders its pair: either way round ('A above B' or "
         "'B below A'; the default) or canonical only ('A above B', 'A left of B')",

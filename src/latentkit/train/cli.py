@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tomllib
 from pathlib import Path
 
 from ..errors import LatentkitError
@@ -111,9 +112,11 @@ def save_run_file(run: RunConfig, out: Path, resume: bool) -> None:
         if not resume:
             return  # the loop refuses to start over there; leave the folder as it is
         if path.exists():
-            if path.read_text(encoding="utf-8") != to_toml(run.to_dict()):
+            changed = changed_settings(path.read_text(encoding="utf-8"), to_toml(run.to_dict()))
+            if changed:
                 print(
-                    f"latentkit: resuming with settings that differ from {path}; it is kept.",
+                    f"latentkit: resuming with settings that differ from {path} ({changed}); "
+                    "it is kept.",
                     file=sys.stderr,
                 )
             return
@@ -121,6 +124,26 @@ def save_run_file(run: RunConfig, out: Path, resume: bool) -> None:
     temporary = path.with_name(RUN_FILE + ".tmp")
     temporary.write_text(to_toml(run.to_dict()), encoding="utf-8")
     os.replace(temporary, path)
+
+
+def changed_settings(saved: str, current: str) -> str:
+    """The dotted keys whose values differ between two run files, comma-separated ("" when
+    none); "changed by hand" when the saved file no longer reads as TOML."""
+    try:
+        return ", ".join(_differing_keys(tomllib.loads(saved), tomllib.loads(current), ""))
+    except tomllib.TOMLDecodeError:
+        return "changed by hand"
+
+
+def _differing_keys(a: dict, b: dict, prefix: str) -> list[str]:
+    keys = []
+    for key in sorted(a.keys() | b.keys()):
+        old, new = a.get(key), b.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            keys += _differing_keys(old, new, f"{prefix}{key}.")
+        elif old != new:
+            keys.append(prefix + key)
+    return keys
 
 
 def summary_line(run: RunConfig, summary: dict, out: Path) -> str:
