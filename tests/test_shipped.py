@@ -159,6 +159,39 @@ def test_probe_shapes_script_reads_one_picture_per_colour_and_seed():
     )
 
 
+def test_probe_vae_shapes_script_counts_shapes_object_by_object():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "probe_vae_shapes.py"
+    spec = importlib.util.spec_from_file_location("probe_vae_shapes", script)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    rng = np.random.default_rng(0)
+    scenes = [shapes.sample_scene(rng, "held-out") for _ in range(6)]
+    truth = [scene.attributes() for scene in scenes]
+    total, right = probe.shapes_right(scenes, truth)
+    objects = sum(len(scene.objects) for scene in scenes)
+    assert sum(total.values()) == objects and right == total
+
+    one_wrong = json.loads(json.dumps(truth))
+    first = one_wrong[0]["objects"][0]
+    first["shape"] = next(s for s in shapes.SHAPES if s != first["shape"])
+    _, right = probe.shapes_right(scenes, one_wrong)
+    assert sum(right.values()) == objects - 1
+    miscounted = [{**truth[0], "count": 3 - truth[0]["count"]}, *truth[1:]]
+    _, right = probe.shapes_right(scenes, miscounted)
+    assert sum(right.values()) == objects - len(scenes[0].objects)
+
+    vae = probe.load_vae_from(str(shipped_folder("shapes"))).eval()
+    renders = [shapes.render(scene) for scene in scenes[:2]]
+    back = probe.reconstruct(vae, renders)
+    assert [image.size for image in back] == [(64, 64), (64, 64)]
+    assert np.abs(np.asarray(back[0], float) - np.asarray(renders[0], float)).mean() < 8
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    refused = subprocess.run(
+        [sys.executable, str(script), "--n", "0"], capture_output=True, text=True, env=env
+    )
+    assert refused.returncode == 2 and "--n is 0; it must be at least 1." in refused.stderr
+
+
 def test_rebuild_plain_clip_script_puts_the_judge_clip_together_again(tmp_path):
     """The embedding is the shipped text encoder's; the text layers are CLIP's own, which
     the shipped model's trained away from; the folder does not get overwritten."""

@@ -18,7 +18,13 @@ from latentkit.data.shapes import write_dataset
 from latentkit.errors import ConfigError, LatentkitError
 from latentkit.train import TrainConfig, World, checkpoint, read_records, train
 from latentkit.train.metrics import fixed_batches, gaussian_window, psnr, ssim
-from latentkit.train.vae import VAEPhase, VAERecipe, hinge_discriminator_loss
+from latentkit.train.vae import (
+    VAEPhase,
+    VAERecipe,
+    edge_strength,
+    hinge_discriminator_loss,
+    reconstruction_loss,
+)
 from latentkit.weights import load_vae
 
 # Tiny models run many small kernels; see the one_thread fixture in conftest.py.
@@ -236,6 +242,44 @@ def test_initial_logvar_sets_the_starting_posterior_variance(shapes, quant_conv)
 # --- metrics ------------------------------------------------------------------------------
 
 
+# --- the edge-weighted reconstruction loss ------------------------------------------------
+
+
+def test_edge_strength_marks_both_sides_of_an_outline_and_nothing_flat():
+    image = -torch.ones(1, 3, 8, 8)
+    image[:, 0, 3:5, 3:5] = 1  # a 2x2 red square: a step of 2 in one channel
+    image[:, 1, 0, 7] = 0  # a half step in a corner pixel
+    strength = edge_strength(image)[0, 0]
+    assert strength.shape == (8, 8)
+    marked = torch.zeros(8, 8)
+    marked[2:6, 2:6] = 1  # the square and the ring of pixels around it
+    assert torch.equal(strength * (marked == 1), marked)
+    corner = torch.zeros(8, 8)
+    corner[0:2, 6:8] = 0.5
+    assert torch.equal(strength * (marked == 0), corner)
+    assert float(edge_strength(torch.zeros(2, 3, 6, 6)).abs().max()) == 0.0
+
+
+def test_edge_weight_weighs_outline_errors_and_keeps_the_scale():
+    target = -torch.ones(1, 3, 8, 8)
+    target[..., 3:5, 3:5] = 1
+    flat_error = target.clone()
+    flat_error[..., 0, 0] += 0.5  # one pixel off, far from the outline
+    edge_error = target.clone()
+    edge_error[..., 3, 3] += 0.5  # the same error on the outline
+    for kind in ("l1", "l2"):
+        plain = reconstruction_loss(flat_error, target, kind)
+        assert float(reconstruction_loss(edge_error, target, kind)) == pytest.approx(float(plain))
+        weighted_flat = reconstruction_loss(flat_error, target, kind, edge_weight=10.0)
+        weighted_edge = reconstruction_loss(edge_error, target, kind, edge_weight=10.0)
+        assert float(weighted_edge) == pytest.approx(11 * float(weighted_flat))
+        # A uniform error costs the same with or without the weights (a weighted mean).
+        uniform = target + 0.1
+        assert float(reconstruction_loss(uniform, target, kind, edge_weight=10.0)) == (
+            pytest.approx(float(reconstruction_loss(uniform, target, kind)))
+        )
+
+
 def test_psnr_by_hand():
     a = torch.zeros(2, 3, 16, 16)
     b = a.clone()
@@ -291,6 +335,7 @@ def reference_ssim(x: torch.Tensor, y: torch.Tensor) -> list[float]:
         ({"data_path": "x", "klweight": 1e-6}, "unknown key 'klweight'"),
         ({"data_path": "x", "recon": "l3"}, "recon is 'l3'"),
         ({"data_path": "x", "kl_weight": -1}, "kl_weight"),
+        ({"data_path": "x", "edge_weight": -1.0}, "edge_weight is -1.0"),
         ({}, "data_path is empty"),
         ({"data_path": "x", "data": {"size": 36}}, "multiple of 8"),
         ({"data_path": "x", "model": {"block_out_channels": [8] * 5}, "data": {"size": 8}}, "16"),
