@@ -374,8 +374,12 @@ def test_a_packed_upsampler_doubles_on_the_small_map_as_close_to_fp32_as_the_pla
         plain_error = (reference.float() - exact).abs().mean()
         assert packed_error <= 1.35 * plain_error
         torch.testing.assert_close(doubled.float(), reference.float(), atol=0.03, rtol=0.02)
-        # Other sizes (the U-Net meeting an odd skip) take the packed 3x3 conv, bit for bit.
-        assert torch.equal(packed(x, size=(11, 14)), plain(x, size=(11, 14)))
+        # Other sizes (the U-Net meeting an odd skip) take the packed 3x3 conv: bit for bit
+        # on an Intel CPU with AMX; on others (an AMD EPYC) oneDNN's packed and plain bf16
+        # kernels may round a value or two one bf16 step apart.
+        torch.testing.assert_close(
+            packed(x, size=(11, 14)), plain(x, size=(11, 14)), atol=1e-6, rtol=2**-8
+        )
 
 
 def test_a_packed_upsampler_keeps_its_state_dict_and_unpacks_whole():
