@@ -62,7 +62,7 @@ def main() -> None:
     if args.n < 1:
         parser.error(f"--n is {args.n}; it must be at least 1.")
     try:
-        vae = load_vae_from(str(resolve(args.vae))).eval()
+        vae = load_vae_from(str(resolve(args.vae)), key="--vae").eval()
     except LatentkitError as err:
         parser.error(str(err))
     rng = np.random.default_rng(args.seed)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The shipped shapes model, from nothing: data, the three training phases, and the export
 # into src/latentkit/assets/models/shapes (fp16). Run from the repository root:
-#   scripts/train_shapes.sh            # everything: 75 min on a 2-core CPU (over 2 h in its slow hours)
+#   scripts/train_shapes.sh            # everything: 75 min on a 2-core AMD EPYC (README)
 # WORK=dir puts the data and runs elsewhere (default: the repository's data/ and runs/).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -190,6 +190,13 @@ def test_probe_vae_shapes_script_counts_shapes_object_by_object():
         [sys.executable, str(script), "--n", "0"], capture_output=True, text=True, env=env
     )
     assert refused.returncode == 2 and "--n is 0; it must be at least 1." in refused.stderr
+    refused = subprocess.run(
+        [sys.executable, str(script), "--vae", "no/such/vae"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert refused.returncode == 2 and "--vae path no/such/vae does not exist." in refused.stderr
 
 
 def test_rebuild_plain_clip_script_puts_the_judge_clip_together_again(tmp_path):

@@ -239,9 +239,6 @@ def test_initial_logvar_sets_the_starting_posterior_variance(shapes, quant_conv)
     assert math.isclose(float(started.std.mean()), math.exp(-3.0), rel_tol=0.5)
 
 
-# --- metrics ------------------------------------------------------------------------------
-
-
 # --- the edge-weighted reconstruction loss ------------------------------------------------
 
 
@@ -278,6 +275,24 @@ def test_edge_weight_weighs_outline_errors_and_keeps_the_scale():
         assert float(reconstruction_loss(uniform, target, kind, edge_weight=10.0)) == (
             pytest.approx(float(reconstruction_loss(uniform, target, kind)))
         )
+
+
+def test_the_phase_loss_takes_the_recipes_edge_weight(shapes):
+    phase = VAEPhase(recipe(shapes, edge_weight=10.0))
+    phase.bind(World(), phase.modules())
+    images = next(fixed_batches(str(shapes / "train"), phase.recipe.data, 4))["pixels"]
+    torch.manual_seed(0)
+    _, metrics = phase.loss({"pixels": images}, step=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        output, _ = phase.nets["vae"](images)
+    weighted = reconstruction_loss(output, images, phase.recipe.recon, edge_weight=10.0)
+    plain = reconstruction_loss(output, images, phase.recipe.recon)
+    assert metrics["recon"] == pytest.approx(float(weighted), rel=1e-5)
+    assert abs(float(weighted) - float(plain)) > 1e-3 * float(plain)
+
+
+# --- metrics ------------------------------------------------------------------------------
 
 
 def test_psnr_by_hand():

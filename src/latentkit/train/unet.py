@@ -653,9 +653,9 @@ def component_folder(path: str, name: str, key: str | None = None) -> Path | Non
 
     ``path`` may be the component folder itself (it holds config.json) or a folder with
     a ``name/`` subfolder: a diffusers model folder or another phase's ``weights/``.
-    ``key`` is the recipe setting that gave ``path``, for the error (default ``name``).
+    ``key`` names what gave ``path``, for the error (default: the recipe setting ``name``).
     """
-    key = key or name
+    key = key or f"recipe: {name}"
     where = Path(path)
     if where.is_file():
         return None
@@ -664,17 +664,17 @@ def component_folder(path: str, name: str, key: str | None = None) -> Path | Non
     if (where / "config.json").is_file():
         return where
     if not where.exists():
-        raise ConfigError(f"recipe: {key} path {where} does not exist.")
+        raise ConfigError(f"{key} path {where} does not exist.")
     raise ConfigError(
-        f"recipe: {key} path {where} holds neither config.json nor a {name}/ folder with "
+        f"{key} path {where} holds neither config.json nor a {name}/ folder with "
         "one; give a component folder, a model folder or a single-file model."
     )
 
 
-def load_vae_from(path: str, single_file=None, key: str = "vae") -> nn.Module:
-    """The fp32 VAE that ``path`` (the recipe's ``key``) names: a ``vae/`` component folder,
-    a folder holding one, or a single-file model (read by ``single_file(path)``, default
-    ``weights.load``)."""
+def load_vae_from(path: str, single_file=None, key: str = "recipe: vae") -> nn.Module:
+    """The fp32 VAE that ``path`` names (``key``: what gave it, for errors): a ``vae/``
+    component folder, a folder holding one, or a single-file model (read by
+    ``single_file(path)``, default ``weights.load``)."""
     folder = component_folder(path, "vae", key)
     if folder is not None:
         return load_vae(folder, dtype=torch.float32)

@@ -209,7 +209,7 @@ class PatchDiscriminator(nn.Module):
 def load_initial_vae(vae: AutoencoderKL, path: str) -> None:
     """Copy the weights of the VAE at ``path`` into ``vae``, whose config it must share
     (the scaling factor aside)."""
-    trained = load_vae_from(path, key="init_vae")
+    trained = load_vae_from(path, key="recipe: init_vae")
     mine = dataclasses.asdict(vae.config)
     theirs = dataclasses.asdict(trained.config)
     differ = [k for k in mine if k != "scaling_factor" and mine[k] != theirs[k]]
