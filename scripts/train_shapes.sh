@@ -3,12 +3,19 @@
 # into src/latentkit/assets/models/shapes (fp16). Run from the repository root:
 #   scripts/train_shapes.sh            # everything: 75 min on a 2-core AMD EPYC (README)
 # WORK=dir puts the data and runs elsewhere (default: the repository's data/ and runs/).
+# EXPORT=dir writes the exported model to dir/shapes and its CLIP to dir/clip-shapes instead
+# of replacing the shipped ones (default: the package's assets), e.g. to compare a rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
 WORK=${WORK:-.}
 DATA=$WORK/data
 RUNS=$WORK/runs
+if [ -n "${EXPORT:-}" ]; then
+    MODEL_OUT=$EXPORT/shapes; JUDGE_CLIP_OUT=$EXPORT/clip-shapes
+else
+    MODEL_OUT=src/latentkit/assets/models/shapes; JUDGE_CLIP_OUT=src/latentkit/assets/judge/clip-shapes
+fi
 stamp() { echo "== $(date +%H:%M:%S) $*"; }
 paths=(--set "recipe.data_path=$DATA/shapes-64")
 
@@ -46,6 +53,5 @@ $PY -m latentkit train vae --config configs/shapes/vae-decoder.toml --out "$RUNS
 stamp "export"
 $PY scripts/export_shapes.py --unet "$RUNS/shapes-unet/weights-ema" \
     --vae "$RUNS/shapes-vae-decoder/weights/vae" \
-    --clip "$RUNS/shapes-clip/weights/clip" --out src/latentkit/assets/models/shapes \
-    --clip-out src/latentkit/assets/judge/clip-shapes
+    --clip "$RUNS/shapes-clip/weights/clip" --out "$MODEL_OUT" --clip-out "$JUDGE_CLIP_OUT"
 stamp "done"
