@@ -11,6 +11,7 @@ PY=${PY:-python}
 WORK=${WORK:-.}
 DATA=$WORK/data
 RUNS=$WORK/runs
+mkdir -p "$WORK"
 if [ -n "${EXPORT:-}" ]; then
     MODEL_OUT=$EXPORT/shapes; JUDGE_CLIP_OUT=$EXPORT/clip-shapes
 else

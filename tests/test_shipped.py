@@ -223,3 +223,29 @@ def test_rebuild_plain_clip_script_puts_the_judge_clip_together_again(tmp_path):
     assert (out / "tokenizer").is_dir()
     refused = run()
     assert refused.returncode == 2 and "exists; give a new folder" in refused.stderr
+
+
+def _train_shapes_commands(tmp_path, **env_vars):
+    """The commands scripts/train_shapes.sh runs, one per line, with PY a stub that logs
+    its arguments instead of training."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_shapes.sh"
+    tmp_path.mkdir()
+    log = tmp_path / "commands.log"
+    stub = tmp_path / "py"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n')
+    stub.chmod(0o755)
+    env = dict(os.environ, PY=str(stub), WORK=str(tmp_path / "work"), **env_vars)
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    return log.read_text().splitlines()
+
+
+def test_train_shapes_exports_over_the_shipped_model_unless_export_is_given(tmp_path):
+    shipped = _train_shapes_commands(tmp_path / "a")[-1]
+    assert shipped.startswith("scripts/export_shapes.py")
+    assert "--out src/latentkit/assets/models/shapes" in shipped
+    assert "--clip-out src/latentkit/assets/judge/clip-shapes" in shipped
+    elsewhere = _train_shapes_commands(tmp_path / "b", EXPORT=str(tmp_path / "export"))[-1]
+    assert f"--out {tmp_path / 'export' / 'shapes'} " in elsewhere
+    assert elsewhere.endswith(f"--clip-out {tmp_path / 'export' / 'clip-shapes'}")
+    assert "src/latentkit/assets" not in elsewhere
