@@ -7,7 +7,7 @@ does not hold identically (its image tower and its own text layers).
     python scripts/export_shapes.py --unet runs/shapes-unet/weights-ema \
         --vae runs/shapes-vae-decoder/weights/vae \
         --clip runs/shapes-clip/weights/clip --out src/latentkit/assets/models/shapes \
-        --clip-out src/latentkit/assets/judge/clip-shapes
+        --clip-out src/latentkit/assets/judge/clip-shapes --overwrite
 """
 
 from __future__ import annotations
@@ -37,7 +37,15 @@ def main() -> None:
     parser.add_argument(
         "--clip-out", type=Path, help="where the scoring CLIP goes (default: OUT/clip)"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT and CLIP_OUT if they exist"
+    )
     args = parser.parse_args()
+    for option, path in (("--out", args.out), ("--clip-out", args.clip_out)):
+        if path is not None and path.exists() and not args.overwrite:
+            parser.error(
+                f"{option} {path} exists; give a new folder, or --overwrite to replace it."
+            )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Casting on load and saving at the loaded dtype keeps one rounding, fp32 -> fp16.

@@ -4,7 +4,8 @@
 #   scripts/train_shapes.sh            # everything: 75 min on a 2-core AMD EPYC (README)
 # WORK=dir puts the data and runs elsewhere (default: the repository's data/ and runs/).
 # EXPORT=dir writes the exported model to dir/shapes and its CLIP to dir/clip-shapes instead
-# of replacing the shipped ones (default: the package's assets), e.g. to compare a rerun.
+# of replacing the shipped ones (default: the package's assets), e.g. to compare a rerun;
+# it must not hold either yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -13,9 +14,14 @@ DATA=$WORK/data
 RUNS=$WORK/runs
 mkdir -p "$WORK"
 if [ -n "${EXPORT:-}" ]; then
-    MODEL_OUT=$EXPORT/shapes; JUDGE_CLIP_OUT=$EXPORT/clip-shapes
+    export_to=(--out "$EXPORT/shapes" --clip-out "$EXPORT/clip-shapes")
+    if [ -e "$EXPORT/shapes" ] || [ -e "$EXPORT/clip-shapes" ]; then
+        echo "EXPORT folder $EXPORT already holds shapes/ or clip-shapes/; give a new folder." >&2
+        exit 2
+    fi
 else
-    MODEL_OUT=src/latentkit/assets/models/shapes; JUDGE_CLIP_OUT=src/latentkit/assets/judge/clip-shapes
+    export_to=(--out src/latentkit/assets/models/shapes
+               --clip-out src/latentkit/assets/judge/clip-shapes --overwrite)
 fi
 stamp() { echo "== $(date +%H:%M:%S) $*"; }
 paths=(--set "recipe.data_path=$DATA/shapes-64")
@@ -54,5 +60,5 @@ $PY -m latentkit train vae --config configs/shapes/vae-decoder.toml --out "$RUNS
 stamp "export"
 $PY scripts/export_shapes.py --unet "$RUNS/shapes-unet/weights-ema" \
     --vae "$RUNS/shapes-vae-decoder/weights/vae" \
-    --clip "$RUNS/shapes-clip/weights/clip" --out "$MODEL_OUT" --clip-out "$JUDGE_CLIP_OUT"
+    --clip "$RUNS/shapes-clip/weights/clip" "${export_to[@]}"
 stamp "done"

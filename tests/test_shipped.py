@@ -225,27 +225,58 @@ def test_rebuild_plain_clip_script_puts_the_judge_clip_together_again(tmp_path):
     assert refused.returncode == 2 and "exists; give a new folder" in refused.stderr
 
 
-def _train_shapes_commands(tmp_path, **env_vars):
-    """The commands scripts/train_shapes.sh runs, one per line, with PY a stub that logs
-    its arguments instead of training."""
+def _run_train_shapes(tmp_path, **env_vars):
+    """scripts/train_shapes.sh with PY a stub that logs its arguments instead of training:
+    the finished process and the commands it ran, one per line."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "train_shapes.sh"
     tmp_path.mkdir()
     log = tmp_path / "commands.log"
+    log.touch()
     stub = tmp_path / "py"
     stub.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n')
     stub.chmod(0o755)
     env = dict(os.environ, PY=str(stub), WORK=str(tmp_path / "work"), **env_vars)
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr
-    return log.read_text().splitlines()
+    return done, log.read_text().splitlines()
 
 
 def test_train_shapes_exports_over_the_shipped_model_unless_export_is_given(tmp_path):
-    shipped = _train_shapes_commands(tmp_path / "a")[-1]
+    done, commands = _run_train_shapes(tmp_path / "a")
+    assert done.returncode == 0, done.stderr
+    shipped = commands[-1]
     assert shipped.startswith("scripts/export_shapes.py")
     assert "--out src/latentkit/assets/models/shapes" in shipped
-    assert "--clip-out src/latentkit/assets/judge/clip-shapes" in shipped
-    elsewhere = _train_shapes_commands(tmp_path / "b", EXPORT=str(tmp_path / "export"))[-1]
-    assert f"--out {tmp_path / 'export' / 'shapes'} " in elsewhere
-    assert elsewhere.endswith(f"--clip-out {tmp_path / 'export' / 'clip-shapes'}")
-    assert "src/latentkit/assets" not in elsewhere
+    assert shipped.endswith("--clip-out src/latentkit/assets/judge/clip-shapes --overwrite")
+    export = tmp_path / "export"
+    done, commands = _run_train_shapes(tmp_path / "b", EXPORT=str(export))
+    assert done.returncode == 0, done.stderr
+    elsewhere = commands[-1]
+    assert f"--out {export / 'shapes'} " in elsewhere
+    assert elsewhere.endswith(f"--clip-out {export / 'clip-shapes'}")
+    assert "src/latentkit/assets" not in elsewhere and "--overwrite" not in elsewhere
+
+
+def test_train_shapes_refuses_an_export_folder_that_holds_a_model_before_training(tmp_path):
+    export = tmp_path / "export"
+    (export / "shapes").mkdir(parents=True)
+    done, commands = _run_train_shapes(tmp_path / "run", EXPORT=str(export))
+    assert done.returncode == 2 and commands == []
+    assert f"EXPORT folder {export} already holds shapes/ or clip-shapes/" in done.stderr
+
+
+def test_export_shapes_refuses_an_existing_out_folder_without_overwrite(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export_shapes.py"
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("mine")
+    for option in ("--out", "--clip-out"):
+        paths = {"--out": tmp_path / "new", "--clip-out": tmp_path / "new-clip", option: kept}
+        args = [a for pair in paths.items() for a in (pair[0], str(pair[1]))]
+        refused = subprocess.run(
+            [sys.executable, str(script), "--unet", "u", "--clip", "c", *args],
+            capture_output=True,
+            text=True,
+        )
+        assert refused.returncode == 2
+        assert f"{option} {kept} exists; give a new folder, or --overwrite" in refused.stderr
+    assert (kept / "mine.txt").read_text() == "mine" and not (tmp_path / "new").exists()
