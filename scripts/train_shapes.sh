@@ -6,6 +6,10 @@
 # EXPORT=dir writes the exported model to dir/shapes and its CLIP to dir/clip-shapes instead
 # of replacing the shipped ones (default: the package's assets), e.g. to compare a rerun;
 # it must not hold either yet.
+# UNET_SEED=n seeds the U-Net phase with n instead of 0 (its initial weights, those of the
+# fresh text layers, and its batches, noise and timesteps); CANONICAL_STEPS=n ends the
+# caption curriculum's first part after step n instead of 1,800 (of 3,600). Both are for
+# measuring how the recipe varies (docs/shapes-experiments.md); the shipped model uses neither.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -23,13 +27,27 @@ else
     export_to=(--out src/latentkit/assets/models/shapes
                --clip-out src/latentkit/assets/judge/clip-shapes --overwrite)
 fi
+UNET_SEED=${UNET_SEED:-0}
+CANONICAL_STEPS=${CANONICAL_STEPS:-1800}
+for setting in UNET_SEED CANONICAL_STEPS; do
+    if ! [[ ${!setting} =~ ^[0-9]+$ ]]; then
+        echo "$setting is ${!setting}; give a whole number (0 or more)." >&2
+        exit 2
+    fi
+done
+unet=(train unet --config configs/shapes/unet.toml --out "$RUNS/shapes-unet"
+      --set "recipe.vae=$RUNS/shapes-vae/weights" --set "recipe.text_encoder=$RUNS/shapes-clip/weights"
+      --set "train.seed=$UNET_SEED" --set "recipe.init_seed=$UNET_SEED")
+# A CANONICAL_STEPS past the U-Net's schedule is refused here, not after the first phases.
+$PY -m latentkit "${unet[@]}" --until "$CANONICAL_STEPS" --dry-run > /dev/null
 stamp() { echo "== $(date +%H:%M:%S) $*"; }
 paths=(--set "recipe.data_path=$DATA/shapes-64")
 
 stamp "data"
 $PY -m latentkit data shapes --n 10000 --out "$DATA/shapes-64" --overwrite
 # The same scenes with every pair said one way round ("A above B", "A left of B"): the
-# U-Net's first 1,800 steps learn on these (a curriculum: docs/shapes-experiments.md).
+# U-Net's first 1,800 steps (CANONICAL_STEPS) learn on these (a curriculum:
+# docs/shapes-experiments.md).
 $PY -m latentkit data shapes --n 10000 --out "$DATA/shapes-64-ordered" --pair-order canonical --overwrite
 $PY -m latentkit data shapes --n 256 --seed 1 --split held-out --out "$DATA/shapes-64-eval" --overwrite
 
@@ -44,11 +62,9 @@ OMP_NUM_THREADS=1 $PY -m latentkit train clip --config configs/shapes/clip.toml 
     "${paths[@]}" --set "recipe.eval_path=$DATA/shapes-64-eval" --quiet
 wait $vae || { cat "$WORK/vae.log"; exit 1; }
 tail -1 "$WORK/vae.log"
-unet=(train unet --config configs/shapes/unet.toml --out "$RUNS/shapes-unet"
-      --set "recipe.vae=$RUNS/shapes-vae/weights" --set "recipe.text_encoder=$RUNS/shapes-clip/weights")
 stamp "unet, pairs said one way round"
 $PY -m latentkit "${unet[@]}" --set "recipe.data_path=$DATA/shapes-64-ordered" \
-    --set "recipe.cache_dir=$RUNS/shapes-cache-ordered" --until 1800
+    --set "recipe.cache_dir=$RUNS/shapes-cache-ordered" --until "$CANONICAL_STEPS"
 stamp "unet, pairs said either way round"
 $PY -m latentkit "${unet[@]}" "${paths[@]}" --set "recipe.cache_dir=$RUNS/shapes-cache" --resume
 

@@ -84,8 +84,10 @@ def test_nested_unknown_key_names_its_place():
 
 
 def test_wrong_types_and_values_are_errors():
-    with pytest.raises(ConfigError, match="must be a int"):
+    with pytest.raises(ConfigError, match="latent_channels must be a whole number, got 'four'"):
         from_dict(VAEConfig, {"latent_channels": "four"})
+    with pytest.raises(ConfigError, match="must be true or false, got 1"):
+        from_dict(VAEConfig, {"force_upcast": 1})
     with pytest.raises(ConfigError, match="prediction_type"):
         ScheduleConfig(prediction_type="noise")
     with pytest.raises(ConfigError, match="cannot be split into 7 heads"):

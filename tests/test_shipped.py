@@ -264,6 +264,28 @@ def test_train_shapes_refuses_an_export_folder_that_holds_a_model_before_trainin
     assert f"EXPORT folder {export} already holds shapes/ or clip-shapes/" in done.stderr
 
 
+def test_train_shapes_passes_unet_seed_and_canonical_steps_to_the_unet_phase(tmp_path):
+    done, commands = _run_train_shapes(tmp_path / "a", UNET_SEED="3", CANONICAL_STEPS="2400")
+    assert done.returncode == 0, done.stderr
+    unet = [c for c in commands if c.startswith("-m latentkit train unet")]
+    assert len(unet) == 3  # the dry run that checks the settings, then the curriculum's parts
+    assert all("--set train.seed=3 --set recipe.init_seed=3" in c for c in unet)
+    assert unet[0].endswith("--until 2400 --dry-run") and unet[1].endswith("--until 2400")
+    assert unet[2].endswith("--resume")
+    done, commands = _run_train_shapes(tmp_path / "b")
+    first_part = [c for c in commands if "shapes-64-ordered" in c and "train unet" in c]
+    assert first_part[0].endswith("--until 1800") and "train.seed=0" in first_part[0]
+
+
+def test_train_shapes_refuses_a_unet_seed_or_canonical_steps_that_is_not_a_whole_number(
+    tmp_path,
+):
+    for setting, value in (("UNET_SEED", "-1"), ("CANONICAL_STEPS", "half")):
+        done, commands = _run_train_shapes(tmp_path / setting, **{setting: value})
+        assert done.returncode == 2 and commands == []
+        assert f"{setting} is {value}; give a whole number (0 or more)." in done.stderr
+
+
 def test_export_shapes_refuses_an_existing_out_folder_without_overwrite(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "export_shapes.py"
     kept = tmp_path / "kept"

@@ -298,6 +298,11 @@ def test_until_past_the_run_is_one_line(capsys, tiny):
         "until 9 is not a step of this run; give a whole number from 1 to train.steps (4)."
     )
     assert not out.exists()
+    # --dry-run checks it too, so a script can refuse it before it trains anything
+    code, _, err = run_cli(
+        capsys, "train", "unet", "--config", tiny["run_file"], "--until", "9", "--dry-run"
+    )
+    assert code == 2 and "until 9 is not a step of this run" in error_line(err)
 
 
 def test_changed_settings_name_dotted_keys():

@@ -273,9 +273,12 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return None
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, str, bool) and type(value) is not hint:
-        raise ConfigError(f"{where} must be a {hint.__name__}, got {value!r}.")
+    if hint in _PLAIN_NAMES and type(value) is not hint:
+        raise ConfigError(f"{where} must be {_PLAIN_NAMES[hint]}, got {value!r}.")
     return value
+
+
+_PLAIN_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
 
 
 def _union_options(hint: Any) -> tuple[Any, ...] | None:

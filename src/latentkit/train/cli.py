@@ -68,7 +68,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from .loop import check_until, train
+
     run = load_run(args.phase, args.config, args.overrides)
+    check_until(args.until, run.train.steps)
     main_process = os.environ.get("RANK", "0") == "0"
     if args.dry_run:
         if main_process:
@@ -76,9 +79,6 @@ def run_train(args: argparse.Namespace) -> None:
         return
     if args.out is None:
         raise LatentkitError("give --out, the folder to write the run to (or use --dry-run).")
-    from .loop import check_until, train
-
-    check_until(args.until, run.train.steps)
     _, phase_class = phase_classes(run.phase)
     phase = phase_class(run.recipe)
     if main_process:
