@@ -34,12 +34,17 @@ for setting in UNET_SEED CANONICAL_STEPS; do
         echo "$setting is ${!setting}; give a whole number (0 or more)." >&2
         exit 2
     fi
+    printf -v "$setting" %d "$((10#${!setting}))"  # 08 -> 8: TOML refuses leading zeros
 done
 unet=(train unet --config configs/shapes/unet.toml --out "$RUNS/shapes-unet"
       --set "recipe.vae=$RUNS/shapes-vae/weights" --set "recipe.text_encoder=$RUNS/shapes-clip/weights"
       --set "train.seed=$UNET_SEED" --set "recipe.init_seed=$UNET_SEED")
-# A CANONICAL_STEPS past the U-Net's schedule is refused here, not after the first phases.
-$PY -m latentkit "${unet[@]}" --until "$CANONICAL_STEPS" --dry-run > /dev/null
+# The U-Net phase's settings, CANONICAL_STEPS past its schedule among them, are checked
+# here by a dry run rather than after the first phases have trained.
+if ! refused=$($PY -m latentkit "${unet[@]}" --until "$CANONICAL_STEPS" --dry-run 2>&1 >/dev/null); then
+    echo "The U-Net phase refuses UNET_SEED=$UNET_SEED CANONICAL_STEPS=$CANONICAL_STEPS: ${refused#latentkit: error: }" >&2
+    exit 2
+fi
 stamp() { echo "== $(date +%H:%M:%S) $*"; }
 paths=(--set "recipe.data_path=$DATA/shapes-64")
 

@@ -235,7 +235,7 @@ def _run_train_shapes(tmp_path, **env_vars):
     stub = tmp_path / "py"
     stub.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n')
     stub.chmod(0o755)
-    env = dict(os.environ, PY=str(stub), WORK=str(tmp_path / "work"), **env_vars)
+    env = {**os.environ, "PY": str(stub), "WORK": str(tmp_path / "work"), **env_vars}
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
     return done, log.read_text().splitlines()
 
@@ -284,6 +284,21 @@ def test_train_shapes_refuses_a_unet_seed_or_canonical_steps_that_is_not_a_whole
         done, commands = _run_train_shapes(tmp_path / setting, **{setting: value})
         assert done.returncode == 2 and commands == []
         assert f"{setting} is {value}; give a whole number (0 or more)." in done.stderr
+    done, commands = _run_train_shapes(tmp_path / "zeros", UNET_SEED="07", CANONICAL_STEPS="0900")
+    assert done.returncode == 0 and "--set train.seed=7 " in commands[0]
+    assert commands[0].endswith("--until 900 --dry-run")
+
+
+def test_train_shapes_refuses_canonical_steps_past_the_schedule_before_it_trains(tmp_path):
+    # the real latentkit for the dry run that checks it; nothing else may run
+    for steps in ("0", "5000"):
+        done, _ = _run_train_shapes(tmp_path / steps, PY=sys.executable, CANONICAL_STEPS=steps)
+        assert done.returncode == 2
+        assert done.stderr.strip() == (
+            f"The U-Net phase refuses UNET_SEED=0 CANONICAL_STEPS={steps}: until {steps} is not "
+            "a step of this run; give a whole number from 1 to train.steps (3600)."
+        )
+        assert "== " not in done.stdout and not (tmp_path / steps / "work" / "data").exists()
 
 
 def test_export_shapes_refuses_an_existing_out_folder_without_overwrite(tmp_path):
