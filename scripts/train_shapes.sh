@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The shipped shapes model, from nothing: data, the three training phases, and the export
 # into src/latentkit/assets/models/shapes (fp16). Run from the repository root:
-#   scripts/train_shapes.sh            # everything: 75 min on a 2-core AMD EPYC (README)
+#   scripts/train_shapes.sh            # everything: 75 min to 2 h on a 2-core AMD EPYC (README)
 # WORK=dir puts the data and runs elsewhere (default: the repository's data/ and runs/).
 # EXPORT=dir writes the exported model to dir/shapes and its CLIP to dir/clip-shapes instead
 # of replacing the shipped ones (default: the package's assets), e.g. to compare a rerun;
 # it must not hold either yet.
 # UNET_SEED=n seeds the U-Net phase with n instead of 0 (its initial weights, those of the
 # fresh text layers, and its batches, noise and timesteps); CANONICAL_STEPS=n ends the
-# caption curriculum's first part after step n instead of 1,800 (of 3,600). Both are for
+# caption curriculum's first part after step n instead of 2,400 (of 3,600). Both are for
 # measuring how the recipe varies (docs/shapes-experiments.md); the shipped model uses neither.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +28,7 @@ else
                --clip-out src/latentkit/assets/judge/clip-shapes --overwrite)
 fi
 UNET_SEED=${UNET_SEED:-0}
-CANONICAL_STEPS=${CANONICAL_STEPS:-1800}
+CANONICAL_STEPS=${CANONICAL_STEPS:-2400}
 for setting in UNET_SEED CANONICAL_STEPS; do
     if ! [[ ${!setting} =~ ^[0-9]+$ ]]; then
         echo "$setting is ${!setting}; give a whole number (0 or more)." >&2
@@ -51,7 +51,7 @@ paths=(--set "recipe.data_path=$DATA/shapes-64")
 stamp "data"
 $PY -m latentkit data shapes --n 10000 --out "$DATA/shapes-64" --overwrite
 # The same scenes with every pair said one way round ("A above B", "A left of B"): the
-# U-Net's first 1,800 steps (CANONICAL_STEPS) learn on these (a curriculum:
+# U-Net's first 2,400 steps (CANONICAL_STEPS) learn on these (a curriculum:
 # docs/shapes-experiments.md).
 $PY -m latentkit data shapes --n 10000 --out "$DATA/shapes-64-ordered" --pair-order canonical --overwrite
 $PY -m latentkit data shapes --n 256 --seed 1 --split held-out --out "$DATA/shapes-64-eval" --overwrite

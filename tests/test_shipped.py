@@ -265,16 +265,16 @@ def test_train_shapes_refuses_an_export_folder_that_holds_a_model_before_trainin
 
 
 def test_train_shapes_passes_unet_seed_and_canonical_steps_to_the_unet_phase(tmp_path):
-    done, commands = _run_train_shapes(tmp_path / "a", UNET_SEED="3", CANONICAL_STEPS="2400")
+    done, commands = _run_train_shapes(tmp_path / "a", UNET_SEED="3", CANONICAL_STEPS="3000")
     assert done.returncode == 0, done.stderr
     unet = [c for c in commands if c.startswith("-m latentkit train unet")]
     assert len(unet) == 3  # the dry run that checks the settings, then the curriculum's parts
     assert all("--set train.seed=3 --set recipe.init_seed=3" in c for c in unet)
-    assert unet[0].endswith("--until 2400 --dry-run") and unet[1].endswith("--until 2400")
+    assert unet[0].endswith("--until 3000 --dry-run") and unet[1].endswith("--until 3000")
     assert unet[2].endswith("--resume")
     done, commands = _run_train_shapes(tmp_path / "b")
     first_part = [c for c in commands if "shapes-64-ordered" in c and "train unet" in c]
-    assert first_part[0].endswith("--until 1800") and "train.seed=0" in first_part[0]
+    assert first_part[0].endswith("--until 2400") and "train.seed=0" in first_part[0]
 
 
 def test_train_shapes_refuses_a_unet_seed_or_canonical_steps_that_is_not_a_whole_number(
