@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The shipped shapes model, from nothing: data, the three training phases, and the export
 # into src/latentkit/assets/models/shapes (fp16). Run from the repository root:
-#   scripts/train_shapes.sh            # everything: 75 min to 2 h on a 2-core AMD EPYC (README)
+#   scripts/train_shapes.sh    # everything: 75 min to 2 h on a 2-core AMD EPYC (README)
 # WORK=dir puts the data and runs elsewhere (default: the repository's data/ and runs/).
 # EXPORT=dir writes the exported model to dir/shapes and its CLIP to dir/clip-shapes instead
 # of replacing the shipped ones (default: the package's assets), e.g. to compare a rerun;
