@@ -9,7 +9,8 @@
 # UNET_SEED=n seeds the U-Net phase with n instead of 0 (its initial weights, those of the
 # fresh text layers, and its batches, noise and timesteps); CANONICAL_STEPS=n ends the
 # caption curriculum's first part after step n instead of 2,400 (of 3,600). Both are for
-# measuring how the recipe varies (docs/shapes-experiments.md); the shipped model uses neither.
+# measuring how the recipe varies (docs/shapes-experiments.md); the shipped model is the
+# defaults'.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -30,11 +31,13 @@ fi
 UNET_SEED=${UNET_SEED:-0}
 CANONICAL_STEPS=${CANONICAL_STEPS:-2400}
 for setting in UNET_SEED CANONICAL_STEPS; do
-    if ! [[ ${!setting} =~ ^[0-9]+$ ]]; then
+    if ! [[ ${!setting} =~ ^0*([0-9]+)$ ]]; then
         echo "$setting is ${!setting}; give a whole number (0 or more)." >&2
         exit 2
     fi
-    printf -v "$setting" %d "$((10#${!setting}))"  # 08 -> 8: TOML refuses leading zeros
+    # 08 -> 8: TOML refuses leading zeros. Text, not bash arithmetic, which would wrap a
+    # seed past 2**63 round to another one; the dry run below refuses it instead.
+    printf -v "$setting" %s "${BASH_REMATCH[1]}"
 done
 unet=(train unet --config configs/shapes/unet.toml --out "$RUNS/shapes-unet"
       --set "recipe.vae=$RUNS/shapes-vae/weights" --set "recipe.text_encoder=$RUNS/shapes-clip/weights"

@@ -48,6 +48,8 @@ def test_interpolation_needs_a_second_end_and_two_frames(sd1_dir):
         next(interpolation_frames(model, GenerateOptions("a"), frames=4))
     with pytest.raises(ConfigError, match="at least 2 frames"):
         next(interpolation_frames(model, GenerateOptions("a"), frames=1, seed_to=3))
+    with pytest.raises(ConfigError, match=r"second seed \(--to-seed\) must be a whole number"):
+        next(interpolation_frames(model, GenerateOptions("a"), frames=4, seed_to=2**64))
 
 
 def test_cli_writes_a_strip(sd1_dir, tmp_path, capsys):

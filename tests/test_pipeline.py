@@ -166,6 +166,8 @@ def test_cancel_stops_the_sampler(sd1_dir):
         ({"cfg": -1.0}, "guidance"),
         ({"sampler": "eulr"}, "valid samplers"),
         ({"schedule": "cosine"}, "schedule 'cosine' is unknown"),
+        ({"seed": -1}, r"seed must be a whole number from 0 to 2\*\*63-1, got -1\."),
+        ({"seed": 2**63}, r"seed must be a whole number from 0 to 2\*\*63-1"),
     ],
 )
 def test_bad_options_fail_before_any_work(sd1_dir, change, message):

@@ -327,6 +327,9 @@ def test_write_dataset_refuses_a_non_empty_folder(tmp_path):
     assert keep.read_text() == "mine"
     with pytest.raises(ConfigError, match="positive integer"):
         write_dataset(tmp_path / "x", 0)
+    with pytest.raises(ConfigError, match="seed must be a whole number from 0 to 2"):
+        write_dataset(tmp_path / "x", 2, seed=-1)
+    assert not (tmp_path / "x").exists()  # refused before the folder is made
     with pytest.raises(ConfigError, match="not a folder"):
         write_dataset(keep, 1)
 

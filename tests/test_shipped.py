@@ -299,6 +299,14 @@ def test_train_shapes_refuses_canonical_steps_past_the_schedule_before_it_trains
             "a step of this run; give a whole number from 1 to train.steps (3600)."
         )
         assert "== " not in done.stdout and not (tmp_path / steps / "work" / "data").exists()
+    # a seed past torch's range reaches the dry run whole (bash arithmetic would wrap it)
+    seed = str(2**64 + 7)
+    done, _ = _run_train_shapes(tmp_path / "seed", PY=sys.executable, UNET_SEED=seed)
+    assert (
+        done.returncode == 2
+        and f"TrainConfig: seed must be a whole number from 0 to 2**63-1, got {seed}."
+        in done.stderr
+    )
 
 
 def test_export_shapes_refuses_an_existing_out_folder_without_overwrite(tmp_path):

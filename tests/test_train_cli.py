@@ -305,6 +305,25 @@ def test_until_past_the_run_is_one_line(capsys, tiny):
     assert code == 2 and "until 9 is not a step of this run" in error_line(err)
 
 
+def test_a_seed_out_of_range_is_refused_by_the_dry_run(capsys, tiny):
+    # every seed a run takes (its batches', its initial weights', its data order's) has the
+    # range torch's generators accept, checked before anything trains
+    for key, owner in (
+        ("train.seed", "TrainConfig: seed"),
+        ("recipe.init_seed", "recipe: init_seed"),
+        ("recipe.data.seed", "data.seed"),
+    ):
+        for value in ("-1", str(2**63)):
+            code, _, err = run_cli(
+                capsys, "train", "unet", "--config", tiny["run_file"], "--set",
+                f"{key}={value}", "--dry-run",
+            )  # fmt: skip
+            assert code == 2
+            assert error_line(err) == (
+                f"latentkit: error: {owner} must be a whole number from 0 to 2**63-1, got {value}."
+            )
+
+
 def test_changed_settings_name_dotted_keys():
     saved = (
         'phase = "unet"\n[train]\nsteps = 8\n[recipe]\ndata_path = "a"\n[recipe.data]\nsize = 32\n'

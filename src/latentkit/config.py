@@ -333,6 +333,14 @@ def require(condition: object, message: str, *, owner: str) -> None:
         raise ConfigError(f"{owner}: {message}")
 
 
+def check_seed(name: str, value: object, *, owner: str | None = None) -> None:
+    """Every seed latentkit takes is a whole number from 0 to 2**63-1: torch's generators
+    take it with the offsets added per image or per process still in range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        message = f"{name} must be a whole number from 0 to 2**63-1, got {value!r}."
+        raise ConfigError(f"{owner}: {message}" if owner else message)
+
+
 # --- presets ----------------------------------------------------------------------------
 
 SD15 = ModelConfig()

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from .components import Components
+from .config import check_seed
 from .errors import ConfigError
 from .img2img import draw_noise, latent_shape
 from .pipeline import (
@@ -58,6 +59,8 @@ def interpolation_frames(
         raise ConfigError(f"interpolation needs at least 2 frames, got {frames}.")
     if seed_to is None and prompt_to is None:
         raise ConfigError("give a second seed or a second prompt to interpolate towards.")
+    if seed_to is not None:
+        check_seed("the second seed (--to-seed)", seed_to)
     options = dataclasses.replace(options, n=1)
     device, dtype = components.placement(device, dtype)
     width, height = image_size(components, options)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from . import __version__
 from .components import Components
+from .config import check_seed
 from .diffusion.denoiser import Denoiser
 from .diffusion.guidance import CFGDenoiser
 from .diffusion.samplers import SAMPLERS, SPACING_FAMILY, get_sampler, sigmas_for
@@ -82,7 +83,7 @@ class GenerateOptions:
             f"n (images per prompt) must be between 1 and 64, got {self.n!r}.",
         )
         _check(0 < self.strength <= 1, f"strength must be in (0, 1], got {self.strength!r}.")
-        _check(0 <= self.seed < 2**63, f"seed must be between 0 and 2**63-1, got {self.seed!r}.")
+        check_seed("seed", self.seed)
         for name in ("width", "height"):
             value = getattr(self, name)
             _check(

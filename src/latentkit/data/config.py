@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..config import check_seed
 from ..errors import ConfigError
 
 CROPS = ("center", "random")
@@ -50,8 +51,7 @@ class DataConfig:
             raise ConfigError(f"data.crop is {self.crop!r}; valid values are: center, random.")
         _fraction("data.caption_dropout", self.caption_dropout)
         _fraction("data.max_bad_fraction", self.max_bad_fraction)
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"data.seed is {self.seed!r}; it must be an integer >= 0.")
+        check_seed("data.seed", self.seed)
         _positive_int("data.global_batch", self.global_batch)
         _positive_int("data.max_pixels", self.max_pixels)
         _positive_int("data.bucket_multiple", self.bucket_multiple)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..config import check_seed
 from ..errors import ConfigError
 
 # ---------------------------------------------------------------------------------------
@@ -586,6 +587,7 @@ def write_dataset(
     _check_choice("split", split, SPLITS)
     _check_size(size)
     _check_choice("pair order", pair_order, CAPTION_PAIR_ORDERS)
+    check_seed("seed", seed)
     out = Path(out_dir)
     _prepare_folder(out, overwrite)
 

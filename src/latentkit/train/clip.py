@@ -40,7 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import CLIPConfig, DictForm, TextConfig, from_dict, require, to_dict
+from ..config import (
+    CLIPConfig,
+    DictForm,
+    TextConfig,
+    check_seed,
+    from_dict,
+    require,
+    to_dict,
+)
 from ..data.config import DataConfig
 
 # The transformers text encoder layout (config.json + model.safetensors) is written by
@@ -102,6 +110,7 @@ class CLIPRecipe(DictForm):
         check_groups(self.hard_negative_groups)
         self.mirror_captioners()  # their checks, at configuration time
         _require(bool(self.data_path), "data_path is empty; give the training pairs' folder.")
+        check_seed("init_seed", self.init_seed, owner="CLIPRecipe")
         _require(
             self.data.caption_dropout == 0,
             f"data.caption_dropout is {self.data.caption_dropout}; CLIP needs every caption, "

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import DictForm, require
+from ..config import DictForm, check_seed, require
 from ..data.badlog import BadSampleLog, merged_report
 from ..data.loader import ImageCaptionLoader
 from ..errors import ConfigError, LatentkitError
@@ -191,6 +191,7 @@ class TrainConfig(DictForm):
             _require(getattr(self, name) >= 1, f"{name} must be at least 1.")
         for name in ("warmup_steps", "checkpoint_every", "eval_every", "sample_every"):
             _require(getattr(self, name) >= 0, f"{name} must not be negative.")
+        check_seed("seed", self.seed, owner="TrainConfig")
 
 
 _require = functools.partial(require, owner="TrainConfig")

@@ -47,6 +47,7 @@ from ..config import (
     ScheduleConfig,
     TokenizerConfig,
     UNetConfig,
+    check_seed,
     from_dict,
     require,
     to_dict,
@@ -149,6 +150,7 @@ class UNetRecipe(DictForm):
     def __post_init__(self) -> None:
         for name in ("data_path", "vae", "text_encoder"):
             _require(getattr(self, name) != "", f"{name} is empty; it must name a path.")
+        check_seed("init_seed", self.init_seed, owner="recipe")
         _require(self.clip_skip >= 1, f"clip_skip is {self.clip_skip}; it must be at least 1.")
         _require(
             self.min_snr_gamma is None or self.min_snr_gamma > 0,

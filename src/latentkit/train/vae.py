@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DictForm, VAEConfig, require
+from ..config import DictForm, VAEConfig, check_seed, require
 from ..data.config import DataConfig
 
 # The diffusers VAE folder layout (config.json + diffusion_pytorch_model.safetensors) is
@@ -116,6 +116,7 @@ class VAERecipe(DictForm):
 
     def __post_init__(self) -> None:
         _require(bool(self.data_path), "data_path is empty; give the training images' folder.")
+        check_seed("init_seed", self.init_seed, owner="VAERecipe")
         _require(
             self.recon in RECONSTRUCTIONS,
             f"recon is {self.recon!r}; valid values are: {', '.join(RECONSTRUCTIONS)}.",
