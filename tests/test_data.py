@@ -318,7 +318,7 @@ def test_bad_samples_are_skipped_counted_and_replaced_alike_on_every_rank(tmp_pa
     counts = single.bad.counts
     assert counts == {
         "unreadable": 0, "empty": 1, "not_an_image": 1, "too_large": 1,
-        "truncated": 1, "bad_caption": 1,
+        "truncated": 1, "bad_caption": 1, "no_caption": 0, "outside_folder": 0,
     }  # fmt: skip
     assert single.bad.seen == 20 and single.bad.report()["bad"] == 5
     list(single)  # a second epoch counts nothing twice

@@ -121,7 +121,7 @@ def test_broken_files_are_skipped_and_reported_then_too_many_stop_the_run(shapes
     summary = train(phase, settings, tmp_path / "run", progress=False)
     expected = {"seen": 43, "bad": 3, "counts": {
         "unreadable": 0, "empty": 1, "not_an_image": 1, "too_large": 0, "truncated": 1,
-        "bad_caption": 0,
+        "bad_caption": 0, "no_caption": 0, "outside_folder": 0,
     }}  # fmt: skip
     assert summary["bad_samples"] == expected
     records = read_records(tmp_path / "run" / "metrics.jsonl")

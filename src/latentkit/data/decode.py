@@ -12,8 +12,18 @@ from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
-# Reasons, in the order a report lists them.
-REASONS = ("unreadable", "empty", "not_an_image", "too_large", "truncated", "bad_caption")
+# Reasons, in the order a report lists them. The last two are the sources' own refusals:
+# an image with no caption anywhere, and a file whose real path lies outside the dataset.
+REASONS = (
+    "unreadable",
+    "empty",
+    "not_an_image",
+    "too_large",
+    "truncated",
+    "bad_caption",
+    "no_caption",
+    "outside_folder",
+)
 
 # EXIF orientations 5 to 8 store the picture rotated by 90 degrees: width and height swap.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}

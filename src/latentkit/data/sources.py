@@ -9,11 +9,13 @@ system lists a folder.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 from ..errors import LatentkitError
 from .decode import BadSample
@@ -55,8 +57,14 @@ class FolderSource:
 
     A caption comes from a ``metadata.jsonl`` / ``metadata.csv`` row (``file_name``
     relative to that metadata file's folder, ``text``) or, for images no metadata names,
-    from the same-name ``.txt`` file beside the image. Images with neither are not samples.
+    from the same-name ``.txt`` file beside the image. An image with neither is still a
+    sample, one that reads as bad ("no_caption"), so that the bad-sample log counts it.
     Hidden files and folders (a leading dot) are ignored.
+
+    A dataset reads only files inside its own folder: every file is opened by its real
+    path (links followed), and one that lies outside the real path of ``root`` (an
+    absolute or ``..`` file_name, a link pointing out) is refused unopened, as a bad
+    sample of its own reason ("outside_folder").
     """
 
     def __init__(self, root: str | Path):
@@ -66,50 +74,78 @@ class FolderSource:
             raise LatentkitError(f"dataset folder '{root}' does not exist.")
         if not self.root.is_dir():
             raise LatentkitError(f"dataset folder '{root}' is a file, not a folder.")
-        samples = _collect(self.root)
-        if not samples:
+        self._real_root = self.root.resolve()
+        samples = _collect(self.root, self._real_root)
+        if not any(sample.has_caption for sample in samples):
             raise LatentkitError(
                 f"dataset '{root}' has no images with captions (looked for {FOLDER_LOOKED_FOR})."
             )
-        # (id, image path relative to root, inline caption or None for the .txt beside it)
-        self._samples = sorted(samples)
+        self._samples = sorted(samples, key=lambda sample: sample.id)
 
     def __len__(self) -> int:
         return len(self._samples)
 
     def sample_id(self, index: int) -> str:
-        return self._samples[index][0]
+        return self._samples[index].id
 
     def image_file(self, index: int) -> BinaryIO:
-        path = self.root / self._samples[index][1]
+        return self._open(self._samples[index].image)
+
+    def caption(self, index: int) -> bytes | str:
+        sample = self._samples[index]
+        if sample.text is not None:
+            return sample.text
+        if sample.text_file is None:
+            raise BadSample(
+                "no_caption", f"{sample.image} has no .txt beside it nor a metadata row"
+            )
+        with self._open(sample.text_file) as file:
+            return file.read()
+
+    def _open(self, relative: str) -> BinaryIO:
+        path = inside_path(self._real_root, self.root / relative)
         try:
             return path.open("rb")
         except OSError as err:
-            raise BadSample("unreadable", f"{path}: {err.strerror}") from None
-
-    def caption(self, index: int) -> bytes | str:
-        _, relative, inline = self._samples[index]
-        if inline is not None:
-            return inline
-        path = (self.root / relative).with_suffix(".txt")
-        try:
-            return path.read_bytes()
-        except OSError as err:
-            raise BadSample("unreadable", f"{path}: {err.strerror}") from None
+            raise BadSample("unreadable", f"{self.root / relative}: {err.strerror}") from None
 
 
-def _collect(root: Path) -> list[tuple[str, str, str | None]]:
-    """All (id, image path, inline caption) triples below ``root``."""
+def inside_path(real_root: Path, path: Path) -> Path:
+    """The real path of ``path``, to open in its place, when it lies inside ``real_root``;
+    otherwise a ``BadSample``. Opening the resolved path leaves no link to follow later."""
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError, ValueError) as err:
+        # A link loop (RuntimeError), a NUL or an unencodable character in the name.
+        raise BadSample("unreadable", f"{path}: {err}") from None
+    if not real.is_relative_to(real_root):
+        raise BadSample("outside_folder", f"{path} is outside the dataset folder {real_root}")
+    return real
+
+
+class _Sample(NamedTuple):
+    id: str
+    image: str  # relative to the root, as the metadata or the listing gave it
+    text: str | None  # the metadata's caption
+    text_file: str | None  # else the .txt beside the image; neither: no caption
+
+    @property
+    def has_caption(self) -> bool:
+        return self.text is not None or self.text_file is not None
+
+
+def _collect(root: Path, real_root: Path) -> list[_Sample]:
+    """Every image below ``root``, with where its caption comes from."""
     images: list[str] = []
     texts: set[str] = set()
-    samples: list[tuple[str, str, str | None]] = []
+    samples: list[_Sample] = []
     described: set[str] = set()
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         here = Path(folder).relative_to(root)
-        for row_file, caption in _metadata_rows(Path(folder), files):
+        for row_file, caption in _metadata_rows(Path(folder), files, real_root):
             relative = (here / row_file).as_posix()
-            samples.append((relative, relative, caption))
+            samples.append(_Sample(relative, relative, caption, None))
             described.add(relative)
         for name in files:
             relative = (here / name).as_posix()
@@ -119,8 +155,11 @@ def _collect(root: Path) -> list[tuple[str, str, str | None]]:
             elif suffix == ".txt":
                 texts.add(relative)
     for relative in images:
-        if relative not in described and _txt_name(relative) in texts:
-            samples.append((relative, relative, None))
+        if relative not in described:
+            text_file = _txt_name(relative)
+            samples.append(
+                _Sample(relative, relative, None, text_file if text_file in texts else None)
+            )
     return _unique_ids(samples)
 
 
@@ -128,18 +167,18 @@ def _txt_name(relative: str) -> str:
     return Path(relative).with_suffix(".txt").as_posix()
 
 
-def _unique_ids(samples: list[tuple[str, str, str | None]]) -> list[tuple[str, str, str | None]]:
+def _unique_ids(samples: list[_Sample]) -> list[_Sample]:
     """Metadata may caption one image several times; each row is then its own sample."""
     seen: dict[str, int] = {}
     out = []
-    for sample_id, relative, caption in samples:
-        count = seen.get(sample_id, 0)
-        seen[sample_id] = count + 1
-        out.append((f"{sample_id}#{count}" if count else sample_id, relative, caption))
+    for sample in samples:
+        count = seen.get(sample.id, 0)
+        seen[sample.id] = count + 1
+        out.append(sample._replace(id=f"{sample.id}#{count}") if count else sample)
     return out
 
 
-def _metadata_rows(folder: Path, files: list[str]) -> list[tuple[str, str]]:
+def _metadata_rows(folder: Path, files: list[str], real_root: Path) -> list[tuple[str, str]]:
     present = [name for name in METADATA_FILES if name in files]
     if len(present) > 1:
         raise LatentkitError(
@@ -148,18 +187,24 @@ def _metadata_rows(folder: Path, files: list[str]) -> list[tuple[str, str]]:
     if not present:
         return []
     path = folder / present[0]
-    rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+    text = _read_text(path, real_root)
+    rows = _read_jsonl(path, text) if path.suffix == ".jsonl" else _read_csv(path, text)
     return [_metadata_row(path, number, row) for number, row in rows]
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, object]]:
+# JSON strings hold no raw CR or LF, so these end a JSON Lines row; str.splitlines would
+# also split at U+2028, U+0085 and others, which a caption may hold unescaped.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _read_jsonl(path: Path, text: str) -> list[tuple[int, object]]:
     rows = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(_LINE_BREAK.split(text), start=1):
         if not line.strip():
             continue
         try:
             rows.append((number, json.loads(line)))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, nested too deep, a huge number
             raise LatentkitError(
                 f"metadata file '{path}' line {number} is not valid JSON; each line must be "
                 'an object like {"file_name": "a.png", "text": "a caption"}.'
@@ -167,19 +212,33 @@ def _read_jsonl(path: Path) -> list[tuple[int, object]]:
     return rows
 
 
-def _read_csv(path: Path) -> list[tuple[int, object]]:
-    reader = csv.DictReader(_read_text(path).splitlines())
-    # Line numbers count the header as line 1, as a spreadsheet shows them.
-    return [(number, row) for number, row in enumerate(reader, start=2)]
-
-
-def _read_text(path: Path) -> str:
+def _read_csv(path: Path, text: str) -> list[tuple[int, object]]:
+    # newline="": the csv module finds the row ends itself, line breaks in quotes included.
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise LatentkitError(f"metadata file '{path}' is not UTF-8 text.") from None
+        # Line numbers count the header as line 1, as a spreadsheet shows them.
+        return [(reader.line_num, row) for row in reader]
+    except csv.Error as err:
+        raise LatentkitError(
+            f"metadata file '{path}' line {reader.line_num} cannot be read as CSV ({err})."
+        ) from None
+
+
+def _read_text(path: Path, real_root: Path) -> str:
+    try:
+        with inside_path(real_root, path).open("rb") as file:
+            data = file.read()
+    except BadSample as refused:
+        raise LatentkitError(
+            f"metadata file '{path}' cannot be read ({refused}); a dataset reads only files "
+            "inside its own folder."
+        ) from None
     except OSError as err:
         raise LatentkitError(f"metadata file '{path}' cannot be read ({err.strerror}).") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise LatentkitError(f"metadata file '{path}' is not UTF-8 text.") from None
 
 
 def _metadata_row(path: Path, number: int, row: object) -> tuple[str, str]:

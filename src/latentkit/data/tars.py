@@ -95,7 +95,7 @@ class TarSource:
         self.shards = expand_shards(shards)
         self.name = str(shards) if isinstance(shards, (str, Path)) else str(self.shards[0])
         found = [s for i, path in enumerate(self.shards) for s in _index_shard(path, i)]
-        if not found:
+        if not any(sample[4] != _NO_MEMBER[0] for sample in found):
             raise LatentkitError(
                 f"dataset '{self.name}' has no images with captions (looked for key.jpg / "
                 f"key.png / ... members beside a key.txt in {len(self.shards)} shards)."
@@ -117,6 +117,8 @@ class TarSource:
 
     def caption(self, index: int) -> bytes:
         shard, _, _, offset, size = (int(v) for v in self._where[index])
+        if (offset, size) == _NO_MEMBER:
+            raise BadSample("no_caption", f"{self._ids[index]} has no .txt member")
         with _open_member(self.shards[shard], offset, size) as file:
             data = file.read()
         if len(data) != size:
@@ -124,9 +126,14 @@ class TarSource:
         return data
 
 
+# The (offset, size) of a caption a sample lacks: it then reads as bad ("no_caption").
+_NO_MEMBER = (-1, -1)
+
+
 def _index_shard(path: Path, number: int) -> list[tuple]:
     """(id, shard number, image offset, image size, caption offset, caption size) per
-    complete sample of one shard; members of other kinds are ignored."""
+    image of one shard; members of other kinds are ignored, and so are links: a member
+    is only ever read from the shard's own bytes, never extracted or followed."""
     groups: dict[str, dict[str, tuple[int, int]]] = {}
     try:
         with tarfile.open(path, mode="r:") as tar:
@@ -146,8 +153,9 @@ def _index_shard(path: Path, number: int) -> list[tuple]:
     out = []
     for key, members in groups.items():
         image = next((members[e] for e in _IMAGE_EXTS if e in members), None)
-        if image is not None and "txt" in members:
-            out.append((f"{path.stem}/{key}", number, *image, *members["txt"]))
+        if image is not None:
+            caption = members.get("txt", _NO_MEMBER)
+            out.append((f"{path.stem}/{key}", number, *image, *caption))
     return out
 
 
