@@ -167,6 +167,26 @@ def test_projection_is_kept_and_transposed_when_the_config_has_one(sd2):
     assert infer_config(file, "sd2", hint=config).text.projection_dim == 24
 
 
+def test_sd1_projection_survives_the_legacy_key_normalisation(sd1):
+    """The SD 1.x projection sits beside text_model (``transformer.text_projection``), not in
+    it; only the old layout's text_model children may gain the ``text_model.`` level."""
+    config = dataclasses.replace(
+        TINY, text=dataclasses.replace(TINY.text, with_projection=True, projection_dim=24)
+    )
+    comps = dict(sd1[0])
+    proj = torch.randn(24, 32, generator=torch.Generator().manual_seed(4))
+    comps["text_encoder"] = {**comps["text_encoder"], "text_projection.weight": proj}
+    file = join_checkpoint(comps, config)
+    assert torch.equal(file["cond_stage_model.transformer.text_projection.weight"], proj)
+    assert "cond_stage_model.transformer.text_model.text_projection.weight" not in file
+    parts = split_checkpoint(file, config)
+    for name in comps:
+        _assert_same(parts[name], comps[name])
+    assert infer_config(file, "sd1", hint=config) == config
+    # An SD 1.x file holds a projection only if its encoder has one: its shape is the config.
+    assert infer_config(file, "sd1", hint=TINY) == config
+
+
 # --- (b) diffusers' converters as the oracle --------------------------------------------
 
 

@@ -228,12 +228,18 @@ def infer_text(
         layers = len(_indices(sd, t + "encoder.layers."))
         inner = _shape(sd, t + "encoder.layers.0.mlp.fc1.weight")[0]
         act, projection = "quick_gelu", base.projection_dim
+        # SD 1.x files carry a projection only when the encoder has one (ours do), so its
+        # presence decides; SD 2.x files always carry OpenCLIP's, used or not.
+        with_projection = SD1_TEXT + "text_projection.weight" in sd
+        if with_projection:
+            projection = _shape(sd, SD1_TEXT + "text_projection.weight")[0]
     else:
         vocab, width = _shape(sd, SD2_TEXT + "token_embedding.weight")
         positions = _shape(sd, SD2_TEXT + "positional_embedding")[0]
         layers = _sd2_layers(len(_indices(sd, SD2_TEXT + "transformer.resblocks.")), base)
         inner = _shape(sd, SD2_TEXT + "transformer.resblocks.0.mlp.c_fc.weight")[0]
         act, projection = "gelu", base.projection_dim
+        with_projection = base.with_projection
         if base.with_projection and SD2_TEXT + "text_projection" in sd:
             projection = _shape(sd, SD2_TEXT + "text_projection")[1]
     if not use_hint_heads and width % TEXT_HEAD_CHANNELS:
@@ -247,6 +253,7 @@ def infer_text(
         hidden_size=width,
         intermediate_size=inner,
         projection_dim=projection,
+        with_projection=with_projection,
         num_hidden_layers=layers,
         num_attention_heads=(
             base.num_attention_heads if use_hint_heads else width // TEXT_HEAD_CHANNELS

@@ -155,12 +155,18 @@ def text_family(config: ModelConfig) -> str:
     return "sd2" if config.text.hidden_act == "gelu" else "sd1"
 
 
+# What CLIPTextModel held directly before transformers grew the ``text_model.`` level. Only
+# these move under it: the projection of CLIPTextModelWithProjection (``text_projection``)
+# has always sat beside ``text_model``, never in it.
+_OLD_TEXT_MODEL_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
 def normalize_legacy_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename SD 1.x text keys of very old files (saved before transformers grew the
     ``text_model.`` level: ``cond_stage_model.transformer.encoder.*``) to today's names."""
     out = {}
     for key, value in state_dict.items():
-        if key.startswith(SD1_TEXT) and not key.startswith(SD1_TEXT + "text_model."):
+        if key.startswith(SD1_TEXT) and key[len(SD1_TEXT) :].startswith(_OLD_TEXT_MODEL_CHILDREN):
             key = SD1_TEXT + "text_model." + key[len(SD1_TEXT) :]
         out[key] = value
     return out
