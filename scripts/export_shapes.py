@@ -19,7 +19,10 @@ from pathlib import Path
 import torch
 
 from latentkit.diffusers_folder import save_diffusers
+from latentkit.errors import OutputExistsError
 from latentkit.judge.text_following import save_image_half
+from latentkit.module_io import replace_atomically
+from latentkit.outputs import refuse_existing
 from latentkit.train.clip import load_clip
 from latentkit.weights import load, load_vae
 
@@ -41,20 +44,24 @@ def main() -> None:
         "--overwrite", action="store_true", help="replace OUT and CLIP_OUT if they exist"
     )
     args = parser.parse_args()
-    for option, path in (("--out", args.out), ("--clip-out", args.clip_out)):
-        if path is not None and path.exists() and not args.overwrite:
-            parser.error(
-                f"{option} {path} exists; give a new folder, or --overwrite to replace it."
-            )
+    try:  # before any loading: the rule every latentkit writer follows
+        for path in (args.out, args.clip_out):
+            if path is not None:
+                refuse_existing(path, overwrite=args.overwrite)
+    except OutputExistsError as err:
+        parser.error(str(err))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Casting on load and saving at the loaded dtype keeps one rounding, fp32 -> fp16.
     components = load(args.unet, dtype="fp16")
     if args.vae is not None:
         components = with_decoder_of(components, load_vae(args.vae, dtype=torch.float16))
-    save_diffusers(components, args.out, dtype="fp16", overwrite=True)
+    save_diffusers(components, args.out, dtype="fp16", overwrite=args.overwrite)
     clip_out = args.clip_out or args.out / "clip"
-    save_image_half(load_clip(args.clip).half(), clip_out, components.text_encoder)
+    # Written aside and swapped in whole: no file of an earlier CLIP stays beside the new one.
+    clip_out.parent.mkdir(parents=True, exist_ok=True)
+    with replace_atomically(clip_out, overwrite=args.overwrite, folder=True) as partial:
+        save_image_half(load_clip(args.clip).half(), partial, components.text_encoder)
     total = report_sizes(args.out)
     if clip_out.parent != args.out:
         report_sizes(clip_out)

@@ -26,7 +26,7 @@ from latentkit.data.shapes import (
     sample_scene,
     write_dataset,
 )
-from latentkit.errors import ConfigError
+from latentkit.errors import ConfigError, OutputExistsError
 
 SHAPE_WORDS = {"circle": ("circle", "disc")}
 
@@ -309,7 +309,7 @@ def test_write_dataset_folder(tmp_path):
 def test_write_dataset_refuses_a_non_empty_folder(tmp_path):
     keep = tmp_path / "notes.md"
     keep.write_text("mine")
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(OutputExistsError, match="already exists; pass --overwrite"):
         write_dataset(tmp_path, 2)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.md"]
 

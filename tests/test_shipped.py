@@ -323,5 +323,5 @@ def test_export_shapes_refuses_an_existing_out_folder_without_overwrite(tmp_path
             text=True,
         )
         assert refused.returncode == 2
-        assert f"{option} {kept} exists; give a new folder, or --overwrite" in refused.stderr
+        assert f"{kept} already exists; pass --overwrite" in refused.stderr
     assert (kept / "mine.txt").read_text() == "mine" and not (tmp_path / "new").exists()

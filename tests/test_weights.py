@@ -20,7 +20,7 @@ from torch import nn
 import latentkit
 from latentkit import weights
 from latentkit.config import to_dict
-from latentkit.errors import WeightsError
+from latentkit.errors import OutputExistsError, WeightsError
 from latentkit.module_io import build_loaded, load_module
 from latentkit.safetensors_io import read_header, read_safetensors, write_safetensors
 
@@ -381,10 +381,10 @@ def test_saves_do_not_overwrite_without_consent(sd1_dir, tmp_path):
     (folder / "keep.txt").write_text("mine")
     single = tmp_path / "model.safetensors"
     single.write_bytes(b"precious")
-    with pytest.raises(WeightsError) as err:
+    with pytest.raises(OutputExistsError) as err:
         weights.save_diffusers(ours, folder)
     _one_line(err, "already exists", "overwrite=True")
-    with pytest.raises(WeightsError) as err:
+    with pytest.raises(OutputExistsError) as err:
         weights.save_single_file(ours, single)
     _one_line(err, "already exists")
     assert (folder / "keep.txt").read_text() == "mine" and single.read_bytes() == b"precious"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, LatentkitError
+from .outputs import output_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,8 +108,10 @@ def _add_generate(commands) -> None:
         help="torch.compile the U-Net (minutes of warm-up per size)",
     )
     p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt weights")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("-o", "--out", type=Path, default=Path("out.png"))
+    p.add_argument("--overwrite", action="store_true", help="replace existing -o files")
+    p.add_argument(
+        "-o", "--out", type=Path, default=None, help="default: out.png (or the next out-N.png)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_generate)
 
@@ -131,13 +134,20 @@ def _add_interpolate(commands) -> None:
     p.add_argument("--negative", default="")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("-o", "--out", type=Path, default=Path("interpolation.png"))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
+    p.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=None,
+        help="default: interpolation.png (or the next interpolation-N.png)",
+    )
     p.set_defaults(run=run_interpolate)
 
 
 def run_interpolate(args: argparse.Namespace) -> None:
     from .interpolate import frame_strip, interpolation_frames
+    from .module_io import replace_atomically
     from .pipeline import GenerateOptions
     from .runtime import Progress, resolve_device, resolve_dtype
     from .weights import load
@@ -151,7 +161,7 @@ def run_interpolate(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     options.validate()
-    (path,) = output_paths(args.out, 1, args.overwrite)
+    (path,) = png_paths(args.out, "interpolation.png", 1, args.overwrite)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     components = load(args.model, dtype=dtype, device=device)
@@ -169,7 +179,8 @@ def run_interpolate(args: argparse.Namespace) -> None:
         frames.append(image)
         progress.update(len(frames))
     progress.close()
-    frame_strip(frames).save(path)
+    with replace_atomically(path, overwrite=args.overwrite, folder=False) as partial:
+        frame_strip(frames).save(partial, format="PNG")
     print(path)
 
 
@@ -216,19 +227,12 @@ def generate_options(args: argparse.Namespace):
     return GenerateOptions(**base)
 
 
-def output_paths(out: Path, n: int, overwrite: bool) -> list[Path]:
-    """``out.png`` for one image, ``out-1.png`` ... for several; never silently replaced."""
-    paths = (
-        [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(n)]
-    )
-    if out.suffix.lower() != ".png":
+def png_paths(out: Path | None, default: str, n: int, overwrite: bool) -> list[Path]:
+    """``out.png`` for one image, ``out-1.png`` ... for several, kept if they exist unless
+    ``overwrite``; without ``-o``, free names beside ``default`` (``latentkit.outputs``)."""
+    if out is not None and out.suffix.lower() != ".png":
         raise ConfigError(f"output {str(out)!r} must end in .png (the settings live in PNG text).")
-    if not out.parent.is_dir():
-        raise ConfigError(f"output folder {str(out.parent)!r} does not exist.")
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise ConfigError(f"{existing[0]} already exists; choose another -o or pass --overwrite.")
-    return paths
+    return output_paths(out, Path(default), n, overwrite=overwrite)
 
 
 def _read_image(path: Path | None, what: str):
@@ -255,7 +259,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     options = generate_options(args)
     options.validate()
-    paths = output_paths(args.out, options.n, args.overwrite)
+    paths = png_paths(args.out, "out.png", options.n, args.overwrite)
     init_image = _read_image(args.init_image, "init image")
     mask = _read_image(args.mask, "mask")
     device = resolve_device(args.device)
@@ -276,7 +280,7 @@ def run_generate(args: argparse.Namespace) -> None:
         if isinstance(item, Result):
             progress.close()
             for image, record, path in zip(item.images, item.records, paths, strict=True):
-                save_png(image, path, record)
+                save_png(image, path, record, overwrite=args.overwrite)
                 print(path)
         else:
             progress.update(item.i + 1)

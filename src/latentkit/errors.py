@@ -11,3 +11,7 @@ class ConfigError(LatentkitError, ValueError):
 
 class WeightsError(LatentkitError):
     """A weight file or folder that cannot be loaded as asked."""
+
+
+class OutputExistsError(LatentkitError, FileExistsError):
+    """A file or folder that a command would write already exists (see ``latentkit.outputs``)."""

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import WeightsError
+from .outputs import refuse_existing
 from .safetensors_io import check_finite, convert, read_header, read_safetensors, resolve_dtype
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
@@ -285,14 +286,11 @@ def _build_with_meta_parameters(factory: Callable[[], nn.Module]) -> nn.Module:
 def replace_atomically(target: str | Path, *, overwrite: bool, folder: bool) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it becomes ``target``.
 
-    An existing ``target`` is refused unless ``overwrite``; it is then replaced only after
-    the new content is complete, so a failed save leaves the old one as it was.
+    An existing ``target`` is refused unless ``overwrite`` (``outputs.refuse_existing``, the
+    rule every writer follows); it is then replaced only after the new content is
+    complete, so a failed save leaves the old one as it was.
     """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise WeightsError(
-            f"{target} already exists; pass overwrite=True to replace it or choose a new path."
-        )
+    target = refuse_existing(target, overwrite=overwrite)
     if not target.parent.is_dir():
         raise WeightsError(f"cannot save to {target}: the folder {target.parent} does not exist.")
     temporary = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"

@@ -56,18 +56,18 @@ def _quote(value: Any) -> str:
     return json.dumps(text) if ("," in text or ":" in text or "\n" in text) else text
 
 
-def save_png(image: Image.Image, path: str | Path, record: dict[str, Any]) -> None:
-    """Write ``image`` with both metadata chunks; the file appears whole or not at all."""
-    path = Path(path)
+def save_png(
+    image: Image.Image, path: str | Path, record: dict[str, Any], *, overwrite: bool = False
+) -> None:
+    """Write ``image`` with both metadata chunks; the file appears whole or not at all, and
+    an existing one is kept unless ``overwrite`` (``latentkit.outputs``)."""
+    from .module_io import replace_atomically  # here: it imports torch, which info needs not
+
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_parameters(record))
     info.add_text("latentkit", json.dumps(record, sort_keys=True))
-    partial = path.with_name(f".{path.name}.partial")
-    try:
+    with replace_atomically(path, overwrite=overwrite, folder=False) as partial:
         image.save(partial, format="PNG", pnginfo=info)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def read_png_record(path: str | Path) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 
 from ..config import check_seed
 from ..errors import ConfigError
+from ..outputs import refuse_existing
 
 # ---------------------------------------------------------------------------------------
 # Vocabulary
@@ -622,11 +623,8 @@ def _prepare_folder(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file, not a folder; choose a folder for the dataset.")
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(
-                f"{out} is not empty; choose an empty folder or pass overwrite to replace "
-                "a previous shapes dataset there."
-            )
+        # An empty folder holds nothing to lose; a full one is kept unless overwrite.
+        refuse_existing(out, overwrite=overwrite)
         # Stale numbered files from a larger earlier dataset would be read as training
         # pairs; anything we did not write stays.
         for path in out.iterdir():

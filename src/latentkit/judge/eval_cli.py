@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import ConfigError
 from .text_following import DEFAULT_PROMPTS, EVAL_SPLITS, PHRASINGS, EvalSettings
 
 
@@ -40,7 +39,9 @@ def add_cli(commands) -> None:
         help="the CLIP for the CLIP score: a clip/ folder (default: the model's own, or the "
         "shipped model's beside the judge)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in OUT")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier report.json and grid.png"
+    )
     p.add_argument("--out", type=Path, required=True, help="folder for report.json and grid.png")
     p.set_defaults(run=run_eval)
 
@@ -50,6 +51,7 @@ def run_eval(args: argparse.Namespace) -> None:
     from ..runtime import Progress, resolve_device, resolve_dtype
     from ..weights import load
     from .text_following import (
+        check_outputs,
         evaluate_text_following,
         format_table,
         load_score_clip,
@@ -68,8 +70,7 @@ def run_eval(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     settings.validate()
-    if (args.out / "report.json").exists() and not args.overwrite:
-        raise ConfigError(f"{args.out / 'report.json'} already exists; pass --overwrite.")
+    check_outputs(args.out, overwrite=args.overwrite)
     path = resolve(args.model)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -88,7 +89,8 @@ def run_eval(args: argparse.Namespace) -> None:
     progress.close()
     report["model"] = str(path)
     report["dtype"] = str(dtype).removeprefix("torch.")
-    write_outputs(args.out, report, sample_grid(images, prompts, settings.per_prompt))
+    grid = sample_grid(images, prompts, settings.per_prompt)
+    write_outputs(args.out, report, grid, overwrite=args.overwrite)
     s = settings
     phrased = "" if s.phrasing == "canonical" else f", {s.phrasing} phrasing"
     print(f"{s.split}{phrased}: {s.prompts} prompts x {s.per_prompt} images, cfg {s.cfg}")

@@ -18,6 +18,8 @@ import torch
 
 from ..data import shapes
 from ..errors import WeightsError
+from ..module_io import replace_atomically
+from ..outputs import refuse_existing
 from ..safetensors_io import read_safetensors, write_safetensors
 from .model import OBJECT_KEYS, Judge, JudgeConfig, default_vocab, to_batch
 
@@ -28,14 +30,31 @@ ATTRIBUTES = ("count", "shape", "colour", "size", "position_or_relation", "backg
 MATCHED_ATTRIBUTES = (*OBJECT_KEYS, "position_or_relation")
 
 
-def save_judge(judge: Judge, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Write ``judge.safetensors`` and ``judge.json`` (config, vocabularies, ``extra``)."""
+def check_judge_outputs(folder: str | Path, *, overwrite: bool) -> None:
+    """Refuse an existing judge.safetensors or judge.json in ``folder`` unless ``overwrite``
+    (``latentkit.outputs``); other files there are never touched."""
+    for name in (WEIGHTS, CONFIG):
+        refuse_existing(Path(folder) / name, overwrite=overwrite)
+
+
+def save_judge(
+    judge: Judge,
+    folder: str | Path,
+    extra: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Write ``judge.safetensors`` and ``judge.json`` (config, vocabularies, ``extra``),
+    each whole; existing ones are kept unless ``overwrite``."""
     folder = Path(folder)
+    check_judge_outputs(folder, overwrite=overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in judge.state_dict().items()}
-    write_safetensors(state, folder / WEIGHTS)
     data = {"config": judge.config.to_json(), **(extra or {})}
-    (folder / CONFIG).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    with replace_atomically(folder / WEIGHTS, overwrite=overwrite, folder=False) as partial:
+        write_safetensors(state, partial)
+    with replace_atomically(folder / CONFIG, overwrite=overwrite, folder=False) as partial:
+        partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def load_judge(folder: str | Path | None = None, device: str | torch.device = "cpu") -> Judge:

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from ..data import shapes
 from ..errors import ConfigError
+from ..outputs import refuse_existing
 from .read import (
     ATTRIBUTES,
     MATCHED_ATTRIBUTES,
@@ -284,12 +285,31 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(out: Path, report: dict, grid: Image.Image) -> None:
+OUTPUT_FILES = ("grid.png", "report.json")
+
+
+def check_outputs(out: Path, *, overwrite: bool) -> None:
+    """Refuse, before any work, a report.json or grid.png in ``out`` (unless ``overwrite``):
+    the rule of ``latentkit.outputs``. Other files in ``out`` are never touched."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; give a folder for report.json and grid.png.")
+    for name in OUTPUT_FILES:
+        refuse_existing(out / name, overwrite=overwrite)
+
+
+def write_outputs(out: Path, report: dict, grid: Image.Image, *, overwrite: bool = False) -> None:
+    """grid.png, then report.json, each written whole: a report means its grid is there."""
     import json
 
+    from ..module_io import replace_atomically
+
+    check_outputs(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    grid.save(out / "grid.png")
+    grid_path, report_path = (out / name for name in OUTPUT_FILES)
+    with replace_atomically(grid_path, overwrite=overwrite, folder=False) as partial:
+        grid.save(partial, format="PNG")
+    with replace_atomically(report_path, overwrite=overwrite, folder=False) as partial:
+        partial.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 # --- our CLIP, for the score ------------------------------------------------------------

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import LatentkitError
 from .data import IGNORE, Augment, make_batch
 from .evaluate import report
 from .model import HEAD_VOCAB, Judge, JudgeConfig, Reading, parameter_count
-from .read import save_judge
+from .read import check_judge_outputs, save_judge
 
 
 @dataclass
@@ -106,7 +107,12 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:  # before minutes of training
+        check_judge_outputs(args.out, overwrite=args.overwrite)
+    except LatentkitError as err:
+        parser.error(str(err))
     settings = TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     save_judge(
         judge,
         args.out,
+        overwrite=args.overwrite,
         extra={
             "slots": "objects in the canonical order of Scene.attributes(): slot 1 is the "
             "upper object of an 'above' pair or the left one of a 'left of' pair",
@@ -147,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace judge.safetensors/.json in --out"
+    )
     return parser
 
 

@@ -63,7 +63,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("plot", help="draw a training run's curves to a PNG")
     p.add_argument("run_dir", type=Path, help="the --out folder of latentkit train")
-    p.add_argument("-o", "--out", type=Path, default=None, help="default: RUN_DIR/curves.png")
+    p.add_argument(
+        "-o", "--out", type=Path, default=None, help="default: RUN_DIR/curves.png (or -1, -2 ...)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     p.set_defaults(run=run_plot)
 
 
@@ -163,8 +166,10 @@ def summary_line(run: RunConfig, summary: dict, out: Path) -> str:
 
 
 def run_plot(args: argparse.Namespace) -> None:
+    from ..outputs import output_paths
     from .plot import plot_run
 
     if not args.run_dir.is_dir():
         raise LatentkitError(f"run folder {args.run_dir} does not exist.")
-    print(plot_run(args.run_dir, args.out or args.run_dir / "curves.png"))
+    (path,) = output_paths(args.out, args.run_dir / "curves.png", 1, overwrite=args.overwrite)
+    print(plot_run(args.run_dir, path, overwrite=args.overwrite))

@@ -25,6 +25,8 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import LatentkitError
+from ..module_io import replace_atomically
+from ..outputs import refuse_existing
 
 METRICS = "metrics.jsonl"
 _tensorboard_notice_shown = False
@@ -189,8 +191,10 @@ _LEFT, _RIGHT, _TOP, _BOTTOM = 72, 16, 28, 40
 _LINE, _EVAL, _SKIP = (31, 97, 180), (214, 96, 20), (200, 30, 30)
 
 
-def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
-    """Draw the loss, learning rate and every metric of a run, one panel each, to a PNG."""
+def plot_run(run_dir: str | Path, out_png: str | Path, *, overwrite: bool = False) -> Path:
+    """Draw the loss, learning rate and every metric of a run, one panel each, to a PNG.
+    An existing ``out_png`` is kept unless ``overwrite`` (``latentkit.outputs``)."""
+    out_png = refuse_existing(out_png, overwrite=overwrite)
     records = read_records(Path(run_dir) / METRICS)
     panels = _series(records)
     if not panels:
@@ -205,8 +209,8 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
         origin = ((index % columns) * _PANEL_W, (index // columns) * _PANEL_H)
         marks = skipped if title == "loss" else []
         _panel(draw, font, origin, title, points, marks, dots=title.startswith("eval/"))
-    out_png = Path(out_png)
-    image.save(out_png, format="PNG")
+    with replace_atomically(out_png, overwrite=overwrite, folder=False) as partial:
+        image.save(partial, format="PNG")
     return out_png
 
 
