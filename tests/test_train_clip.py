@@ -16,7 +16,7 @@ from latentkit.data.config import DataConfig
 from latentkit.data.shapes import write_dataset
 from latentkit.errors import ConfigError
 from latentkit.models.clip import contrastive_loss
-from latentkit.train import TrainConfig, checkpoint, train
+from latentkit.train import TrainConfig, World, checkpoint, train
 from latentkit.train.clip import (
     CLIPPhase,
     CLIPRecipe,
@@ -166,7 +166,7 @@ def test_mirrored_pairs_join_the_batch_flipped_with_their_words_swapped(shapes):
 
 def test_mirrored_pairs_enter_the_symmetric_loss(shapes):
     phase = CLIPPhase(recipe(shapes, **MIRRORS))
-    phase.nets = {"clip": phase.clip}
+    phase.world, phase.nets = World(), {"clip": phase.clip}
     captions = ["a red circle at the top", "a blue square", "a star left of a circle"]
     batch = phase.training_batch({"pixels": torch.rand(3, 3, 32, 32) * 2 - 1, "captions": captions})
     loss, metrics = phase.loss(batch, 3)
@@ -191,7 +191,7 @@ def test_mirrored_pairs_are_learned(shapes, tmp_path):
 
 def test_without_negatives_the_loss_is_clips_symmetric_loss(shapes):
     phase = CLIPPhase(recipe(shapes))
-    phase.nets = {"clip": phase.clip}
+    phase.world, phase.nets = World(), {"clip": phase.clip}
     batch = phase.training_batch(
         {"pixels": torch.rand(4, 3, 32, 32) * 2 - 1, "captions": ["a", "b", "c", "d"]}
     )
@@ -303,8 +303,8 @@ def test_mirror_accuracy_scores_both_halves_of_each_pair():
     # Images 0 and 1, then image 2: the mirror of image 0 (so caption 2 mirrors caption 0).
     logits = torch.tensor([[3.0, 0.0, 1.0], [0.0, 2.0, 0.0], [1.0, 0.0, 1.0]])
     # Image 0 prefers caption 0 over 2 (win); image 2 ties between captions 2 and 0 (half).
-    assert _tells_mirrors_apart(logits, [0]) == 0.75
-    assert math.isnan(_tells_mirrors_apart(logits[:2, :2], []))
+    assert _tells_mirrors_apart(logits, [0], [2]) == 0.75
+    assert math.isnan(_tells_mirrors_apart(logits[:2, :2], [], []))
 
 
 def test_a_word_mirrored_along_both_axes_is_one_sentence(shapes):

@@ -23,6 +23,7 @@ from latentkit.models.unet import UNet2DConditionModel
 from latentkit.models.vae import AutoencoderKL
 from latentkit.pipeline import GenerateOptions, generate, run_to_result
 from latentkit.train import TrainConfig, World, checkpoint, read_records, train
+from latentkit.train.draws import rank_positions, sample_generators
 from latentkit.train.unet import (
     NoisedLatents,
     UNetPhase,
@@ -112,10 +113,15 @@ def config(**changes) -> TrainConfig:
 # --- the objective ------------------------------------------------------------------------
 
 
+def generators(n, seed=11):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
 def diffusion_loss(unet, latents, context, alphas, *, prediction_type="epsilon",
-                   min_snr_gamma=None, noise_offset=0.0):  # fmt: skip
+                   min_snr_gamma=None, noise_offset=0.0, seed=11):  # fmt: skip
     """The phase's denoising loss of one batch, composed as ``UNetPhase.loss`` does."""
-    noised = noise_latents(latents, alphas, prediction_type, noise_offset)
+    rows = generators(len(latents), seed)
+    noised = noise_latents(latents, alphas, prediction_type, rows, noise_offset)
     errors = denoising_errors(unet, noised, context)
     loss = weighted_loss(errors, noised.alpha_bar, min_snr_gamma, prediction_type)
     return loss, {"mse": float(errors.detach().mean())}
@@ -137,12 +143,14 @@ class Zero(torch.nn.Module):
 def test_loss_targets_and_min_snr_weights(prediction, gamma):
     alphas = alphas_cumprod(UNetRecipe.__dataclass_fields__["schedule"].default_factory())
     latents, context = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 16)
-    torch.manual_seed(11)
     loss, metrics = diffusion_loss(
         Zero(), latents, context, alphas, prediction_type=prediction, min_snr_gamma=gamma
     )
-    torch.manual_seed(11)  # the same draws, in the same order
-    noise, t = torch.randn(latents.shape), torch.randint(0, 1000, (4,))
+    t, noise = [], []
+    for g in generators(4):  # the same draws, in the same order: each row's t, then noise
+        t.append(torch.randint(0, 1000, (1,), generator=g))
+        noise.append(torch.randn(latents.shape[1:], generator=g))
+    t, noise = torch.cat(t), torch.stack(noise)
     a = alphas[t].view(4, 1, 1, 1)
     target = {
         "epsilon": noise,
@@ -167,11 +175,24 @@ def test_min_snr_weight_is_finite_at_zero_terminal_snr():
 def test_noise_offset_changes_the_noise_per_channel():
     alphas = alphas_cumprod(UNetRecipe.__dataclass_fields__["schedule"].default_factory())
     latents, context = torch.zeros(2, 4, 8, 8), torch.zeros(2, 77, 16)
-    torch.manual_seed(0)
     plain, _ = diffusion_loss(Zero(), latents, context, alphas)
-    torch.manual_seed(0)
     offset, _ = diffusion_loss(Zero(), latents, context, alphas, noise_offset=1.0)
     assert not torch.equal(plain, offset)
+
+
+def test_per_sample_draws_do_not_depend_on_how_the_batch_is_cut():
+    """Two processes with half the batch each draw what one process draws for the whole
+    batch: the generators follow the sample's place in the global batch, not the rank."""
+    whole = sample_generators(3, 7, 0, 2, rank_positions(0, 4))
+    halves = [sample_generators(3, 7, 0, 2, rank_positions(r, 2)) for r in (0, 1)]
+    alphas = alphas_cumprod(UNetRecipe.__dataclass_fields__["schedule"].default_factory())
+    latents = torch.randn(4, 4, 8, 8)
+    one = noise_latents(latents, alphas, "epsilon", whole)
+    two = [noise_latents(latents[2 * r : 2 * r + 2], alphas, "epsilon", halves[r]) for r in (0, 1)]
+    assert torch.equal(one.t, torch.cat([h.t for h in two]))
+    assert torch.equal(one.noisy, torch.cat([h.noisy for h in two]))
+    other_step = noise_latents(latents, alphas, "epsilon", sample_generators(3, 8, 0, 2, range(4)))
+    assert not torch.equal(one.noisy, other_step.noisy)
 
 
 # --- recipes ------------------------------------------------------------------------------
@@ -214,10 +235,8 @@ def test_cached_encoding_equals_direct_encoding(world, tmp_path):
         phase.bind(World(), {"unet": phase.unet})
     batch = next(direct.batches(None))
     for _ in range(2):  # a miss, then a hit
-        torch.manual_seed(5)
-        want = direct.encode(batch)
-        torch.manual_seed(5)
-        got = cached.encode(batch)
+        want = direct.encode(batch, generators(8, 5))
+        got = cached.encode(batch, generators(8, 5))
         for a, b in zip(want, got, strict=True):
             torch.testing.assert_close(a, b)
     assert cached.caches[0].hits == 8 and cached.caches[0].misses == 8
@@ -452,7 +471,8 @@ def margin_encodes(world, step: int = 0, **options) -> tuple[int, float]:
     phase.bind(World(), {"unet": phase.unet, "text_encoder": phase.text_encoder})
     captions = MARGIN_CAPTIONS
     pixels = torch.rand(len(captions), 3, SIZE, SIZE) * 2 - 1
-    batch = {"pixels": pixels, "captions": captions, "keys": [str(i) for i in range(4)]}
+    keys = [str(i) for i in range(4)]
+    batch = {"pixels": pixels, "captions": captions, "keys": keys, "epoch": 0, "batch": 0}
     _, metrics = phase.loss(batch, step=step)
     return seen[0] - len(captions), metrics["mirror_shortfall"]
 

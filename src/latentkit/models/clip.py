@@ -74,10 +74,15 @@ class CLIPVisionOutput:
 
 
 class CLIPLogits(NamedTuple):
-    """Scaled cosine similarities; one is the transpose of the other."""
+    """Scaled cosine similarities (one is the transpose of the other), and what they are
+    made of: the unit-length embeddings and the multiplier ``exp(logit_scale)``, so that
+    training can score them against other processes' embeddings too."""
 
     logits_per_image: torch.Tensor
     logits_per_text: torch.Tensor
+    text_embeds: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
 
 
 # --- the shared transformer -------------------------------------------------------------
@@ -400,8 +405,9 @@ class CLIPModel(nn.Module):
         with torch.autocast(text.device.type, enabled=False):
             text = F.normalize(text.float(), dim=-1)
             image = F.normalize(image.float(), dim=-1)
-            logits_per_text = text @ image.t() * self.logit_scale.float().exp()
-        return CLIPLogits(logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text)
+            scale = self.logit_scale.float().exp()
+            logits_per_text = text @ image.t() * scale
+        return CLIPLogits(logits_per_text.t(), logits_per_text, text, image, scale)
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:

@@ -60,6 +60,7 @@ from ..models.clip import CLIPModel, CLIPTextModel
 from ..models.tokenizer import CLIPTokenizer
 from ..module_io import build_loaded
 from ..safetensors_io import read_safetensors, write_safetensors
+from . import distributed
 from .loop import LoaderPhase
 from .metrics import chance_top1, fixed_batches, retrieval_accuracy
 from .negatives import (
@@ -189,22 +190,28 @@ class CLIPPhase(LoaderPhase):
         mirrored: list[int] = []
         if self.mirrors:
             ids, pixels, mirrored = self._with_mirrored(batch["captions"], ids, pixels, step)
-        n = len(ids)
-        logits = self.nets["clip"](torch.cat([ids, negatives]), pixels)
-        per_image = logits.logits_per_image.float()  # [n, n + number of negatives]
+        out = self.nets["clip"](torch.cat([ids, negatives]), pixels)
+        plain = len(ids) - len(mirrored)
+        batch = _GlobalBatch.of(out, len(ids), owners, mirrored, plain, self.world)
+        with torch.autocast(pixels.device.type, enabled=False):
+            # [n + negatives, n] as the model scores them, so one process computes the same
+            # bits as the model's own logits.
+            logits_per_text = torch.cat([batch.texts, batch.negatives]) @ batch.images.t()
+            per_image = (logits_per_text * out.scale).t()  # [n, n + number of negatives]
+        n = len(batch.images)
         per_text = per_image[:, :n].t()
         targets = torch.arange(n, device=per_image.device)
         loss = (F.cross_entropy(per_text, targets) + F.cross_entropy(per_image, targets)) / 2
         hits = (per_image[:, :n].argmax(dim=1) == targets).float().mean()
         hits = hits + (per_text.argmax(dim=1) == targets).float().mean()
         metrics = {
-            "accuracy": float(hits) / 2,  # in-batch, both directions
+            "accuracy": float(hits) / 2,  # in the global batch, both directions
             "logit_scale": float(self.clip.logit_scale.detach().exp()),  # the multiplier
         }
         if self.negatives is not None:
-            metrics["negative_accuracy"] = _prefers_true(per_image, owners)
+            metrics["negative_accuracy"] = _prefers_true(per_image, batch.owners)
         if self.mirrors:
-            metrics["mirror_accuracy"] = _tells_mirrors_apart(per_image[:, :n], mirrored)
+            metrics["mirror_accuracy"] = _tells_mirrors_apart(per_image[:, :n], *batch.mirrors)
         return loss, metrics
 
     def _negatives(self, captions, step: int, device) -> tuple[torch.Tensor, list[int]]:
@@ -328,6 +335,37 @@ class CLIPPhase(LoaderPhase):
         save_tokenizer(self.tokenizer, out_dir / "tokenizer")
 
 
+@dataclass(frozen=True)
+class _GlobalBatch:
+    """The embeddings of every process's part of the batch, in rank order, so that each
+    image is scored against every caption of the global batch (all the negatives CLIP's
+    loss is defined over, whatever the number of processes), and where the hard negatives'
+    owners and the mirrored pairs sit in it."""
+
+    texts: torch.Tensor  # [n, dim]: the captions (and mirrored captions) of all ranks
+    images: torch.Tensor  # [n, dim]
+    negatives: torch.Tensor  # [number of negatives, dim]
+    owners: list[int]  # for each negative, the row of its caption
+    mirrors: tuple[list[int], list[int]]  # rows of each mirrored pair's halves
+
+    @staticmethod
+    def of(out, n: int, owners: list[int], mirrored: list[int], plain: int, world) -> _GlobalBatch:
+        """From this rank's model output over ``n`` captions (``plain`` of them the loader's,
+        then one mirror for each of ``mirrored``) and its negatives (one for each of
+        ``owners``)."""
+        texts, sizes = distributed.gather_rows(out.text_embeds[:n], world)
+        images, _ = distributed.gather_rows(out.image_embeds, world)
+        negatives, _ = distributed.gather_rows(out.text_embeds[n:], world)
+        owner_rows, first, second = [], [], []
+        marks = distributed.gather((owners, mirrored, plain), world)
+        for rank, (own, pairs, loader_rows) in enumerate(marks):
+            start = sum(sizes[:rank])  # this rank's first row in the global batch
+            owner_rows += [start + i for i in own]
+            first += [start + i for i in pairs]
+            second += [start + loader_rows + k for k in range(len(pairs))]
+        return _GlobalBatch(texts, images, negatives, owner_rows, (first, second))
+
+
 def _prefers_true(logits_per_image: torch.Tensor, owners: list[int]) -> float:
     """The fraction of images that score their caption above its hard negative (columns
     after the batch's captions, in ``owners`` order); NaN when there are none. A tie, a
@@ -341,16 +379,16 @@ def _prefers_true(logits_per_image: torch.Tensor, owners: list[int]) -> float:
     return _win_rate(true, negative)
 
 
-def _tells_mirrors_apart(logits_per_image: torch.Tensor, owners: list[int]) -> float:
-    """In-batch: the fraction of mirrored pairs' images (both halves) that score their own
-    caption above their mirror's; the mirrors are the last ``len(owners)`` rows and columns.
-    Ties count half, as in ``_prefers_true``."""
-    if not owners:
+def _tells_mirrors_apart(
+    logits_per_image: torch.Tensor, first: list[int], second: list[int]
+) -> float:
+    """In-batch: the fraction of mirrored pairs' images (both halves, rows ``first[i]`` and
+    ``second[i]``) that score their own caption above their mirror's. Ties count half, as
+    in ``_prefers_true``."""
+    if not first:
         return float("nan")
-    first = torch.tensor(owners, device=logits_per_image.device)
-    second = (
-        logits_per_image.shape[0] - len(owners) + torch.arange(len(owners), device=first.device)
-    )
+    first = torch.tensor(first, device=logits_per_image.device)
+    second = torch.tensor(second, device=logits_per_image.device)
     rows, other = torch.cat([first, second]), torch.cat([second, first])
     return _win_rate(logits_per_image[rows, rows], logits_per_image[rows, other])
 

@@ -150,6 +150,40 @@ def gather(obj: Any, world: World) -> list[Any]:
     return out
 
 
+def gather_rows(rows: torch.Tensor, world: World) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's ``rows`` (any number each), concatenated in rank order on every rank,
+    and how many came from each rank. Gradients flow back: each rank's rows get the sum of
+    the gradients that every rank's loss sends them, so when every rank computes the same
+    loss over the gathered rows, DDP's average of the parameter gradients is that loss's
+    gradient (``world.size`` times each rank's share, divided by ``world.size``)."""
+    if not world.distributed:
+        return rows, [len(rows)]
+    sizes = [int(n) for n in gather(len(rows), world)]
+    most = max(sizes)
+    if most == 0:
+        return rows, sizes
+    padded = torch.cat([rows, rows.new_zeros((most - len(rows), *rows.shape[1:]))])
+    stacked = _GatherWithGradients.apply(padded, world.rank, world.size)
+    return torch.cat([stacked[r, :n] for r, n in enumerate(sizes)]), sizes
+
+
+class _GatherWithGradients(torch.autograd.Function):
+    """all_gather whose backward sums the gradients over ranks and keeps this rank's."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+        ctx.rank = rank
+        out = [torch.empty_like(rows) for _ in range(size)]
+        dist.all_gather(out, rows.contiguous())
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank], None, None
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with every tensor in it (also inside dicts, lists, tuples) on ``device``."""
     if isinstance(batch, torch.Tensor):

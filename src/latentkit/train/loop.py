@@ -47,11 +47,13 @@ class Phase(abc.ABC):
     For results that do not depend on the number of processes, ``batches`` yields this
     rank's equal slice of each global batch (``self.world.rank`` of ``self.world.size``),
     and randomness per sample (noise, timesteps) should come from generators seeded by the
-    global sample index rather than from the per-rank global RNG.
+    global sample index rather than from the per-rank global RNG (``sample_generators``
+    in ``train/draws.py``, keyed by the run's ``seed`` that ``bind`` hands over).
     """
 
     world: World
     nets: dict[str, nn.Module]
+    seed: int = 0
 
     @abc.abstractmethod
     def modules(self) -> dict[str, nn.Module]:
@@ -81,9 +83,10 @@ class Phase(abc.ABC):
     def save_weights(self, out_dir: Path) -> None:
         """Export the trained weights (with their configs) into the existing ``out_dir``."""
 
-    def bind(self, world: World, nets: dict[str, nn.Module]) -> None:
-        """Called once before training; override to move frozen modules to ``world.device``."""
-        self.world, self.nets = world, nets
+    def bind(self, world: World, nets: dict[str, nn.Module], seed: int = 0) -> None:
+        """Called once before training with the run's ``seed`` (``train.seed``); override
+        to move frozen modules to ``world.device``."""
+        self.world, self.nets, self.seed = world, nets, seed
 
     def learning_rates(self) -> dict[str, float]:
         """Learning rates of named modules that differ from the run's ``lr`` (none, by
@@ -122,8 +125,8 @@ class LoaderPhase(Phase):
     def training_batch(self, batch: dict[str, Any]) -> Any:
         """The batch ``loss`` gets, made from one batch of the loader."""
 
-    def bind(self, world: World, nets: dict[str, nn.Module]) -> None:
-        super().bind(world, nets)
+    def bind(self, world: World, nets: dict[str, nn.Module], seed: int = 0) -> None:
+        super().bind(world, nets, seed)
         self.loader = ImageCaptionLoader(
             self.recipe.data_path, self.recipe.data, rank=world.rank, world=world.size
         )
@@ -256,7 +259,7 @@ class _Trainer:
         self.modules = _check_modules(phase.modules())
         for module in self.modules.values():
             module.to(world.device).train()
-        phase.bind(world, distributed.wrap(self.modules, world))
+        phase.bind(world, distributed.wrap(self.modules, world), config.seed)
         self.params = _unique_params(self.modules)
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.modules, phase.learning_rates(), config.lr),

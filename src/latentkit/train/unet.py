@@ -22,9 +22,10 @@ model" section has the measurements).
 Captions come from the data layer with its caption dropout already applied: a dropped
 caption is "", whose context is the unconditional branch classifier-free guidance needs.
 
-Every random draw (posterior sample, noise, offset, timestep) comes from the CPU's global
-generator, which the loop seeds per rank and checkpoints, so a resumed run draws the same
-numbers and a seed means the same on every device.
+Every random draw of a sample (posterior sample, timestep, noise, offset) comes from its
+own CPU generator, seeded by the run's seed, the step and the sample's place in the global
+batch (``train/draws.py``): one process and several draw the same numbers, a resumed run
+draws what an uninterrupted one would, and a seed means the same on every device.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ from ..errors import ConfigError, LatentkitError
 from ..models.clip import pooled_positions, reset_text_layers
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet2DConditionModel
+from . import draws
+from .draws import rank_positions, sample_generators
 from .loop import LoaderPhase
 from .negatives import MirroredCaptions, NegativeCaptions, WordGroups, mirror_captioners
 
@@ -351,8 +354,8 @@ class UNetPhase(LoaderPhase):
         rate = self.recipe.text_encoder_lr
         return {} if rate is None else {"text_encoder": rate}
 
-    def bind(self, world, nets) -> None:
-        super().bind(world, nets)
+    def bind(self, world, nets, seed: int = 0) -> None:
+        super().bind(world, nets, seed)
         for module in (self.vae, self.text_encoder):
             module.to(world.device)
         self.alphas = self.alphas.to(world.device)
@@ -360,14 +363,21 @@ class UNetPhase(LoaderPhase):
     # --- training -------------------------------------------------------------------------
 
     def training_batch(self, batch: dict) -> dict[str, Any]:
-        return {"pixels": batch["pixels"], "captions": batch["captions"], "keys": batch_keys(batch)}
+        return {
+            "pixels": batch["pixels"],
+            "captions": batch["captions"],
+            "keys": batch_keys(batch),
+            "epoch": batch["epoch"],
+            "batch": batch["batch"],
+        }
 
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         recipe = self.recipe
-        latents, context = self.encode(batch)
+        generators = self.sample_generators(batch, step)
+        latents, context = self.encode(batch, generators)
         captions = batch["captions"]
         noised = noise_latents(
-            latents, self.alphas, recipe.schedule.prediction_type, recipe.noise_offset
+            latents, self.alphas, recipe.schedule.prediction_type, generators, recipe.noise_offset
         )
         mirrored = [(i, m) for i, c in enumerate(captions) for f in self.mirrors if (m := f(c))]
         margin_pairs = (
@@ -448,15 +458,22 @@ class UNetPhase(LoaderPhase):
         late = [(i, text) for i, text in pairs if int(t[i]) >= recipe.mirror_contrast_from]
         return sorted(late, key=lambda pair: pair[0])[: recipe.mirror_contrast_rows]
 
+    def sample_generators(self, batch: dict, step: int) -> list[torch.Generator]:
+        """This rank's samples' own generators at ``step`` (see the module docstring)."""
+        positions = rank_positions(self.world.rank, len(batch["captions"]))
+        return sample_generators(self.seed, step, batch["epoch"], batch["batch"], positions)
+
     @torch.no_grad()
-    def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scaled latents (a posterior sample) and frozen text contexts (None when the text
-        encoder trains), computed in fp32 outside autocast, so that targets and cached
-        values do not depend on the precision."""
+    def encode(
+        self, batch: dict, generators: list[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scaled latents (a posterior sample, one generator per row) and frozen text
+        contexts (None when the text encoder trains), computed in fp32 outside autocast,
+        so that targets and cached values do not depend on the precision."""
         device = batch["pixels"].device
         with torch.autocast(device.type, enabled=False):
             mean, std = self._posterior(batch)
-            eps = torch.randn(mean.shape).to(device)
+            eps = draws.randn(generators, tuple(mean.shape[1:])).to(device)
             latents = self.vae.scale_latents(mean + std * eps)
             if self.recipe.train_text_encoder:
                 return latents, None
@@ -537,18 +554,25 @@ class NoisedLatents:
 
 
 def noise_latents(
-    latents: torch.Tensor, alphas: torch.Tensor, prediction_type: str, noise_offset: float = 0.0
+    latents: torch.Tensor,
+    alphas: torch.Tensor,
+    prediction_type: str,
+    generators: list[torch.Generator],
+    noise_offset: float = 0.0,
 ) -> NoisedLatents:
-    """Noise ``latents`` at random timesteps (see the module docstring). ``alphas`` is the
-    schedule's alpha-bar on the latents' device. The noise offset (Guttenberg 2023) adds a
-    per-channel constant to the noise, so that the model learns to change an image's mean
-    brightness, which plain noise almost never asks of it."""
+    """Noise ``latents`` at random timesteps (see the module docstring), row i's timestep,
+    noise and offset from ``generators[i]``. ``alphas`` is the schedule's alpha-bar on the
+    latents' device. The noise offset (Guttenberg 2023) adds a per-channel constant to the
+    noise, so that the model learns to change an image's mean brightness, which plain noise
+    almost never asks of it; it is drawn even when off, so that turning it on moves no other
+    number."""
     b, c = latents.shape[:2]
     device = latents.device
-    noise = torch.randn(latents.shape)
+    t = draws.randint(generators, len(alphas))
+    noise = draws.randn(generators, tuple(latents.shape[1:]))
+    offset = draws.randn(generators, (c, 1, 1))
     if noise_offset:
-        noise = noise + noise_offset * torch.randn(b, c, 1, 1)
-    t = torch.randint(0, len(alphas), (b,))
+        noise = noise + noise_offset * offset
     noise, t = noise.to(device), t.to(device)
     a = alphas[t].view(b, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
