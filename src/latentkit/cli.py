@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_interpolate(commands)
     _add_info(commands)
     _add_inspect(commands)
+    _add_convert(commands)
     _add_data(commands)
     _add_train(commands)
     _add_eval(commands)
@@ -314,6 +315,55 @@ def run_inspect(args: argparse.Namespace) -> None:
 
     components = load(args.path, allow_pickle=args.allow_pickle)
     print(components.describe())
+
+
+def _add_convert(commands) -> None:
+    p = commands.add_parser(
+        "convert",
+        help="rewrite a model as a diffusers folder or one .safetensors file",
+        description="Convert SRC (a diffusers folder, a single file or a shipped name) to "
+        "DST: a name ending in .safetensors gets one original-layout SD file (as A1111, "
+        "ComfyUI and diffusers' from_single_file read it), anything else a diffusers folder.",
+    )
+    p.add_argument("src", help="a diffusers folder, a single file or a shipped name")
+    p.add_argument("dst", type=Path, help="NAME.safetensors for a single file, else a folder")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: as stored"
+    )
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="take the U-Net from a single file's EMA copy (model_ema.*) or, by default, "
+        "from its main weights; the other copy is not written",
+    )
+    p.add_argument("--allow-pickle", action="store_true", help="accept a .ckpt/.pt SRC")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.set_defaults(run=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from .models_registry import resolve
+    from .weights import check_save_path, holds_ema, load, save
+
+    dst = check_save_path(args.dst, overwrite=args.overwrite)  # before any loading
+    src = resolve(args.src)
+    if args.ema is None and holds_ema(src):
+        print(
+            f"latentkit: {src} also holds EMA weights; converting its main ones "
+            "(--ema for the EMA's, --no-ema to say so).",
+            file=sys.stderr,
+        )
+    # As stored, not laid out for speed: the weights are only passed through.
+    components = load(
+        src,
+        dtype=args.dtype,
+        allow_pickle=args.allow_pickle,
+        ema=bool(args.ema),
+        channels_last=False,
+        prepack=False,
+    )
+    print(save(components, dst, overwrite=args.overwrite))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,6 +172,35 @@ def normalize_legacy_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
     return out
 
 
+def ema_key(unet_key: str) -> str:
+    """Where CompVis' LitEma keeps the EMA copy of a U-Net tensor: the key without
+    ``model.`` and without dots (``model_ema.diffusion_modelinput_blocks00weight``)."""
+    return EMA_PREFIX + unet_key.removeprefix("model.").replace(".", "")
+
+
+def has_ema(keys: Iterable[str]) -> bool:
+    """Whether a single file's keys include an EMA copy of its U-Net."""
+    return any(k.startswith(EMA_PREFIX + "diffusion_model") for k in keys)
+
+
+def with_ema_unet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with each U-Net tensor replaced by its EMA copy (diffusers'
+    ``extract_ema``); a file without one, or with an incomplete one, is refused."""
+    if not has_ema(state_dict):
+        raise WeightsError(
+            "this checkpoint holds no EMA weights (model_ema.* keys); convert or load it "
+            "without asking for EMA."
+        )
+    unet_keys = [k for k in state_dict if k.startswith(UNET)]
+    missing = [ema_key(k) for k in unet_keys if ema_key(k) not in state_dict]
+    if missing:
+        raise WeightsError(
+            f"this checkpoint's EMA copy lacks {len(missing)} of the U-Net's {len(unet_keys)} "
+            f"tensors, such as {_few(missing)}; use its main weights instead."
+        )
+    return {**state_dict, **{k: state_dict[ema_key(k)] for k in unet_keys}}
+
+
 # --- routes -----------------------------------------------------------------------------
 
 

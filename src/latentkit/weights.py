@@ -35,12 +35,13 @@ from .diffusers_folder import (
 )
 from .errors import ConfigError, WeightsError
 from .ldm_infer import infer_config
-from .ldm_keys import detect_family, join_checkpoint, split_checkpoint
+from .ldm_keys import detect_family, has_ema, join_checkpoint, split_checkpoint, with_ema_unet
 from .memory import prefers_channels_last, set_channels_last, set_packed_weights
 from .models_registry import resolve as resolve_model
 from .module_io import build_loaded, load_module, read_weights, replace_atomically, sniff
+from .outputs import refuse_existing
 from .prepack import prefers_packed_weights
-from .safetensors_io import read_metadata, read_safetensors, write_safetensors
+from .safetensors_io import read_header, read_metadata, read_safetensors, write_safetensors
 
 __all__ = [
     "Components",
@@ -56,6 +57,7 @@ __all__ = [
     "read_safetensors",
     "read_weights",
     "rename_vae_attention",
+    "save",
     "save_diffusers",
     "save_single_file",
     "save_text_encoder",
@@ -65,6 +67,8 @@ __all__ = [
 
 # Single files we write carry their exact config, so reading them back needs no guessing.
 CONFIG_METADATA_KEY = "latentkit.config"
+# Names of pickled checkpoints: ``save`` refuses them (it writes .safetensors only).
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _COMPONENT_CONFIGS = {"config.json": "a single component", "model_index.json": "a model"}
 
 
@@ -79,9 +83,11 @@ def load(
     hint: ModelConfig | None = None,
     channels_last: bool | None = None,
     prepack: bool | None = None,
+    ema: bool = False,
 ) -> Components:
     """A model from a diffusers folder or a single-file checkpoint (.safetensors, or
     .ckpt/.pt with ``allow_pickle``). ``dtype`` casts float weights as they are read;
+    ``ema`` takes a single file's EMA copy of the U-Net (``model_ema.*``) for its weights;
     ``prediction_type`` overrides the schedule's ("v_prediction" for SD 2.x 768-v files).
     A shipped model's name (``"shapes"``) stands for its packaged folder.
     ``channels_last`` lays the U-Net's and VAE's conv weights out in NHWC; None (the
@@ -96,6 +102,11 @@ def load(
         raise WeightsError(f"{path} does not exist; give a diffusers model folder or a file.")
     if path.is_dir():
         _check_model_folder(path)
+        if ema:
+            raise WeightsError(
+                f"{path} is a diffusers folder, which keeps one set of U-Net weights; a "
+                "latentkit run writes its EMA weights as a folder of their own (weights-ema)."
+            )
         components = load_diffusers(
             path, dtype=dtype, device=device, variant=variant, allow_pickle=allow_pickle
         )
@@ -108,6 +119,7 @@ def load(
             allow_pickle=allow_pickle,
             prediction_type=prediction_type,
             hint=hint,
+            ema=ema,
         )
     return _laid_out(components, channels_last, prepack)
 
@@ -162,8 +174,10 @@ def load_single_file(
     allow_pickle: bool = False,
     prediction_type: str | None = None,
     hint: ModelConfig | None = None,
+    ema: bool = False,
 ) -> Components:
-    """A model from one original-layout SD 1.x/2.x checkpoint.
+    """A model from one original-layout SD 1.x/2.x checkpoint; with ``ema``, its U-Net
+    from the file's EMA copy (``model_ema.*``) rather than its main weights.
 
     The architecture is read off the tensor shapes (``ldm_infer``); what shapes cannot
     tell (head counts, prediction type, ...) comes from ``hint``, from the config that
@@ -171,6 +185,8 @@ def load_single_file(
     """
     path = Path(path)
     state = read_weights(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    if ema:
+        state = with_ema_unet(state)
     family = detect_family(state.keys())
     stored = _stored_config(path) if hint is None else None
     if stored is not None:
@@ -244,3 +260,42 @@ def save_single_file(
     with replace_atomically(path, overwrite=overwrite, folder=False) as tmp:
         write_safetensors(state, tmp, metadata=metadata, dtype=dtype)
     return path
+
+
+def save(
+    components: Components,
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``components`` in the format ``path`` names: ``*.safetensors`` is one
+    original-layout file (``save_single_file``), anything else a diffusers folder
+    (``save_diffusers``). Pickles are never written. ``check_save_path`` tells beforehand
+    whether ``path`` will be accepted."""
+    path = check_save_path(path, overwrite=overwrite)
+    if path.suffix == ".safetensors":
+        return save_single_file(components, path, dtype=dtype, overwrite=overwrite)
+    return save_diffusers(components, path, dtype=dtype, overwrite=overwrite)
+
+
+def check_save_path(path: str | Path, *, overwrite: bool = False) -> Path:
+    """``path``, if ``save`` can write there: not a pickle's name, in an existing folder,
+    and nothing there unless ``overwrite`` (checked before any model is loaded)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in _PICKLE_SUFFIXES or (suffix == ".safetensors" and path.suffix != suffix):
+        raise WeightsError(
+            f"{path.name}: latentkit writes single files as .safetensors only (never "
+            "pickles); end the name in .safetensors, or give a folder name for diffusers."
+        )
+    if not path.parent.is_dir():
+        raise WeightsError(f"cannot save to {path}: the folder {path.parent} does not exist.")
+    return refuse_existing(path, overwrite=overwrite)
+
+
+def holds_ema(path: str | Path) -> bool:
+    """Whether ``path`` is a .safetensors single file with an EMA copy of its U-Net (read
+    from its header alone; a pickle, a folder or a shipped name says False)."""
+    path = Path(path)
+    return path.is_file() and sniff(path) == "safetensors" and has_ema(read_header(path).tensors)
