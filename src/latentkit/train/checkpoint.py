@@ -13,7 +13,8 @@ Layout, one folder per checkpoint::
 The files are written (and fsynced) in ``.step-000123.partial-XXXX`` beside the final
 name, which is renamed into place only when all are on disk; the ``complete`` marker comes
 after the rename. Resume takes the newest folder that has the marker and loads, so a kill
-while writing leaves either an ignored temporary folder or a folder without the marker.
+while writing leaves either an ignored temporary folder (removed at the next start, see
+``run_folder.remove_leftovers``) or a folder without the marker.
 No pickle anywhere: tensors go to safetensors, everything else to JSON.
 
 The pieces of training state that are saved live here too: the EMA of the weights, the
@@ -45,9 +46,7 @@ from ..safetensors_io import read_safetensors, write_safetensors
 FOLDER = "checkpoints"
 MARKER = "complete"
 TRAINER = "trainer.json"
-_STEP_DIR = re.compile(r"step-(\d+)")
-# What replace_atomically leaves behind when a write or a swap is killed half-way.
-_LEFTOVER = re.compile(r"\.step-\d+\.(partial|old)-[0-9a-f]+")
+STEP_DIR = re.compile(r"step-(\d+)")
 
 
 @dataclass
@@ -68,8 +67,24 @@ def save(
     *,
     keep: int,
 ) -> Path:
-    """Write checkpoint ``step`` (``tensors``: file stem -> state dict); keep the last ``keep``."""
-    root = Path(run_dir) / FOLDER
+    """Write checkpoint ``step`` (``tensors``: file stem -> state dict); keep the last ``keep``.
+
+    A write that fails (a full disk, a file-size limit) is one sentence; what it had
+    written is never taken for a checkpoint, and the ones before it are as they were.
+    """
+    try:
+        target = _write(Path(run_dir), step, tensors, meta)
+    except OSError as err:
+        raise LatentkitError(
+            f"checkpoint step {step} could not be written ({err.strerror or err}); the "
+            "checkpoints before it are kept, and a resume goes on from the newest of them."
+        ) from None
+    prune(run_dir, keep, step)
+    return target
+
+
+def _write(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], meta) -> Path:
+    root = run_dir / FOLDER
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step:06d}"
     # overwrite=True: a folder of this step can only be an unfinished (or unloadable) one
@@ -91,7 +106,6 @@ def save(
     _write_json(target / f".{MARKER}.tmp", {"step": step, "files": sizes})
     os.replace(target / f".{MARKER}.tmp", target / MARKER)
     _fsync_dir(target)
-    prune(run_dir, keep, step)
     return target
 
 
@@ -125,7 +139,7 @@ def complete(run_dir: Path) -> list[Path]:
         return []
     found = []
     for entry in root.iterdir():
-        match = _STEP_DIR.fullmatch(entry.name)
+        match = STEP_DIR.fullmatch(entry.name)
         if match and (entry / MARKER).is_file():
             found.append((int(match.group(1)), entry))
     return [entry for _, entry in sorted(found)]
@@ -144,7 +158,7 @@ def latest(run_dir: Path, *, notice=None) -> Checkpoint | None:
 
 def has_checkpoints(run_dir: Path) -> bool:
     root = Path(run_dir) / FOLDER
-    return root.is_dir() and any(_STEP_DIR.fullmatch(e.name) for e in root.iterdir())
+    return root.is_dir() and any(STEP_DIR.fullmatch(e.name) for e in root.iterdir())
 
 
 def prune(run_dir: Path, keep: int, current: int) -> None:
@@ -157,7 +171,7 @@ def prune(run_dir: Path, keep: int, current: int) -> None:
     root = Path(run_dir) / FOLDER
     done = [p for p in complete(run_dir) if _step_of(p) <= current]
     for entry in root.iterdir():
-        if not _STEP_DIR.fullmatch(entry.name) or entry in done[-keep:]:
+        if not STEP_DIR.fullmatch(entry.name) or entry in done[-keep:]:
             continue
         # Marker first: if we are killed during rmtree, the remains are not "complete".
         (entry / MARKER).unlink(missing_ok=True)
@@ -165,16 +179,7 @@ def prune(run_dir: Path, keep: int, current: int) -> None:
 
 
 def _step_of(path: Path) -> int:
-    return int(_STEP_DIR.fullmatch(path.name).group(1))
-
-
-def remove_leftovers(run_dir: Path) -> None:
-    """Remove temporary folders of killed writes (call only when no other run writes here)."""
-    root = Path(run_dir) / FOLDER
-    if root.is_dir():
-        for entry in root.iterdir():
-            if _LEFTOVER.fullmatch(entry.name):
-                shutil.rmtree(entry, ignore_errors=True)
+    return int(STEP_DIR.fullmatch(path.name).group(1))
 
 
 # --- the EMA of the weights, saved in every checkpoint --------------------------------

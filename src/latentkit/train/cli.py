@@ -27,7 +27,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         help="train a VAE, a CLIP text encoder or a U-Net from a run file",
         description="Train one phase with the settings of a run file (TOML: a [train] table "
         "for the loop, a [recipe] table for the phase). Everything lands in --out: "
-        "checkpoints, metrics.jsonl, samples/, weights/ (and weights-ema/).",
+        "checkpoints, metrics.jsonl, samples/, weights/ (and weights-ema/). --out must be a "
+        "new or empty folder or a run folder; a run locks it while it trains.",
     )
     p.add_argument("phase", choices=list(PHASES), help="what to train")
     p.add_argument("--config", type=Path, default=None, help="run file (.toml, .yaml, .json)")
@@ -84,9 +85,6 @@ def run_train(args: argparse.Namespace) -> None:
         raise LatentkitError("give --out, the folder to write the run to (or use --dry-run).")
     _, phase_class = phase_classes(run.phase)
     phase = phase_class(run.recipe)
-    if main_process:
-        save_run_file(run, args.out, args.resume)
-
     summary = train(
         phase,
         run.train,
@@ -95,6 +93,7 @@ def run_train(args: argparse.Namespace) -> None:
         until=args.until,
         progress=not args.quiet,
         device=args.device,
+        on_start=lambda out: save_run_file(run, out, args.resume),
     )
     if main_process:
         print(summary_line(run, summary, args.out))
@@ -108,22 +107,18 @@ def describe(run: RunConfig) -> str:
 
 
 def save_run_file(run: RunConfig, out: Path, resume: bool) -> None:
-    """Keep the resolved run file beside the run; never replace the one of a run that has
-    checkpoints (the loop then refuses a fresh start, or continues it on --resume)."""
+    """Keep the resolved run file in the run folder ``out`` (which the loop holds when it
+    calls this); never replace the one of a run that is resumed from checkpoints."""
     path = out / RUN_FILE
-    if checkpoint.has_checkpoints(out):
-        if not resume:
-            return  # the loop refuses to start over there; leave the folder as it is
-        if path.exists():
-            changed = changed_settings(path.read_text(encoding="utf-8"), to_toml(run.to_dict()))
-            if changed:
-                print(
-                    f"latentkit: resuming with settings that differ from {path} ({changed}); "
-                    "it is kept.",
-                    file=sys.stderr,
-                )
-            return
-    out.mkdir(parents=True, exist_ok=True)
+    if resume and checkpoint.has_checkpoints(out) and path.exists():
+        changed = changed_settings(path.read_text(encoding="utf-8"), to_toml(run.to_dict()))
+        if changed:
+            print(
+                f"latentkit: resuming with settings that differ from {path} ({changed}); "
+                "it is kept.",
+                file=sys.stderr,
+            )
+        return
     temporary = path.with_name(RUN_FILE + ".tmp")
     temporary.write_text(to_toml(run.to_dict()), encoding="utf-8")
     os.replace(temporary, path)

@@ -15,7 +15,7 @@ import functools
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,7 @@ from ..config import DictForm, check_seed, require
 from ..data.badlog import BadSampleLog, merged_report
 from ..data.loader import ImageCaptionLoader
 from ..errors import ConfigError, LatentkitError
-from ..module_io import replace_atomically
-from . import checkpoint, distributed
+from . import checkpoint, distributed, run_folder
 from .checkpoint import EMA, trainable
 from .distributed import World
 from .plot import RunLog
@@ -220,11 +219,15 @@ def train(
     until: int | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    on_start: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``phase`` for ``config.steps`` steps, writing everything under ``out_dir``.
 
-    ``resume=True`` continues from the newest complete checkpoint in ``out_dir`` (or starts
-    fresh when there is none); without it an ``out_dir`` that holds checkpoints is refused.
+    ``out_dir`` must be new, empty or a run folder (see ``run_folder``); the run holds it,
+    locked, until it returns. ``resume=True`` continues from the newest complete checkpoint
+    in ``out_dir`` (or starts fresh when there is none); without it an ``out_dir`` that
+    holds checkpoints is refused. ``on_start(out_dir)`` runs on the main process once the
+    folder is held, before the loop writes there (the CLI keeps its run file there).
     ``until`` stops early, with a checkpoint, after that step: the learning rate still
     follows the schedule of ``config.steps``, and a later ``resume`` goes on (perhaps with
     other data: a curriculum). Under torchrun every process calls this. Returns a summary.
@@ -232,7 +235,8 @@ def train(
     end = check_until(until, config.steps)
     world = distributed.setup(device)
     try:
-        return _Trainer(phase, config, Path(out_dir), world, progress).run(resume, end)
+        trainer = _Trainer(phase, config, Path(out_dir), world, progress)
+        return trainer.run(resume, end, on_start)
     finally:
         # The DDP wrappers must be freed before their process group is destroyed (gloo can
         # hang in the group's destructor otherwise); the phase keeps the plain modules.
@@ -279,7 +283,40 @@ class _Trainer:
 
     # --- the run --------------------------------------------------------------------------
 
-    def run(self, resume: bool, end: int) -> dict[str, Any]:
+    def run(self, resume: bool, end: int, on_start=None) -> dict[str, Any]:
+        with self._held(resume):
+            if on_start is not None and self.world.is_main:
+                on_start(self.out_dir)
+            return self._run(resume, end)
+
+    @contextlib.contextmanager
+    def _held(self, resume: bool):
+        """Rank 0 holds the run folder (locked) for the whole run."""
+        phase = type(self.phase).__name__
+        with contextlib.ExitStack() as holding:
+            self._main_then_all(
+                lambda: holding.enter_context(
+                    run_folder.held(self.out_dir, resume=resume, phase=phase)
+                )
+            )
+            yield
+
+    def _main_then_all(self, action) -> None:
+        """Run ``action`` on rank 0; when it fails with a LatentkitError, every rank raises
+        it (the others would otherwise wait for rank 0 in their next collective)."""
+        failure = None
+        if self.world.is_main:
+            try:
+                action()
+            except LatentkitError as err:
+                failure = err
+        reason = distributed.broadcast(None if failure is None else str(failure), self.world)
+        if failure is not None:
+            raise failure
+        if reason is not None:
+            raise LatentkitError(reason)
+
+    def _run(self, resume: bool, end: int) -> dict[str, Any]:
         start, data_state = self._start(resume)
         began = time.time()
         try:
@@ -309,11 +346,6 @@ class _Trainer:
         }
 
     def _start(self, resume: bool) -> tuple[int, dict | None]:
-        if not resume and checkpoint.has_checkpoints(self.out_dir):
-            raise LatentkitError(
-                f"{self.out_dir} already holds checkpoints; pass resume=True to continue "
-                "that run or choose another output folder."
-            )
         found = self._find_checkpoint() if resume else None
         if found is None:
             if resume:
@@ -322,9 +354,6 @@ class _Trainer:
             start, data_state = 0, None
         else:
             start, data_state = self._restore(found)
-        if self.world.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.remove_leftovers(self.out_dir)
         self.log.open(start)
         distributed.barrier(self.world)  # nobody reads a checkpoint rank 0 may now prune
         return start, data_state
@@ -504,8 +533,9 @@ class _Trainer:
 
     def _checkpoint(self, done: int) -> None:
         rngs = distributed.gather(checkpoint.rng_state(), self.world)
-        if not self.world.is_main:
-            return
+        self._main_then_all(lambda: self._save_checkpoint(done, rngs))
+
+    def _save_checkpoint(self, done: int, rngs: list[dict]) -> None:
         tensors = {f"model.{name}": m.state_dict() for name, m in self.modules.items()}
         if self.ema is not None:
             tensors.update({f"ema.{name}": s for name, s in self.ema.shadow.items()})
@@ -526,18 +556,13 @@ class _Trainer:
 
     def _export(self) -> None:
         """Final weights in out_dir/weights (and the EMA's in out_dir/weights-ema)."""
-        if self.world.is_main:
-            with replace_atomically(self.out_dir / "weights", overwrite=True, folder=True) as tmp:
-                self.phase.save_weights(tmp)
-            if self.ema is not None:
-                with (
-                    self.ema.applied(self.modules),
-                    replace_atomically(
-                        self.out_dir / "weights-ema", overwrite=True, folder=True
-                    ) as tmp,
-                ):
-                    self.phase.save_weights(tmp)
-        distributed.barrier(self.world)
+        self._main_then_all(self._export_on_main)
+
+    def _export_on_main(self) -> None:
+        run_folder.export(self.out_dir, "weights", self.phase.save_weights)
+        if self.ema is not None:
+            with self.ema.applied(self.modules):
+                run_folder.export(self.out_dir, "weights-ema", self.phase.save_weights)
 
 
 # --- helpers ------------------------------------------------------------------------------
