@@ -30,8 +30,8 @@ from .config_json import (
     vae_to_json,
 )
 from .errors import WeightsError
-from .module_io import build_loaded, read_pickle, replace_atomically
-from .safetensors_io import read_safetensors, resolve_dtype, write_safetensors
+from .module_io import build_loaded, read_weights, replace_atomically
+from .safetensors_io import resolve_dtype, write_safetensors
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Weight file names without suffix: diffusers' (U-Net and VAE) and transformers' (CLIP);
@@ -298,21 +298,25 @@ def _component_folder(folder, what: str) -> Path:
 
 
 def _read_component(folder: Path, stem: str, variant, allow_pickle, dtype, device) -> dict:
-    """The weights of one component folder: single file, sharded, or (opt-in) pickle."""
+    """The weights of one component folder: single file, sharded, or (opt-in) pickle.
+
+    The names say where to look; what each file holds is read from its content.
+    """
+    options = {"dtype": dtype, "device": device, "allow_pickle": allow_pickle}
     tag = f".{variant}" if variant else ""
     single = folder / f"{stem}{tag}.safetensors"
     if single.is_file():
-        return read_safetensors(single, dtype=dtype, device=device)
+        return read_weights(single, **options)
     # diffusers puts the variant before ".json", transformers before ".safetensors".
     for index in (
         folder / f"{stem}.safetensors.index{tag}.json",
         folder / f"{stem}{tag}.safetensors.index.json",
     ):
         if index.is_file():
-            return _read_sharded(index, dtype, device)
+            return _read_sharded(index, options)
     pickle = folder / f"{_PICKLE_STEMS[stem]}{tag}.bin"
     if pickle.is_file():
-        return read_pickle(pickle, dtype=dtype, device=device, allow_pickle=allow_pickle)
+        return read_weights(pickle, **options)
     raise WeightsError(_no_weights_message(folder, single.name, variant))
 
 
@@ -327,7 +331,7 @@ def _no_weights_message(folder: Path, wanted: str, variant) -> str:
     return f"{folder} has no weights file {wanted} (found: {', '.join(present) or 'none'}){hint}."
 
 
-def _read_sharded(index_path: Path, dtype, device) -> dict:
+def _read_sharded(index_path: Path, options: dict) -> dict:
     index = read_json(index_path, "weights index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
@@ -337,7 +341,7 @@ def _read_sharded(index_path: Path, dtype, device) -> dict:
         shard_path = index_path.parent / str(shard)
         if not shard_path.is_file():
             raise WeightsError(f"shard {shard_path} listed in {index_path.name} does not exist.")
-        tensors.update(read_safetensors(shard_path, dtype=dtype, device=device))
+        tensors.update(read_weights(shard_path, **options))
     absent = sorted(set(weight_map) - set(tensors))
     if absent:
         raise WeightsError(

@@ -13,7 +13,6 @@ import re
 import shutil
 import threading
 import uuid
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -22,11 +21,14 @@ from torch import nn
 
 from .errors import WeightsError
 from .outputs import refuse_existing
-from .safetensors_io import check_finite, convert, read_header, read_safetensors, resolve_dtype
+from .safetensors_io import check_finite, convert, read_safetensors, resolve_dtype
 
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
-_ZIP_MAGIC = b"PK\x03\x04"
+# What a weight file holds is told by its first bytes, never by its name: names lie (a
+# checkpoint renamed .safetensors), and torch.load picks its reader by the name.
+SAFETENSORS, TORCH_ZIP, TORCH_PICKLE = "safetensors", "torch-zip", "torch-legacy"
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6: a zip archive holding the pickle
 _PICKLE_PROTO = 0x80  # first byte of a pickle of protocol 2 or newer (legacy torch.save)
+_JSON_OPEN = ord("{")  # safetensors: 8 bytes of header length, then the JSON header
 _MAX_KEYS_NAMED = 5
 
 
@@ -34,21 +36,30 @@ _MAX_KEYS_NAMED = 5
 
 
 def sniff(path: Path) -> str:
-    """ "safetensors" or "pickle" by content (the suffix can lie); anything else is an error."""
-    with path.open("rb") as file:
-        head = file.read(8)
-    if head.startswith(_ZIP_MAGIC) or (head[:1] and head[0] == _PICKLE_PROTO):
-        return "pickle"
-    if path.suffix == ".safetensors":
-        return "safetensors"
+    """The format of weight file ``path`` by its content: SAFETENSORS, TORCH_ZIP or
+    TORCH_PICKLE. Anything else is one WeightsError naming the file and what is read."""
     try:
-        read_header(path)
-    except WeightsError:
-        raise WeightsError(
-            f"{path} is not a model weight file; latentkit reads .safetensors files (and "
-            ".ckpt/.pt/.bin with allow_pickle=True) and diffusers model folders."
-        ) from None
-    return "safetensors"
+        with Path(path).open("rb") as file:
+            head, size = file.read(9), os.fstat(file.fileno()).st_size
+    except OSError as err:
+        raise WeightsError(f"weight file {path} cannot be read ({err.strerror}).") from None
+    # Safetensors first: its header length is any number, so its first byte may well be
+    # 0x80 or "P"; a pickle's or a zip's first 8 bytes read as a length never fit the file.
+    if len(head) == 9 and head[8] == _JSON_OPEN and _header_length(head) <= size - 9:
+        return SAFETENSORS
+    if head.startswith(_ZIP_MAGIC):
+        return TORCH_ZIP
+    if head[:1] == bytes([_PICKLE_PROTO]):
+        return TORCH_PICKLE
+    raise WeightsError(
+        f"{path} is not a model weight file: it is not a valid safetensors file (8 bytes of "
+        "header length, then a JSON header opening with '{'), and not a PyTorch checkpoint "
+        "(a zip or a pickle, read with allow_pickle=True) either."
+    )
+
+
+def _header_length(head: bytes) -> int:
+    return int.from_bytes(head[:8], "little")
 
 
 def read_weights(
@@ -58,35 +69,29 @@ def read_weights(
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file, or of a pickle when ``allow_pickle`` is set."""
+    """The tensors of a safetensors file, or of a PyTorch pickle when ``allow_pickle`` is
+    set, whatever the file is called. Every weight file latentkit is given goes through here.
+
+    Pickles are read only with torch's restricted unpickler, never falling back to full
+    unpickling: a file that needs any class or function beyond tensors and plain
+    containers is refused, so opening it cannot run code.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weight file {path} does not exist.")
-    if sniff(path) == "safetensors":
+    kind = sniff(path)
+    if kind == SAFETENSORS:
         return read_safetensors(path, dtype=dtype, device=device)
-    return read_pickle(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
-
-
-def read_pickle(
-    path: str | Path,
-    *,
-    dtype: torch.dtype | str | None = None,
-    device: str | torch.device = "cpu",
-    allow_pickle: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Tensors of a legacy torch pickle, read only with torch's restricted unpickler.
-
-    Never falls back to full unpickling: a file that needs any class or function beyond
-    tensors and plain containers is refused, so opening it cannot run code.
-    """
-    path = Path(path)
     if not allow_pickle:
         raise WeightsError(
-            f"{path} is a pickle (legacy .ckpt/.pt/.bin), which can run code when opened; "
-            "pass allow_pickle=True (CLI: --allow-pickle) to read only its tensors, or "
-            "better, convert it to .safetensors."
+            f"{path} is a PyTorch pickle checkpoint, which can run code when opened; pass "
+            "allow_pickle=True (CLI: --allow-pickle) to read only its tensors, or better, "
+            "convert it to .safetensors."
         )
-    obj = _torch_load(path)
+    return _named_tensors(path, _torch_load(path, kind), resolve_dtype(dtype), device)
+
+
+def _named_tensors(path: Path, obj: object, dtype, device) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning-era SD checkpoints nest the weights here
     tensors = (
@@ -96,19 +101,22 @@ def read_pickle(
     )
     if not tensors:
         raise WeightsError(f"{path} holds no named tensors, so it is not a model checkpoint.")
-    dtype = resolve_dtype(dtype)
     for name, tensor in tensors.items():
         check_finite(path, name, tensor)
         tensors[name] = convert(path, name, tensor, dtype, device)
     return tensors
 
 
-def _torch_load(path: Path) -> object:
+def _torch_load(path: Path, kind: str) -> object:
     try:
-        if zipfile.is_zipfile(path):
-            # mmap keeps tensors on disk until used, like the safetensors path.
+        # torch.load reads a path named *.safetensors with the safetensors library whatever
+        # it holds; an open file it reads by content. mmap (tensors stay on disk until
+        # used, like our safetensors reader) needs a path, so only where torch cannot
+        # mistake it.
+        if kind == TORCH_ZIP and not path.name.endswith(".safetensors"):
             return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
-        return torch.load(path, weights_only=True, map_location="cpu")
+        with path.open("rb") as file:
+            return torch.load(file, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         if found or "Weights only load failed" in str(err):
@@ -118,7 +126,7 @@ def _torch_load(path: Path) -> object:
                 "latentkit will not run; convert it to .safetensors with a tool you trust."
             ) from None
         raise _not_torch_file(path) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile):
+    except Exception:  # noqa: BLE001 - a damaged file makes torch raise almost anything
         raise _not_torch_file(path) from None
 
 
