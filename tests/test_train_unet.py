@@ -325,13 +325,14 @@ def test_train_text_encoder_trains_its_layers_only(world, tmp_path):
         recipe(world, train_text_encoder=True, cache_latents=True, cache_dir=str(tmp_path / "c"))
     )
     before = {k: v.clone() for k, v in phase.text_encoder.state_dict().items()}
-    summary = train(phase, config(steps=4, ema_decay=0.9), tmp_path, progress=False)
+    run = tmp_path / "run"  # beside the cache: a run starts in a new or empty folder
+    summary = train(phase, config(steps=4, ema_decay=0.9), run, progress=False)
     assert summary["skipped_steps"] == 0
-    saved = load(tmp_path / "weights").text_encoder.state_dict()
+    saved = load(run / "weights").text_encoder.state_dict()
     changed = {k for k, v in saved.items() if not torch.equal(v, before[k])}
     layers = {k for k in before if k.startswith(("text_model.encoder.", "text_model.final"))}
     assert changed == layers  # every layer tensor learned; embeddings and projection did not
-    ema = load(tmp_path / "weights-ema").text_encoder.state_dict()
+    ema = load(run / "weights-ema").text_encoder.state_dict()
     assert any(not torch.equal(ema[k], saved[k]) for k in layers)  # the EMA averages them
     assert phase.caches[1] is None  # contexts of a training encoder are never cached
     assert not (tmp_path / "c" / "text").exists()

@@ -64,7 +64,7 @@ def held(path: str | Path, *, resume: bool, phase: str) -> Iterator[Path]:
     """
     path = Path(path)
     with _writing(path):
-        _check_is_a_run(path, resume)
+        _check_is_a_run(path)
         path.mkdir(parents=True, exist_ok=True)
         lock = _lock(path)
     try:
@@ -108,7 +108,7 @@ def remove_leftovers(run_dir: Path) -> None:
 # --- is it a run? -------------------------------------------------------------------------
 
 
-def _check_is_a_run(path: Path, resume: bool) -> None:
+def _check_is_a_run(path: Path) -> None:
     if not path.exists():
         return
     if not path.is_dir():
@@ -124,7 +124,7 @@ def _check_is_a_run(path: Path, resume: bool) -> None:
         )
 
 
-def _read_marker(path: Path) -> dict:
+def _read_marker(path: Path) -> None:
     try:
         marker = json.loads((path / MARKER).read_bytes())
         version = marker["format"] if isinstance(marker, dict) else None
@@ -138,7 +138,6 @@ def _read_marker(path: Path) -> dict:
             f"{path / MARKER} is a run marker of format {version!r}, and this latentkit reads "
             f"format {FORMAT}; use the latentkit that made the run or choose another folder."
         )
-    return marker
 
 
 def _write_marker(path: Path, phase: str) -> None:
