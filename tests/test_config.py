@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import tempfile
+import tomllib
+import typing
+from pathlib import Path
 
 import diffusers
 import pytest
+import torch
 import transformers
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from latentkit.config import (
     PRESETS,
     SD15,
     SD21,
+    TINY,
+    TINY_SD2,
     ModelConfig,
     ScheduleConfig,
+    TextConfig,
     UNetConfig,
     VAEConfig,
+    VisionConfig,
     from_dict,
     to_dict,
 )
@@ -31,6 +43,17 @@ from latentkit.config_json import (
     vae_to_json,
 )
 from latentkit.errors import ConfigError
+from latentkit.train.loop import TrainConfig
+from latentkit.train.recipes import (
+    PHASES,
+    RunConfig,
+    build_run,
+    load_run,
+    model_sizes,
+    parse_value,
+    phase_classes,
+    to_toml,
+)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -124,3 +147,224 @@ def test_missing_required_key_and_nested_union_errors_are_config_errors():
         from_dict(Recipe, {})
     with pytest.raises(ConfigError, match=r"unknown key 'bogus' in Recipe\.vae"):
         from_dict(Recipe, {"data_path": "x", "vae": {"bogus": 1}})
+
+
+# --- run files and --set values from users (Hypothesis) ---------------------------------
+# Whatever a run file or a --set holds, loading it gives a config or one ConfigError; a
+# config that loads can be written back as TOML (the dry run and config.toml) and reads
+# back the same.
+
+RUN_FILE = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PHASE_NAMES = st.sampled_from(sorted(PHASES))
+# What each phase needs before anything else can be judged (its data paths).
+REQUIRED = {
+    "vae": {"data_path": "d"},
+    "clip": {"data_path": "d"},
+    "unet": {"data_path": "d", "vae": "v", "text_encoder": "t"},
+}
+SCALARS = (
+    st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=8)
+    | st.sampled_from(["none", "null", "NONE", "center", "cosine", "bf16", "l1"])
+    | st.datetimes()
+    | st.dates()
+    | st.times()
+)
+# What TOML, JSON or YAML can give: the scalars, null, and lists and tables of them.
+VALUES = st.recursive(
+    st.none() | SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+def dotted_keys(cls: type, prefix: str) -> list[str]:
+    """Every settable key below a config dataclass, nested tables included."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(hint):
+            keys += dotted_keys(hint, f"{prefix}{f.name}.")
+    return keys
+
+
+@functools.cache
+def real_keys(phase: str) -> list[str]:
+    recipe_class, _ = phase_classes(phase)
+    return ["phase", *dotted_keys(TrainConfig, "train."), *dotted_keys(recipe_class, "recipe.")]
+
+
+def put(data: dict, dotted: str, value: object) -> None:
+    *tables, last = dotted.split(".")
+    for name in tables:
+        data = data.setdefault(name, {}) if isinstance(data.get(name, {}), dict) else {}
+    data[last] = value
+
+
+@st.composite
+def run_data(draw) -> tuple[str, dict]:
+    """A phase and a run file's tables: its required keys, then arbitrary values at real
+    keys (and a few made-up ones), so that most of the checking is reached."""
+    phase = draw(PHASE_NAMES)
+    data: dict = {"recipe": dict(REQUIRED[phase])}
+    keys = st.sampled_from(real_keys(phase)) | st.text(max_size=12)
+    for key, value in draw(st.lists(st.tuples(keys, VALUES), max_size=4)):
+        put(data, key, value)
+    return phase, data
+
+
+def loads_or_says_why(load) -> RunConfig | None:
+    try:
+        run = load()
+    except ConfigError:
+        return None
+    text = to_toml(run.to_dict())
+    again = build_run(run.phase, phase_classes(run.phase)[0], tomllib.loads(text))
+    assert to_toml(again.to_dict()) == text
+    return run
+
+
+@RUN_FILE
+@given(run_data())
+def test_any_parsed_run_file_builds_or_says_why(phase_and_data):
+    phase, data = phase_and_data
+    loads_or_says_why(lambda: build_run(phase, phase_classes(phase)[0], data))
+
+
+@RUN_FILE
+@given(
+    phase=PHASE_NAMES,
+    suffix=st.sampled_from([".toml", ".json", ".yaml"]),
+    text=st.text() | st.binary() | st.builds(lambda d: json.dumps(d[1], default=str), run_data()),
+)
+@example(phase="vae", suffix=".toml", text="v = " + "[" * 5000)
+@example(phase="vae", suffix=".toml", text="[train]\nsteps = " + "1" * 5000)
+@example(phase="vae", suffix=".json", text="[" * 100_000)
+@example(phase="vae", suffix=".json", text='{"train": {"steps": ' + "1" * 5000 + "}}")
+@example(phase="vae", suffix=".yaml", text="train: {steps: 2001-02-30}")
+@example(phase="vae", suffix=".yaml", text="train: !!float x")
+@example(phase="vae", suffix=".yaml", text="{1: 2, a: 3}")
+@example(phase="vae", suffix=".yaml", text="train: {1: 2, lr: 3}")
+@example(phase="vae", suffix=".toml", text=b"steps = 1\n\xff")
+@example(phase="vae", suffix=".yaml", text="train: {betas: !!timestamp x}")
+@example(phase="vae", suffix=".toml", text='[recipe]\ndata_path = "a\\u007fb"')
+def test_any_run_file_text_loads_or_says_why(phase, suffix, text):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"run{suffix}"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+        loads_or_says_why(lambda: load_run(phase, path))
+
+
+SET_VALUES = st.text() | st.sampled_from(
+    ["none", "[1, 2]", "[[1, 2], [3]]", "{a = 1}", "1e400", "nan", "-inf", "2001-02-03", "'x'"]
+)
+
+
+@RUN_FILE
+@given(
+    phase_and_data=run_data(),
+    sets=st.lists(
+        st.text()
+        | st.builds(
+            lambda key, value: f"{key}={value}",
+            st.sampled_from(real_keys("unet")) | st.text(max_size=10),
+            SET_VALUES,
+        ),
+        max_size=4,
+    ),
+)
+@example(phase_and_data=("vae", dict(REQUIRED["vae"])), sets=["train.steps=" + "[" * 5000])
+@example(phase_and_data=("vae", dict(REQUIRED["vae"])), sets=["train.steps=" + "1" * 5000])
+@example(phase_and_data=("vae", dict(REQUIRED["vae"])), sets=["train.steps=5\n[x]"])
+@example(phase_and_data=("vae", dict(REQUIRED["vae"])), sets=["recipe.data_path=\udcff"])
+def test_any_set_values_load_or_say_why(phase_and_data, sets):
+    phase, data = phase_and_data
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "run.json"
+        path.write_text(json.dumps(data, default=str))
+        loads_or_says_why(lambda: load_run(phase, path, sets))
+
+
+def _tiny_vision() -> VisionConfig:
+    return VisionConfig(
+        hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=1,
+        num_attention_heads=4, image_size=32, patch_size=8,
+    )  # fmt: skip
+
+
+def _network(config):
+    from latentkit.models.clip import CLIPTextModel, CLIPVisionModel
+    from latentkit.models.unet import UNet2DConditionModel
+    from latentkit.models.vae import AutoencoderKL
+
+    builders = {
+        VAEConfig: AutoencoderKL,
+        TextConfig: CLIPTextModel,
+        VisionConfig: CLIPVisionModel,
+        UNetConfig: UNet2DConditionModel,
+    }
+    with torch.device("meta"):
+        return builders[type(config)](config)
+
+
+SMALL = st.integers(-2, 40) | st.lists(st.integers(-2, 40), max_size=3) | st.floats(-1, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    base=st.sampled_from([TINY.vae, TINY.text, _tiny_vision(), TINY.unet, TINY_SD2.unet]),
+    changes=st.data(),
+)
+@example(base=TINY.vae, changes={"block_out_channels": [-8, 16]})
+@example(base=TINY.vae, changes={"norm_num_groups": 0})
+@example(base=TINY.vae, changes={"block_out_channels": []})
+@example(base=TINY.vae, changes={"block_out_channels": [8, 12]})
+@example(base=TINY.unet, changes={"layers_per_block": 0})
+@example(base=TINY.text, changes={"vocab_size": 0})
+def test_a_network_config_that_loads_builds(base, changes):
+    """The checks of a network's config are those its network needs: a config that loads
+    builds (here on the meta device: no memory, no time)."""
+    if not isinstance(changes, dict):
+        names = st.sampled_from([f.name for f in dataclasses.fields(base)])
+        changes = changes.draw(st.dictionaries(names, SMALL, max_size=3))
+    data = {**to_dict(base), **changes}
+    try:
+        config = from_dict(type(base), data)
+    except ConfigError:
+        return
+    _network(config)
+
+
+def test_numbers_in_configs_are_finite_and_text_is_unicode():
+    with pytest.raises(ConfigError, match="scaling_factor must be a finite number, got nan"):
+        from_dict(VAEConfig, {"scaling_factor": float("nan")})
+    with pytest.raises(ConfigError, match="lr must be a finite number, got a whole number"):
+        from_dict(TrainConfig, {"lr": 10**400})
+    with pytest.raises(ConfigError, match="data_path must be text"):
+        from_dict(phase_classes("vae")[0], {"data_path": "a\udcffb"})
+
+
+def test_an_error_shows_a_huge_value_shortly():
+    # A YAML file of aliases (a "billion laughs") makes values far larger than its text.
+    huge = [[list(range(10_000))] * 9] * 9
+    with pytest.raises(ConfigError) as caught:
+        from_dict(TrainConfig, {"betas": huge})
+    assert len(str(caught.value)) < 300
+
+
+def test_a_set_value_is_one_toml_value_or_taken_whole_as_text():
+    assert parse_value("5") == 5 and parse_value("5\n[x]") == "5\n[x]"
+    assert parse_value("[" * 5000) == "[" * 5000 and parse_value("1" * 5000) == "1" * 5000
+
+
+def test_the_dry_run_says_a_network_is_too_large_to_build():
+    run = load_run(
+        "vae", None, ["recipe.data_path=d", f"recipe.model.block_out_channels=[{2**40}]"]
+    )
+    with pytest.raises(ConfigError, match=r"VAEConfig describes a network too large to build"):
+        model_sizes(run.recipe)

@@ -8,6 +8,9 @@ out in ``latentkit.config_json``. ``from_dict`` rejects unknown keys by name.
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +39,15 @@ class VAEConfig:
     mid_block_add_attention: bool = True
     force_upcast: bool = True
 
+    def __post_init__(self) -> None:
+        _check_sizes(
+            self, "in_channels", "out_channels", "latent_channels", "block_out_channels",
+            "layers_per_block", "norm_num_groups", "sample_size",
+        )  # fmt: skip
+        _check_groups("VAEConfig", self.block_out_channels, self.norm_num_groups)
+        if not self.scaling_factor > 0:
+            raise ConfigError(f"VAEConfig.scaling_factor is {self.scaling_factor}; it must be > 0.")
+
     @property
     def downscale_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
@@ -60,6 +72,10 @@ class TextConfig:
     with_projection: bool = False
 
     def __post_init__(self) -> None:
+        _check_sizes(
+            self, "vocab_size", "hidden_size", "intermediate_size", "projection_dim",
+            "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+        )  # fmt: skip
         _check_choice("TextConfig.hidden_act", self.hidden_act, ("quick_gelu", "gelu"))
         _check_divides("TextConfig", self.hidden_size, self.num_attention_heads)
 
@@ -80,6 +96,10 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        _check_sizes(
+            self, "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+            "num_attention_heads", "num_channels", "image_size", "patch_size",
+        )  # fmt: skip
         _check_choice("VisionConfig.hidden_act", self.hidden_act, ("quick_gelu", "gelu"))
         _check_divides("VisionConfig", self.hidden_size, self.num_attention_heads)
         if self.image_size % self.patch_size:
@@ -130,6 +150,12 @@ class UNetConfig:
     freq_shift: int = 0
 
     def __post_init__(self) -> None:
+        _check_sizes(
+            self, "sample_size", "in_channels", "out_channels", "block_out_channels",
+            "layers_per_block", "transformer_layers_per_block", "cross_attention_dim",
+            "norm_num_groups",
+        )  # fmt: skip
+        _check_groups("UNetConfig", self.block_out_channels, self.norm_num_groups)
         levels = len(self.block_out_channels)
         for name, types_, valid in (
             ("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
@@ -230,10 +256,11 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -
         )
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(valid))
+    # key=str: a YAML key may be a number, which does not sort with strings
+    unknown = sorted((key for key in data if key not in valid), key=str)
     if unknown:
         raise ConfigError(
-            f"unknown key {unknown[0]!r} in {where}; valid keys are: {', '.join(valid)}."
+            f"unknown key {brief_repr(unknown[0])} in {where}; valid keys are: {', '.join(valid)}."
         )
     missing = [
         f.name
@@ -264,21 +291,68 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         raise (informative or [err for _, err in errors])[0]
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}.")
+            raise ConfigError(f"{where} must be a list, got {brief_repr(value)}.")
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
         return tuple(_coerce(item, v, where) for v in value)
     if hint is type(None):
         if value is not None:
-            raise ConfigError(f"{where} must be null, got {value!r}.")
+            raise ConfigError(f"{where} must be null, got {brief_repr(value)}.")
         return None
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        if abs(value) > _LARGEST_FLOAT:
+            raise ConfigError(f"{where} must be a finite number, got {brief_repr(value)}.")
+        value = float(value)
     if hint in _PLAIN_NAMES and type(value) is not hint:
-        raise ConfigError(f"{where} must be {_PLAIN_NAMES[hint]}, got {value!r}.")
+        raise ConfigError(f"{where} must be {_PLAIN_NAMES[hint]}, got {brief_repr(value)}.")
+    _check_plain(hint, value, where)
     return value
 
 
 _PLAIN_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+_LARGEST_FLOAT = int(sys.float_info.max)
+
+
+def _check_plain(hint: Any, value: Any, where: str) -> None:
+    """What a number or a text of any config must be: something that means the same in a
+    TOML file and after it (a finite float; text that is Unicode, not the lone surrogates
+    that stand for bytes of a command line that were not UTF-8)."""
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}.")
+    if hint is str and not _is_unicode(value):
+        raise ConfigError(
+            f"{where} must be text (UTF-8), got {brief_repr(value)}, which holds bytes that "
+            "are not."
+        )
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class _Brief(reprlib.Repr):
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = self.maxlong = 60
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = 4
+        self.maxlevel = 2
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:  # repr() refuses past 4300 digits
+            return f"a whole number of about {int(x.bit_length() * math.log10(2))} digits"
+        return super().repr_int(x, level)
+
+
+_BRIEF = _Brief()
+
+
+def brief_repr(value: Any) -> str:
+    """``repr(value)`` cut short, for messages: a value from a file may be huge (a YAML
+    file of aliases makes one far larger than its text) or nested deep."""
+    return _BRIEF.repr(value)
 
 
 def _union_options(hint: Any) -> tuple[Any, ...] | None:
@@ -302,7 +376,33 @@ def _per_block(value: int | tuple[int, ...], levels: int) -> tuple[int, ...]:
 
 def _check_choice(name: str, value: Any, valid: tuple[Any, ...]) -> None:
     if value not in valid:
-        raise ConfigError(f"{name} is {value!r}; valid values are: {', '.join(map(str, valid))}.")
+        raise ConfigError(
+            f"{name} is {brief_repr(value)}; valid values are: {', '.join(map(str, valid))}."
+        )
+
+
+def _check_sizes(config: Any, *names: str) -> None:
+    """Sizes of a network (channels, layers, lengths: one number, or one per block) are
+    whole numbers >= 1, and a list of them has at least one; else the network could not
+    be built, or would be built empty."""
+    for name in names:
+        value = getattr(config, name)
+        values = value if isinstance(value, tuple) else (value,)
+        if not values or any(v < 1 for v in values):
+            what = "a list of whole numbers >= 1" if isinstance(value, tuple) else ">= 1"
+            raise ConfigError(
+                f"{type(config).__name__}.{name} is {brief_repr(value)}; it must be {what}."
+            )
+
+
+def _check_groups(owner: str, channels: tuple[int, ...], groups: int) -> None:
+    """GroupNorm splits each block's channels into ``groups`` equal groups."""
+    for ch in channels:
+        if ch % groups:
+            raise ConfigError(
+                f"{owner}: block channels {ch} cannot be split into norm_num_groups {groups} "
+                "equal groups; use channel counts that are multiples of it."
+            )
 
 
 def _check_divides(where: str, channels: int, heads: int) -> None:

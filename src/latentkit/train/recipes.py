@@ -33,7 +33,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import CLIPConfig, TextConfig, UNetConfig, VAEConfig, VisionConfig, from_dict
+from ..config import (
+    CLIPConfig,
+    TextConfig,
+    UNetConfig,
+    VAEConfig,
+    VisionConfig,
+    brief_repr,
+    from_dict,
+)
 from ..config import to_dict as config_to_dict
 from ..errors import ConfigError, LatentkitError
 from .loop import Phase, TrainConfig
@@ -110,15 +118,15 @@ def load_run(phase: str, path: str | Path | None, overrides: Sequence[str] = ())
 
 
 def build_run(phase: str, recipe_class: type, data: dict[str, Any]) -> RunConfig:
-    unknown = sorted(set(data) - set(SECTIONS))
+    unknown = sorted((key for key in data if key not in SECTIONS), key=str)
     if unknown:
         raise ConfigError(
-            f"unknown key {unknown[0]!r} at the top of the run file; valid keys are: "
+            f"unknown key {brief_repr(unknown[0])} at the top of the run file; valid keys are: "
             f"{', '.join(SECTIONS)}."
         )
     named = data.get("phase", phase)
     if named != phase:
-        raise ConfigError(f"the run file is for the {named!r} phase, not {phase!r}.")
+        raise ConfigError(f"the run file is for the {brief_repr(named)} phase, not {phase!r}.")
     train = _build(TrainConfig, data.get("train", {}), "train")
     recipe = _build(recipe_class, data.get("recipe", {}), "recipe")
     return RunConfig(phase, train, recipe)
@@ -154,26 +162,43 @@ def _allows_none(hint: Any) -> bool:
 # --- files and overrides ------------------------------------------------------------------
 
 
+# What a parser of text raises for text it cannot read: its own error (TOMLDecodeError and
+# JSONDecodeError are ValueErrors), a ValueError of its own making (a number of more than
+# 4300 digits) or a RecursionError (arrays nested thousands deep).
+_UNREADABLE = (ValueError, RecursionError)
+
+
 def read_file(path: Path) -> dict[str, Any]:
     """A run file as a dict: .toml, .yaml/.yml (with PyYAML) or .json."""
     if not path.is_file():
         raise ConfigError(f"run file {path} does not exist.")
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
-    try:
-        if suffix == ".toml":
-            data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            data = _yaml(text, path)
-        elif suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"run file {path} must end in .toml, .yaml, .yml or .json.")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"run file {path} cannot be read ({err}).") from None
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"run file {path} must end in .toml, .yaml, .yml or .json.")
+    text = _read_text(path)
+    if suffix in (".yaml", ".yml"):
+        data = _yaml(text, path)
+    else:
+        try:
+            data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
+        except _UNREADABLE as err:
+            raise ConfigError(f"run file {path} cannot be read ({_why(err)}).") from None
     if not isinstance(data, dict):
         raise ConfigError(f"run file {path} must hold a table of keys, not a single value.")
     return data
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"run file {path} is not UTF-8 text (at byte {err.start}).") from None
+    except OSError as err:
+        raise ConfigError(f"run file {path} cannot be read ({err.strerror}).") from None
+
+
+def _why(err: BaseException) -> str:
+    return "nested too deep" if isinstance(err, RecursionError) else str(err)
 
 
 def _yaml(text: str, path: Path) -> Any:
@@ -189,6 +214,11 @@ def _yaml(text: str, path: Path) -> Any:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
         raise ConfigError(f"run file {path} is not valid YAML{line}.") from None
+    except Exception as err:
+        # PyYAML's constructors let their own errors through for some malformed values
+        # (``!!timestamp x``: AttributeError, ``2001-02-30``: ValueError), and deep
+        # nesting is a RecursionError: all mean the text is not YAML we can read.
+        raise ConfigError(f"run file {path} is not valid YAML ({_why(err)}).") from None
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
@@ -211,11 +241,13 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def parse_value(raw: str) -> Any:
-    """A value as TOML reads it, or the raw text when it is not a TOML value."""
+    """A value as TOML reads it, or the raw text when it is not one TOML value (text
+    after a line break that TOML would read as more keys is not part of the value)."""
     try:
-        return tomllib.loads(f"value = {raw}")["value"]
-    except tomllib.TOMLDecodeError:
+        document = tomllib.loads(f"value = {raw}")
+    except _UNREADABLE:
         return raw
+    return document["value"] if document.keys() == {"value"} else raw
 
 
 def to_toml(data: dict[str, Any]) -> str:
@@ -234,7 +266,15 @@ def _toml_lines(data: dict[str, Any], prefix: str) -> list[str]:
 
 def _key(key: str) -> str:
     bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
-    return key if bare else json.dumps(key)
+    return key if bare else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's, but for DEL, which TOML wants
+    escaped too; lone surrogates (bytes that were not UTF-8) have no TOML form at all."""
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        raise ConfigError(f"cannot write {brief_repr(text)} as TOML: it is not Unicode text.")
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _toml_value(value: Any) -> str:
@@ -247,7 +287,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return _toml_string(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise ConfigError(f"cannot write {value!r} as TOML.")
@@ -278,8 +318,14 @@ def parameter_count(config: Any, only: tuple[str, ...] | None = None) -> int | N
     model_class = _model_class(config)
     if model_class is None:
         return None
-    with torch.device("meta"):
-        model = model_class(config)
+    try:
+        with torch.device("meta"):
+            model = model_class(config)
+    except RuntimeError as err:
+        # On the meta device nothing is allocated: what fails is a size past int64.
+        raise ConfigError(
+            f"{type(config).__name__} describes a network too large to build ({err})."
+        ) from None
     named = model.named_parameters()
     return sum(p.numel() for name, p in named if only is None or name.startswith(only))
 
