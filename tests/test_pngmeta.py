@@ -50,7 +50,7 @@ def test_reading_foreign_files_is_a_clear_error(tmp_path):
         read_png_record(plain)
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    with pytest.raises(LatentkitError, match="not a readable image"):
+    with pytest.raises(LatentkitError, match="not a readable PNG image"):
         read_png_record(text)
     with pytest.raises(LatentkitError, match="does not exist"):
         read_png_record(tmp_path / "missing.png")

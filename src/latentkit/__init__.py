@@ -7,10 +7,36 @@ from typing import TYPE_CHECKING
 from .errors import ConfigError, LatentkitError, WeightsError
 
 if TYPE_CHECKING:
+    from .options import GenerateOptions, options_from_fields
+    from .pipeline import generate
     from .weights import Components
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "LatentkitError", "WeightsError", "load", "__version__"]
+__all__ = [
+    "ConfigError",
+    "GenerateOptions",
+    "LatentkitError",
+    "WeightsError",
+    "generate",
+    "load",
+    "options_from_fields",
+    "__version__",
+]
+
+# Imported on first use: they need torch, which `import latentkit` alone does not load.
+_LAZY = {
+    "GenerateOptions": "options",
+    "options_from_fields": "options",
+    "generate": "pipeline",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load(path, **kwargs) -> Components:

@@ -51,6 +51,7 @@ def _add_data(commands) -> None:
 
 def _add_generate(commands) -> None:
     from .diffusion.samplers import SAMPLERS
+    from .img2img import DEFAULT_MAX_INPUT_PIXELS
     from .pipeline import PROMPT_MODES, SCHEDULES
 
     p = commands.add_parser("generate", help="make pictures from a prompt")
@@ -79,11 +80,17 @@ def _add_generate(commands) -> None:
     p.add_argument("--strength", type=float, default=None, help="how much to change it, 0..1")
     p.add_argument("--mask", type=Path, default=None, help="inpainting mask (white = repaint)")
     p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_INPUT_PIXELS,
+        help="refuse larger init images and masks, before decoding them (default: %(default)s)",
+    )
+    p.add_argument(
         "--from",
         dest="from_png",
         type=Path,
         default=None,
-        help="replay the settings stored in a PNG made by latentkit",
+        help="replay the settings stored in a PNG made by latentkit (or in a JSON file)",
     )
     p.add_argument(
         "--vae-tiling",
@@ -161,7 +168,6 @@ def run_interpolate(args: argparse.Namespace) -> None:
         sampler=args.sampler,
         seed=args.seed,
     )
-    options.validate()
     (path,) = png_paths(args.out, "interpolation.png", 1, args.overwrite)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -210,22 +216,29 @@ _OPTION_FLAGS = {"negative": "negative_prompt", "rescale": "guidance_rescale"}
 
 
 def generate_options(args: argparse.Namespace):
-    """GenerateOptions from the flags, on top of a replayed record when ``--from`` is given."""
-    from .pipeline import GenerateOptions
-    from .pngmeta import read_png_record
+    """(GenerateOptions, the record's model or None): the flags, on top of a replayed record
+    when ``--from`` is given. Every setting is checked by ``options_from_fields``."""
+    from .options import FIELD_NAMES, options_from_fields, settings_without_effect
+    from .pipeline import split_record
+    from .pngmeta import read_record
 
-    fields = {f.name for f in dataclasses.fields(GenerateOptions)}
-    base = {}
+    replayed, model = {}, None
     if args.from_png is not None:
-        record = read_png_record(args.from_png)
-        base = {k: v for k, v in record.items() if k in fields}
+        replayed, model = split_record(read_record(args.from_png), str(args.from_png))
+    flags = {}
     for flag, value in vars(args).items():
         name = _OPTION_FLAGS.get(flag, flag)
-        if name in fields and value is not None:
-            base[name] = value
-    if not base.get("prompt") and base.get("prompt") != "":
+        if name in FIELD_NAMES and value is not None:
+            flags[name] = value
+    if "prompt" not in replayed and "prompt" not in flags:
         raise ConfigError("give a prompt (or --from IMAGE.png to replay one).")
-    return GenerateOptions(**base)
+    options = options_from_fields({**replayed, **flags})
+    # A record holds what its run used; of its settings, those this replay would ignore
+    # (its strength without --init-image, a DDIM eta under another sampler) are left out.
+    # Given as flags they are refused (prepare_for_run).
+    ignored = settings_without_effect(options, init_image=args.init_image is not None)
+    stale = {name: None for name in ignored if name not in flags}
+    return dataclasses.replace(options, **stale), model
 
 
 def png_paths(out: Path | None, default: str, n: int, overwrite: bool) -> list[Path]:
@@ -236,36 +249,31 @@ def png_paths(out: Path | None, default: str, n: int, overwrite: bool) -> list[P
     return output_paths(out, Path(default), n, overwrite=overwrite)
 
 
-def _read_image(path: Path | None, what: str):
+def _read_image(path: Path | None, what: str, max_pixels: int):
+    from .img2img import read_input_image
+
     if path is None:
         return None
-    from PIL import Image
-
-    if not path.is_file():
-        raise ConfigError(f"{what} {str(path)!r} does not exist.")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except Exception as err:  # PIL raises many types for non-images
-        raise ConfigError(f"{what} {str(path)!r} is not a readable image ({err}).") from None
+    return read_input_image(path, what, max_pixels=max_pixels, setting="--max-pixels")
 
 
 def run_generate(args: argparse.Namespace) -> None:
     from .memory import optimize
+    from .models_registry import DEFAULT_MODEL
+    from .options import prepare_for_run
     from .pipeline import Result, generate, image_size
     from .pngmeta import save_png
     from .runtime import Progress, resolve_device, resolve_dtype
     from .weights import load
 
-    options = generate_options(args)
-    options.validate()
+    options, record_model = generate_options(args)
+    options = prepare_for_run(options, init_image=args.init_image is not None)
     paths = png_paths(args.out, "out.png", options.n, args.overwrite)
-    init_image = _read_image(args.init_image, "init image")
-    mask = _read_image(args.mask, "mask")
+    init_image = _read_image(args.init_image, "init image", args.max_pixels)
+    mask = _read_image(args.mask, "mask", args.max_pixels)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model_path = args.model or _model_from_record(args)
+    model_path = args.model or record_model or DEFAULT_MODEL  # DEFAULT_MODEL: shipped inside
     components = load(model_path, allow_pickle=args.allow_pickle, dtype=dtype, device=device)
     optimize(
         components,
@@ -285,17 +293,6 @@ def run_generate(args: argparse.Namespace) -> None:
                 print(path)
         else:
             progress.update(item.i + 1)
-
-
-def _model_from_record(args: argparse.Namespace) -> str:
-    from .models_registry import DEFAULT_MODEL
-    from .pngmeta import read_png_record
-
-    if args.from_png is not None:
-        model = read_png_record(args.from_png).get("model")
-        if model:
-            return model
-    return DEFAULT_MODEL  # the model shipped inside the package
 
 
 def run_info(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ beside the noisy latents, as they were trained.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +18,39 @@ from PIL import Image
 
 from .components import is_inpainting
 from .errors import ConfigError
+from .images import TooManyPixels, open_capped
+
+# Init images and masks are scaled to the output size, which is rarely past 2048 px a side;
+# a 4096x4096 photo still goes in whole. Larger is refused before it is decoded.
+DEFAULT_MAX_INPUT_PIXELS = 4096 * 4096
+
+
+def read_input_image(
+    path: str | Path,
+    what: str,
+    *,
+    max_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+    setting: str | None = None,
+) -> Image.Image:
+    """An init image or mask (``what``) decoded from ``path``, refused in one sentence when
+    it is missing, not a picture, or more than ``max_pixels`` pixels (checked from its
+    header, before decoding; ``setting`` names the option that sets the limit)."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ConfigError(
+            f"{setting or 'max_pixels'} must be a whole number >= 1, got {max_pixels!r}."
+        )
+    path = Path(path)
+    label = f"{what} {str(path)!r}"
+    if not path.is_file():
+        raise ConfigError(f"{label} does not exist.")
+    try:
+        with open_capped(path, max_pixels, what=label, setting=setting) as image:
+            image.load()
+            return image.copy()
+    except TooManyPixels:
+        raise
+    except Exception as err:  # PIL raises many types for files that are not pictures
+        raise ConfigError(f"{label} is not a readable image ({err}).") from None
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -12,89 +12,31 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
 
 from . import __version__
 from .components import Components
-from .config import check_seed
-from .diffusion.denoiser import Denoiser
+from .config import brief_repr
+from .diffusion.denoiser import Denoiser, c_in
 from .diffusion.guidance import CFGDenoiser
-from .diffusion.samplers import SAMPLERS, SPACING_FAMILY, get_sampler, sigmas_for
+from .diffusion.samplers import SAMPLERS, SPACING_FAMILY, sigmas_for
 from .errors import ConfigError, LatentkitError
 from .img2img import prepare_source, tensor_to_images
 from .memory import check_fits
+from .options import (  # noqa: F401  (PROMPT_MODES, SCHEDULES: re-exported for callers)
+    PROMPT_MODES,
+    SCHEDULES,
+    GenerateOptions,
+    prepare_for_run,
+    require_settings_object,
+)
 from .prompts import encode_prompt, match_lengths
 from .runtime import return_freed_memory
 from .stepping import iterate_sampler
 from .tiling import DECODE_TILE, images_from_latents_tiled
-
-SCHEDULES = ("default", "karras", "exponential")
-PROMPT_MODES = ("chunks", "truncate")
-
-
-@dataclass(frozen=True)
-class GenerateOptions:
-    """Everything that decides a picture besides the model. Sizes default to the model's."""
-
-    prompt: str
-    negative_prompt: str = ""
-    width: int | None = None
-    height: int | None = None
-    steps: int = 20
-    cfg: float = 7.5
-    guidance_rescale: float = 0.0
-    sampler: str = "euler"
-    schedule: str = "default"
-    seed: int = 0
-    n: int = 1
-    eta: float = 0.0
-    clip_skip: int = 1
-    prompt_mode: str = "chunks"
-    strength: float = 0.75
-    vae_tiling: bool = False
-
-    def validate(self) -> None:
-        """One sentence per problem, before any work starts."""
-        get_sampler(self.sampler)
-        _check(
-            self.schedule in SCHEDULES,
-            f"schedule {self.schedule!r} is unknown; valid: {', '.join(SCHEDULES)}.",
-        )
-        _check(
-            self.prompt_mode in PROMPT_MODES,
-            f"prompt mode {self.prompt_mode!r} is unknown; valid: {', '.join(PROMPT_MODES)}.",
-        )
-        _check(
-            isinstance(self.steps, int) and self.steps > 0,
-            f"steps must be a positive whole number, got {self.steps!r}.",
-        )
-        _check(
-            math.isfinite(self.cfg) and self.cfg >= 0,
-            f"guidance (cfg) must be a finite number >= 0, got {self.cfg!r}.",
-        )
-        _check(
-            math.isfinite(self.guidance_rescale) and 0 <= self.guidance_rescale <= 1,
-            f"guidance rescale must be between 0 and 1, got {self.guidance_rescale!r}.",
-        )
-        _check(
-            isinstance(self.n, int) and 1 <= self.n <= 64,
-            f"n (images per prompt) must be between 1 and 64, got {self.n!r}.",
-        )
-        _check(0 < self.strength <= 1, f"strength must be in (0, 1], got {self.strength!r}.")
-        check_seed("seed", self.seed)
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            _check(
-                value is None or (isinstance(value, int) and value >= 8 and value % 8 == 0),
-                f"{name} must be a positive multiple of 8, got {value!r}.",
-            )
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass
@@ -201,7 +143,7 @@ def generate(
     initial noise of the latent shape) and ``contexts`` ((cond, uncond) text contexts, already
     batched) replace the seed's noise and the prompts' encoding: interpolation uses them.
     """
-    options.validate()
+    options = prepare_for_run(options, init_image=init_image is not None)
     device, dtype = components.placement(device, dtype)
     width, height = image_size(components, options)
     check_fits(
@@ -263,7 +205,9 @@ def generate(
         if kind == "step":
             yield Step(value["i"], total, float(value["sigma"]), value["x"], value["denoised"])
         else:
-            latents = value
+            # The walk ends at sigmas[-1] (not always 0: DDIM's may keep a little noise, as
+            # the reference's does); the VAE decodes the variance-preserving sample.
+            latents = value * float(c_in(sigmas[-1]))
     if source is not None and source.blend:
         latents = source.final_blend(latents)
     images = tensor_to_images(decode_latents(components.vae, latents, tiled=options.vae_tiling))
@@ -312,8 +256,13 @@ def _non_finite_latents_message(dtype: torch.dtype) -> str:
     )
 
 
+# What a record holds besides the options' fields.
+RECORD_EXTRAS = ("model", "dtype", "version")
+
+
 def generation_record(components, options: GenerateOptions, width, height, dtype) -> dict:
-    """The complete JSON record stored in each PNG (``latentkit generate --from`` replays it)."""
+    """The complete JSON record stored in each PNG (``latentkit generate --from`` replays it):
+    the options as the run used them, and ``RECORD_EXTRAS``."""
     source = components.source
     record = dataclasses.asdict(options)
     record.update(
@@ -324,6 +273,19 @@ def generation_record(components, options: GenerateOptions, width, height, dtype
         version=__version__,
     )
     return record
+
+
+def split_record(record: Any, where: str) -> tuple[dict[str, Any], str | None]:
+    """A stored record's generation settings (for ``options_from_fields``, which checks them)
+    and the model it names, if any; what else a record holds is left out."""
+    record = require_settings_object(record, f"the record in {where}")
+    model = record.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ConfigError(
+            f"the record's model must be text (a path or a shipped name), got {brief_repr(model)}."
+        )
+    settings = {k: v for k, v in record.items() if k not in RECORD_EXTRAS}
+    return settings, model or None
 
 
 def run_to_result(iterator: Iterator[Step | Result]) -> Result:

@@ -3,11 +3,16 @@
 Two text chunks: ``parameters`` in AUTOMATIC1111's layout (so its "PNG Info" tab, ComfyUI
 and image sites read our pictures), and ``latentkit`` with the complete record as JSON, which
 ``latentkit generate --from`` replays exactly.
+
+Records come back from strangers' files, so reading one never decodes the picture (a small
+PNG can claim billions of pixels) and any content ends in one sentence. What a record's
+settings must be is checked by ``latentkit.options``, not here.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +48,7 @@ def a1111_parameters(record: dict[str, Any]) -> str:
         "Seed": record.get("seed"),
         "Size": f"{record.get('width')}x{record.get('height')}",
         "Model": record.get("model"),
-        "Denoising strength": record.get("strength") if record.get("init_image") else None,
+        "Denoising strength": record.get("strength"),  # null unless an init image was used
         "Clip skip": record.get("clip_skip") if record.get("clip_skip", 1) != 1 else None,
         "Version": f"latentkit {record.get('version')}",
     }
@@ -70,8 +75,39 @@ def save_png(
         image.save(partial, format="PNG", pnginfo=info)
 
 
-def read_png_record(path: str | Path) -> dict[str, Any]:
-    """The JSON record latentkit stored in a PNG; a clear error for other files."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_JSON_RECORD_BYTES = 1 << 20  # a record is a few hundred bytes; a prompt fits many times
+
+
+def read_record(path: str | Path) -> Any:
+    """The record in a PNG written by latentkit, or in a JSON file (as ``latentkit info
+    --json`` prints it), told apart by content; any JSON value (the caller checks it)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(MAX_JSON_RECORD_BYTES + 1)
+    except FileNotFoundError:
+        raise LatentkitError(f"{str(path)!r} does not exist.") from None
+    except OSError as err:
+        raise LatentkitError(f"{str(path)!r} cannot be read ({err.strerror}).") from None
+    if head.startswith(PNG_SIGNATURE):
+        return read_png_record(path)
+    if len(head) > MAX_JSON_RECORD_BYTES:
+        raise LatentkitError(
+            f"{str(path)!r} is neither a PNG nor a JSON record of at most "
+            f"{MAX_JSON_RECORD_BYTES:,} bytes."
+        )
+    try:
+        text = head.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise LatentkitError(
+            f"{str(path)!r} is neither a PNG nor a JSON record (it is not UTF-8 text)."
+        ) from None
+    return _parse_json(text, f"{str(path)!r}")
+
+
+def read_png_record(path: str | Path) -> Any:
+    """The JSON record latentkit stored in a PNG (any JSON value); a clear error for other
+    files."""
     text = read_png_text(path)
     if "latentkit" not in text:
         hint = " (it has AUTOMATIC1111 parameters only)" if "parameters" in text else ""
@@ -79,18 +115,38 @@ def read_png_record(path: str | Path) -> dict[str, Any]:
             f"{str(path)!r} holds no latentkit generation record{hint}; only PNGs written by "
             "latentkit generate can be replayed."
         )
+    return _parse_json(text["latentkit"], f"the latentkit record in {str(path)!r}")
+
+
+def _parse_json(text: str, what: str) -> Any:
     try:
-        return json.loads(text["latentkit"])
-    except json.JSONDecodeError:
-        raise LatentkitError(f"the latentkit record in {str(path)!r} is not valid JSON.") from None
+        return json.loads(text)
+    except RecursionError:  # brackets nested thousands deep
+        raise LatentkitError(f"{what} nests too deeply to be a record.") from None
+    except ValueError as err:  # JSONDecodeError, and numbers of over 4300 digits
+        raise LatentkitError(f"{what} is not valid JSON ({_first_line(err)}).") from None
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def read_png_text(path: str | Path) -> dict[str, str]:
-    """All text chunks of a PNG (``parameters`` and ``latentkit`` among them)."""
+    """The text chunks of a PNG (``parameters`` and ``latentkit`` among them) that come
+    before its pixels, which is where PIL, latentkit and AUTOMATIC1111 write them.
+
+    Only the chunks before the pixel data are read: PIL's ``.text`` would decode the whole
+    picture to find chunks after it. Nothing is decoded, so Pillow's warning about large
+    pictures does not apply; its refusal of enormous ones is reported like any other.
+    """
     try:
-        with Image.open(path) as image:
-            return dict(getattr(image, "text", {}) or {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=["PNG"]) as image:
+                return {k: str(v) for k, v in image.info.items() if isinstance(v, str)}
     except FileNotFoundError:
         raise LatentkitError(f"image {str(path)!r} does not exist.") from None
-    except Exception as err:
-        raise LatentkitError(f"{str(path)!r} is not a readable image ({err}).") from None
+    except Exception as err:  # PIL raises many types for files that are not PNGs
+        raise LatentkitError(
+            f"{str(path)!r} is not a readable PNG image ({_first_line(err)})."
+        ) from None

@@ -28,6 +28,7 @@ ROUND_MULTIPLIER = 1.1
 # A1111 multiplies by this constant rather than dividing by 1.1; the two differ in the last
 # bit for some weights, and the merge of equal weights compares floats exactly.
 SQUARE_MULTIPLIER = 1 / 1.1
+_LARGEST_WEIGHT = float(torch.finfo(torch.float32).max)  # weights are applied in float32
 BREAK_PIECE = ("BREAK", -1.0)
 """How :func:`parse_weighted` marks a ``BREAK``; A1111 uses the same pair."""
 COMMA_BACKTRACK = 20
@@ -79,7 +80,7 @@ class _AttentionParser:
             self.round.append(len(self.pieces))
         elif token == "[":
             self.square.append(len(self.pieces))
-        elif weight is not None and self.round and _is_number(weight):
+        elif weight is not None and self.round and _is_weight(weight):
             self._scale_from(self.round.pop(), float(weight))
         elif token == ")" and self.round:
             self._scale_from(self.round.pop(), ROUND_MULTIPLIER)
@@ -112,15 +113,25 @@ class _AttentionParser:
         for piece in self.pieces[start:]:
             if not piece.is_break:
                 piece.weight *= multiplier
+                if not _holds(piece.weight):
+                    raise ConfigError(
+                        "the prompt's brackets nest so deep that a weight is past what a "
+                        "number holds; use fewer brackets, or (text:weight)."
+                    )
 
 
-def _is_number(text: str) -> bool:
-    """Whether A1111's weight pattern matched a real float ("1.2.3" and "." are not)."""
+def _is_weight(text: str) -> bool:
+    """Whether A1111's weight pattern matched a real float that a weight can be ("1.2.3"
+    and "." are not; nor are 40 nines, past float32, in which weights are applied: the
+    context would be infinite and the picture black)."""
     try:
-        float(text)
+        return _holds(float(text))
     except ValueError:
         return False
-    return True
+
+
+def _holds(weight: float) -> bool:
+    return abs(weight) <= _LARGEST_WEIGHT
 
 
 def _merge_equal_weights(pieces: list[_Piece]) -> list[_Piece]:
@@ -145,8 +156,9 @@ def parse_weighted(text: str) -> list[tuple[str, float]]:
     Neighbouring pieces of equal weight are merged; an empty prompt gives ``[("", 1.0)]``.
 
     Two places where A1111 has no sensible answer differ on purpose: a weight that is not a
-    number, like ``(a:1.2.3)``, is kept as text (A1111 raises), and ``BREAK`` inside
-    brackets still breaks (A1111 turns it into the word "break" with weight -1.1).
+    finite number, like ``(a:1.2.3)``, is kept as text (A1111 raises), and ``BREAK`` inside
+    brackets still breaks (A1111 turns it into the word "break" with weight -1.1). Brackets
+    nested so deep that a weight overflows are refused (ConfigError).
 
     >>> parse_weighted("a (very beautiful:1.3) [[girl]]")
     [('a ', 1.0), ('very beautiful', 1.3), (' ', 1.0), ('girl', 0.8264462809917354)]

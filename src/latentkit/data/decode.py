@@ -7,10 +7,11 @@ with a short reason (the key under which the loader counts it), never a crash in
 from __future__ import annotations
 
 import io
-import warnings
 from typing import BinaryIO
 
 from PIL import Image, ImageOps
+
+from ..images import TooManyPixels, open_capped
 
 # Reasons, in the order a report lists them. The last two are the sources' own refusals:
 # an image with no caption anywhere, and a file whose real path lies outside the dataset.
@@ -41,9 +42,8 @@ class BadSample(Exception):
 def open_image(file: BinaryIO | bytes, max_pixels: int) -> Image.Image:
     """Open (header only) an image and refuse it if it claims more than ``max_pixels``.
 
-    PIL's own bomb guard (a warning above ``Image.MAX_IMAGE_PIXELS``, an error at twice
-    that) is process-wide state we must not change, so our limit is checked here, before
-    any pixel is decoded, and PIL's warning is turned into the same refusal.
+    The limit, and PIL's own bomb guard, are checked by ``latentkit.images.open_capped``
+    (shared with init images), before any pixel is decoded.
     """
     if isinstance(file, bytes):
         file = io.BytesIO(file)
@@ -51,19 +51,13 @@ def open_image(file: BinaryIO | bytes, max_pixels: int) -> Image.Image:
         raise BadSample("empty")
     file.seek(0)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(file)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return open_capped(file, max_pixels, setting="data.max_pixels")
+    except TooManyPixels as err:
         raise BadSample("too_large", str(err)) from None
     except Image.UnidentifiedImageError as err:
         raise BadSample("not_an_image", str(err)) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise BadSample("truncated", str(err)) from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise BadSample("too_large", f"{width}x{height} is more than {max_pixels} pixels")
-    return image
 
 
 def display_size(image: Image.Image) -> tuple[int, int]:
