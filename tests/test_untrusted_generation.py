@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import pytest
 from conftest import run_cli
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile, PngImagePlugin
 
@@ -356,6 +356,8 @@ def record_png(tmp_path, chunk: str):
 
 @PROPERTY
 @given(st.text() | JSON_VALUES.map(json.dumps) | PLAUSIBLE.map(json.dumps))
+@example("1" * 5000)  # json: "Exceeds the limit (4300 digits)", a ValueError
+@example("[" * 100_000)  # json: RecursionError
 def test_any_record_chunk_is_read_or_refused_in_one_sentence(tmp_path_factory, chunk):
     from latentkit.options import options_from_fields
     from latentkit.pipeline import split_record
@@ -370,6 +372,8 @@ def test_any_record_chunk_is_read_or_refused_in_one_sentence(tmp_path_factory, c
 
 @PROPERTY
 @given(st.binary(max_size=300))
+@example(b"[" * 100_000)
+@example(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
 def test_any_file_given_to_from_is_read_or_refused_in_one_sentence(tmp_path_factory, data):
     from latentkit.pngmeta import read_record
 
