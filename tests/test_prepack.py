@@ -20,6 +20,21 @@ from latentkit.prepack import (
     PackedUpsampleConv,
 )
 
+# Packed bf16 kernels exist only where oneDNN has a bf16 path; on other CPUs nothing is
+# packed (the first test below checks that, on every CPU), and the rest cannot run.
+needs_bf16_packing = pytest.mark.skipif(
+    not prepack.cpu_packs_bf16(), reason="this CPU's oneDNN has no bf16 path: nothing packs"
+)
+
+
+def test_without_a_bf16_path_nothing_is_packed_and_bf16_layers_still_run(monkeypatch):
+    monkeypatch.setattr(prepack, "cpu_packs_bf16", lambda: False)
+    layer = bf16_conv(kernel_size=3, padding=1)
+    plain = copy.deepcopy(layer)
+    assert prepack.pack(layer) == 0 and not prepack.is_packed(layer)
+    with torch.inference_mode():
+        assert torch.equal(layer(image()), plain(image()))
+
 
 def bf16_conv(in_ch=8, out_ch=16, **kwargs) -> nn.Conv2d:
     torch.manual_seed(0)
@@ -40,6 +55,7 @@ def plain_and_packed(make) -> tuple[nn.Module, nn.Module]:
     return plain, packed
 
 
+@needs_bf16_packing
 @pytest.mark.parametrize(
     "kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2), dict(kernel_size=1)]
 )
@@ -57,6 +73,7 @@ def bf16_linear(bias=True) -> nn.Linear:
     return nn.Linear(8, 16, bias=bias).to(torch.bfloat16)
 
 
+@needs_bf16_packing
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_packed_linear_layer_gives_the_plain_ones_numbers_on_contiguous_input(bias):
     plain, packed = plain_and_packed(lambda: bf16_linear(bias))
@@ -67,6 +84,7 @@ def test_a_packed_linear_layer_gives_the_plain_ones_numbers_on_contiguous_input(
         assert torch.equal(packed(tokens[0, :3]), plain(tokens[0, :3]))
 
 
+@needs_bf16_packing
 def test_a_packed_linear_layer_on_strided_input_is_as_close_to_fp32_as_the_plain_one():
     plain, packed = plain_and_packed(lambda: nn.Linear(64, 96).to(torch.bfloat16))
     x = torch.randn(300, 2, 64, generator=torch.Generator().manual_seed(2))
@@ -92,6 +110,7 @@ LAYERS = {
 }
 
 
+@needs_bf16_packing
 @pytest.mark.parametrize("kind", LAYERS)
 def test_the_state_dict_keeps_dense_weights_under_the_same_keys(kind):
     make, inputs = LAYERS[kind]
@@ -109,6 +128,7 @@ def test_the_state_dict_keeps_dense_weights_under_the_same_keys(kind):
         assert torch.equal(packed(inputs()), other(inputs()))
 
 
+@needs_bf16_packing
 @pytest.mark.parametrize("kind", LAYERS)
 def test_converting_unpacks_and_repacks_only_where_packing_pays(kind):
     make, inputs = LAYERS[kind]
@@ -127,6 +147,7 @@ def test_converting_unpacks_and_repacks_only_where_packing_pays(kind):
         assert torch.equal(packed(inputs()), plain(inputs()))
 
 
+@needs_bf16_packing
 @pytest.mark.parametrize("kind", LAYERS)
 def test_gradients_reach_the_input_through_a_packed_layer(kind):
     make, inputs = LAYERS[kind]
@@ -139,6 +160,7 @@ def test_gradients_reach_the_input_through_a_packed_layer(kind):
     assert torch.equal(grads[0], grads[1])
 
 
+@needs_bf16_packing
 @pytest.mark.parametrize("kind", LAYERS)
 def test_a_packed_weight_refuses_to_train_and_names_the_way_out(kind):
     make, inputs = LAYERS[kind]
@@ -198,6 +220,7 @@ PLUS_CASES = {
 }
 
 
+@needs_bf16_packing
 @pytest.mark.parametrize("case", PLUS_CASES)
 def test_a_packed_layer_adds_inside_its_kernel_closer_to_fp32(case, monkeypatch):
     make, inputs, others = PLUS_CASES[case]
@@ -216,6 +239,7 @@ def test_a_packed_layer_adds_inside_its_kernel_closer_to_fp32(case, monkeypatch)
     torch.testing.assert_close(fused.float(), added.float(), atol=0.03, rtol=0.02)
 
 
+@needs_bf16_packing
 def test_a_packed_layer_adds_afterwards_where_its_kernel_cannot(monkeypatch):
     conv_plain, conv = plain_and_packed(lambda: bf16_conv(kernel_size=3, padding=1))
     linear_plain, linear = plain_and_packed(bf16_linear)
@@ -243,6 +267,7 @@ def test_a_packed_layer_adds_afterwards_where_its_kernel_cannot(monkeypatch):
     assert calls == []
 
 
+@needs_bf16_packing
 @pytest.mark.parametrize("make", [lambda: bf16_conv(kernel_size=3, padding=1), bf16_linear])
 def test_a_packed_layer_whose_bias_wants_a_gradient_gets_the_plain_layers(make):
     """The packed kernels have no backward: with the bias learning and gradients on, the
@@ -270,6 +295,7 @@ def test_adding_a_layers_output_to_a_plain_layer_writes_into_its_fresh_output():
             assert summed.dtype == torch.float32 and torch.equal(summed, layer(x) + other)
 
 
+@needs_bf16_packing
 def test_load_packs_bf16_cpu_models_and_keeps_their_output(sd1_dir, monkeypatch):
     def packed_networks(components) -> tuple[bool, bool, bool]:
         networks = (components.unet, components.vae, components.text_encoder)
@@ -308,6 +334,7 @@ def test_load_packs_bf16_cpu_models_and_keeps_their_output(sd1_dir, monkeypatch)
     assert packed_networks(packed) == (False, False, False)
 
 
+@needs_bf16_packing
 def test_a_packed_geglu_fuses_its_gate_and_keeps_its_projection_a_linear_layer():
     torch.manual_seed(0)
     plain, packed = plain_and_packed(lambda: GEGLU(16, 32).to(torch.bfloat16))
@@ -351,6 +378,7 @@ def test_the_phase_kernels_on_the_small_map_are_upsampling_then_the_3x3_conv_exa
         torch.testing.assert_close(phase, large[:, :, a::2, b::2], rtol=0, atol=1e-12)
 
 
+@needs_bf16_packing
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_a_packed_upsampler_doubles_on_the_small_map_as_close_to_fp32_as_the_plain_one(
     channels_last,
@@ -382,6 +410,7 @@ def test_a_packed_upsampler_doubles_on_the_small_map_as_close_to_fp32_as_the_pla
         )
 
 
+@needs_bf16_packing
 def test_a_packed_upsampler_keeps_its_state_dict_and_unpacks_whole():
     torch.manual_seed(0)
     plain, packed = plain_and_packed(lambda: Upsample2D(8).to(torch.bfloat16))

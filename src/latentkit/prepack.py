@@ -39,12 +39,18 @@ from .runtime import return_freed_memory
 
 
 def prefers_packed_weights(device: str | torch.device, dtype: torch.dtype) -> bool:
-    """Whether packed weights are faster here: bf16 on a CPU with oneDNN."""
+    """Whether packed weights are faster here: bf16 on a CPU whose oneDNN has a bf16 path."""
     return (
         torch.device(device).type == "cpu"
         and dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
+        and cpu_packs_bf16()
     )
+
+
+def cpu_packs_bf16() -> bool:
+    """Whether oneDNN has a bf16 path on this CPU (AVX-512 BW/VL/DQ or AVX-NE-CONVERT);
+    elsewhere packing a bf16 weight raises, so bf16 layers stay plain."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class _Packed:
