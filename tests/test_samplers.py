@@ -3,7 +3,7 @@
 The fake network is a fixed smooth function of its input and timestep. It records every call,
 so the comparison is of the whole sequence of latents the network is shown (the VP sample
 x_t = x / sqrt(1 + sigma**2), which both sides feed it) and of the timesteps, plus the final
-latent (at sigma 0 the sigma and VP scales coincide).
+latent as the VP sample (at sigma 0 the sigma and VP scales coincide; DDIM may end above 0).
 """
 
 import math
@@ -23,6 +23,7 @@ from test_schedule import lms_reference_class, reference
 
 from latentkit.config import ScheduleConfig
 from latentkit.diffusion import Denoiser, get_sampler, sigmas_for
+from latentkit.diffusion.denoiser import c_in
 from latentkit.diffusion.samplers import SAMPLERS
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -105,6 +106,7 @@ def compare(
     expected = run_reference(ref, steps, ref_x, ref_net, gens[0], **dict(step_kwargs))
     denoiser = Denoiser(ours_net, cfg, quantize=quantize)
     got = get_sampler(sampler)(denoiser, ours_x, sigmas, generator=gens[1], **dict(sampler_kwargs))
+    got = got * c_in(sigmas[-1].to(got.dtype))  # the VP sample the reference returns
     assert len(ours_net.calls) == len(ref_net.calls)
     worst = 0.0
     for (x_a, t_a), (x_b, t_b) in zip(ours_net.calls, ref_net.calls, strict=True):
@@ -140,26 +142,31 @@ def test_deterministic_samplers_match_diffusers(name, ref_cls, kwargs, schedule,
     assert worst <= TOL
 
 
+# SD's scheduler configs say set_alpha_to_one false: the last step ends at alphas_cumprod[0].
+ALPHA_TO_ONE = [True, False]
+
+
+@pytest.mark.parametrize("to_one", ALPHA_TO_ONE)
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-def test_ddim_matches_diffusers(prediction):
-    cfg = ScheduleConfig(prediction_type=prediction)
-    ref_kwargs = {"clip_sample": False, "set_alpha_to_one": True}
-    assert compare("ddim", DDIMScheduler, cfg, ref_kwargs=ref_kwargs) <= TOL
+def test_ddim_matches_diffusers(prediction, to_one):
+    cfg = ScheduleConfig(prediction_type=prediction, set_alpha_to_one=to_one)
+    assert compare("ddim", DDIMScheduler, cfg, ref_kwargs={"clip_sample": False}) <= TOL
 
 
-def test_ddim_trailing_matches_diffusers_when_steps_divide_the_training_steps():
+@pytest.mark.parametrize("to_one", ALPHA_TO_ONE)
+def test_ddim_trailing_matches_diffusers_when_steps_divide_the_training_steps(to_one):
     """diffusers' DDIM always steps to t - T // steps, which is the next timestep of its own
     list only for ``leading`` spacing or when steps divides T; we step to the next listed one."""
-    cfg = ScheduleConfig(timestep_spacing="trailing", steps_offset=0)
-    ref_kwargs = {"clip_sample": False, "set_alpha_to_one": True}
+    cfg = ScheduleConfig(timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=to_one)
+    ref_kwargs = {"clip_sample": False}
     assert compare("ddim", DDIMScheduler, cfg, steps=20, ref_kwargs=ref_kwargs) <= TOL
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_ddim_on_karras_sigmas_matches_diffusers_euler(prediction):
     """diffusers' DDIM has no Karras sigmas; at eta 0 DDIM is an Euler step in sigma space,
-    so it must match diffusers' Euler with Karras sigmas."""
-    cfg = ScheduleConfig(prediction_type=prediction)
+    so ending at sigma 0 (set_alpha_to_one) it must match diffusers' Euler with Karras sigmas."""
+    cfg = ScheduleConfig(prediction_type=prediction, set_alpha_to_one=True)
     worst = compare("ddim", EulerDiscreteScheduler, cfg, "karras", sigma_sampler="euler")
     assert worst <= TOL
 
@@ -195,7 +202,7 @@ STOCHASTIC = [
     (
         "ddim",
         DDIMScheduler,
-        {"clip_sample": False, "set_alpha_to_one": True},
+        {"clip_sample": False},  # set_alpha_to_one false: noise is drawn at the last step too
         {"eta": 0.7},
         {"eta": 0.7},
     ),

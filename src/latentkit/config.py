@@ -201,6 +201,9 @@ class ScheduleConfig:
     timestep_spacing: str = "leading"
     steps_offset: int = 1
     rescale_betas_zero_snr: bool = False
+    # Where DDIM's last step lands: alpha-bar 1 (sigma 0) when true, alphas_cumprod[0] when
+    # false, as SD's own scheduler configs say (a config without the key means true).
+    set_alpha_to_one: bool = False
 
     def __post_init__(self) -> None:
         _check_choice(

@@ -137,7 +137,6 @@ _CLIP_IGNORED = {
 _SCHEDULER_SAMPLER_KEYS = {
     "clip_sample",
     "clip_sample_range",
-    "set_alpha_to_one",
     "skip_prk_steps",
     "trained_betas",
     "thresholding",
@@ -308,6 +307,8 @@ def schedule_from_json(data: dict[str, Any]) -> ScheduleConfig:
             "linear, scaled_linear or squaredcos_cap_v2."
         )
     schedule = {k: v for k, v in rest.items() if k in _fields(ScheduleConfig)}
+    # Absent, it means what DDIMScheduler takes it to mean (SD's folders all say false).
+    schedule.setdefault("set_alpha_to_one", True)
     return from_dict(ScheduleConfig, schedule, where="scheduler config")
 
 
@@ -317,6 +318,5 @@ def schedule_to_json(config: ScheduleConfig) -> dict[str, Any]:
         "_class_name": "DDIMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
         "clip_sample": False,
-        "set_alpha_to_one": False,
         **to_dict(config),
     }

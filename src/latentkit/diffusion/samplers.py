@@ -6,8 +6,11 @@ generator=None, **extra) -> x`` (k-diffusion's shape) and works in sigma space,
 
 * ``denoiser(x, sigma, **extra) -> x0`` is the only model access (``extra`` is passed through,
   e.g. ``context=...``); ``sigma`` is a (batch,) tensor;
-* ``sigmas`` is decreasing and ends with 0 (build it with :func:`sigmas_for`);
-* ``x`` starts as ``noise * sigmas[0]`` and the returned x is the clean latent.
+* ``sigmas`` is decreasing and ends with 0 (build it with :func:`sigmas_for`), except DDIM's
+  where the schedule says ``set_alpha_to_one`` false: those end at the first training sigma;
+* ``x`` starts as ``noise * sigmas[0]`` and the returned x is the sample at ``sigmas[-1]``:
+  the clean latent at 0, and in general ``x * c_in(sigmas[-1])`` is the VP latent that the
+  reference returns and the VAE decodes.
 
 A variance-preserving sample is ``x_t = x / sqrt(1 + sigma**2)``. So starting a VP scheduler
 of diffusers (DDIM, DDPM, DPM-Solver, UniPC) from ``noise`` is starting here from
@@ -32,7 +35,7 @@ import torch
 
 from ..config import ScheduleConfig
 from ..errors import ConfigError
-from .schedule import inference_sigmas
+from .schedule import ddim_final_sigma, inference_sigmas
 
 Callback = Callable[[dict], None] | None
 
@@ -294,7 +297,8 @@ def get_sampler(name: str) -> Callable[..., torch.Tensor]:
 
 def sigmas_for(source, steps: int, schedule: str = "default", sampler: str = "euler"):
     """The sigma sequence (``steps + 1`` values ending with 0, float32) to run ``sampler`` for
-    ``steps`` steps, spaced as diffusers' corresponding scheduler spaces them.
+    ``steps`` steps, spaced as diffusers' corresponding scheduler spaces them. DDIM's ends
+    where ``set_alpha_to_one`` says (``schedule.ddim_final_sigma``).
 
     ``source`` is a ScheduleConfig or anything with a ``schedule`` attribute (a Denoiser or a
     wrapper around one). ``schedule`` is "default", "karras" or "exponential". For Karras
@@ -308,4 +312,7 @@ def sigmas_for(source, steps: int, schedule: str = "default", sampler: str = "eu
             "sigmas_for needs a ScheduleConfig or a denoiser with a .schedule ScheduleConfig; "
             f"got {type(source).__name__}."
         )
-    return inference_sigmas(cfg, steps, schedule, SPACING_FAMILY[sampler])
+    sigmas = inference_sigmas(cfg, steps, schedule, SPACING_FAMILY[sampler])
+    if sampler == "ddim":
+        sigmas[-1] = ddim_final_sigma(cfg)
+    return sigmas

@@ -154,6 +154,14 @@ def inference_sigmas(
     return torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
 
 
+def ddim_final_sigma(cfg: ScheduleConfig) -> float:
+    """Where DDIM's last step lands. DDIM (Song et al. 2021) steps from one alpha-bar to the
+    next; past the last timestep the reference takes alpha-bar 1 (sigma 0) when
+    ``set_alpha_to_one``, else alphas_cumprod[0], the first training sigma, as SD's own
+    scheduler configs say. The sample then keeps that little noise, as the reference's does."""
+    return 0.0 if cfg.set_alpha_to_one else float(training_sigmas(cfg)[0])
+
+
 def sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
     """Continuous timestep of each sigma: linear interpolation of log sigma between the two
     neighbouring training timesteps, clamped to [0, T-1] (float64, on log_sigmas' device)."""
