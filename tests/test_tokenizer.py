@@ -389,3 +389,92 @@ def test_bad_files(tmp_path: Path) -> None:
         CLIPTokenizer.default(pad_token="<pad>")
     with pytest.raises(ConfigError, match="not in the vocabulary"):
         CLIPTokenizer.default().decode([49408])
+
+
+# --- tokenizer.json (what transformers 5 saves instead of vocab.json and merges.txt) -----
+
+
+def _tokenizer_json_folder(
+    root: Path, *, pad_token: str = "<|endoftext|>", merges_as: str = "pairs", added=()
+) -> Path:
+    """A tokenizer/ folder as current transformers saves it: tokenizer.json, no BPE files.
+    ``merges_as="strings"`` rewrites the merges as "a b" lines, as older tokenizers did."""
+    folder = root / "tokenizer"
+    saver = transformers.CLIPTokenizerFast(str(VOCAB), str(MERGES), pad_token=pad_token)
+    saver.add_tokens(list(added))
+    saver.save_pretrained(str(folder))
+    assert not (folder / "vocab.json").exists() and not (folder / "merges.txt").exists()
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    pairs = [m.split(" ") if isinstance(m, str) else m for m in data["model"]["merges"]]
+    assert all(len(p) == 2 for p in pairs)
+    form = {"pairs": pairs, "strings": [" ".join(p) for p in pairs]}
+    data["model"]["merges"] = form[merges_as]
+    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("merges_as", ["pairs", "strings"])
+@pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])
+def test_from_folder_with_only_tokenizer_json(tmp_path: Path, pad_token, merges_as) -> None:
+    folder = _tokenizer_json_folder(tmp_path, pad_token=pad_token, merges_as=merges_as)
+    ours = CLIPTokenizer.from_folder(folder)
+    assert (ours.pad_token, ours.max_length, ours.vocab_size) == (pad_token, 77, 49408)
+    reference = transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    reference.model_max_length = 77
+    _assert_same_batch(ours, reference, [*FOLDER_PROMPTS[:3], *PROMPTS])
+
+
+def test_tokenizer_json_added_tokens_are_split_off_like_the_references(tmp_path: Path) -> None:
+    # A textual-inversion token: added, not special, matched after clean-up ("<CAT-TOY>" too).
+    folder = _tokenizer_json_folder(tmp_path, added=["<cat-toy>"])
+    ours = CLIPTokenizer.from_folder(folder)
+    assert ours.vocab_size == 49409
+    reference = transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    reference.model_max_length = 77
+    prompts = ["a <cat-toy> on a mat", "<CAT-TOY>x<cat-toy>", "no token here", *PROMPTS[:100]]
+    _assert_same_batch(ours, reference, prompts)
+    assert ours.encode("<cat-toy>") == [49408]
+
+
+def test_a_model_folder_with_only_tokenizer_json_loads(sd1_dir, tmp_path: Path) -> None:
+    import latentkit
+
+    folder = shutil.copytree(sd1_dir, tmp_path / "model")
+    shutil.rmtree(folder / "tokenizer")
+    _tokenizer_json_folder(folder)
+    model = latentkit.load(folder)
+    expected = CLIPTokenizer.default()(PROMPTS[:50])["input_ids"]
+    assert torch.equal(model.tokenizer(PROMPTS[:50])["input_ids"], expected)
+
+
+def _write_tokenizer_json(tmp_path: Path, data: object) -> Path:
+    folder = tmp_path / "tokenizer"
+    folder.mkdir(exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"model": {"type": "Unigram", "vocab": []}}, "model is 'Unigram'"),
+        ({"model": {"type": "BPE", "end_of_word_suffix": None}}, "end_of_word_suffix"),
+        ({"model": {"type": "BPE", "end_of_word_suffix": "</w>", "vocab": [1]}}, "vocab"),
+        ({"merges": ["a b c"]}, "merge 0"),
+        ({"merges": [["a"]]}, "merge 0"),
+        ({"merges": [["a", 1]]}, "merge 0"),
+        ({"added_tokens": [{"id": "x", "content": "<a>"}]}, "added token 0"),
+        ({"added_tokens": [{"id": 5, "content": "<a>", "lstrip": True}]}, "lstrip"),
+    ],
+)
+def test_bad_tokenizer_json_is_one_sentence(tmp_path: Path, change, message) -> None:
+    data = {"model": {"type": "BPE", "end_of_word_suffix": "</w>", "vocab": {}, "merges": []}}
+    for key, value in change.items():
+        if key == "merges":
+            data["model"]["merges"] = value
+        else:
+            data[key] = value
+    folder = _write_tokenizer_json(tmp_path, data)
+    with pytest.raises(WeightsError, match=message) as info:
+        CLIPTokenizer.from_folder(folder)
+    assert "\n" not in str(info.value) and "tokenizer.json" in str(info.value)

@@ -126,7 +126,8 @@ def load_text_encoder(
 
 
 def load_tokenizer(folder):
-    """The CLIP tokenizer of a ``tokenizer/`` folder (vocab.json, merges.txt, settings)."""
+    """The CLIP tokenizer of a ``tokenizer/`` folder (tokenizer.json or vocab.json and
+    merges.txt, and the settings files)."""
     from .models.tokenizer import CLIPTokenizer
 
     return CLIPTokenizer.from_folder(_component_folder(folder, "tokenizer"))

@@ -2,10 +2,12 @@
 
 The text encoder only ever sees token ids, so this module has one job: turn a prompt into
 exactly the ids that ``transformers.CLIPTokenizer`` (5.x) gives for the same vocab.json and
-merges.txt. That class is backed by the Rust ``tokenizers`` library, and its pipeline is:
+merges.txt, or tokenizer.json (read by ``tokenizer_files``). That class is backed by the Rust
+``tokenizers`` library, and its pipeline is:
 
-1. Split off *added tokens* (``<|startoftext|>``, ``<|endoftext|>`` and the pad token) from
-   the raw text; a token flagged ``normalized`` is instead looked for after step 2.
+1. Split off *added tokens* (``<|startoftext|>``, ``<|endoftext|>``, the pad token and any a
+   tokenizer.json adds) from the raw text; a token flagged ``normalized`` is instead looked
+   for after step 2.
 2. Normalize each remaining piece: Unicode NFC, every whitespace run to one space, then
    lowercase character by character. There is no ftfy and no HTML unescaping in this
    pipeline (the old pure-Python CLIP tokenizer had them), so neither is done here.
@@ -27,7 +29,6 @@ Unicode-version skew in the character tables. That is about 55 case pairs added 
 from __future__ import annotations
 
 import functools
-import json
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from importlib.resources import files
@@ -37,10 +38,19 @@ import regex
 import torch
 
 from latentkit.errors import ConfigError, WeightsError
+from latentkit.models.tokenizer_files import (
+    DEFAULT_MAX_LENGTH,
+    model_max_length,
+    normalized_tokens,
+    read_folder_tables,
+    read_merges,
+    read_optional_json,
+    read_vocab,
+    token_spec,
+)
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
-DEFAULT_MAX_LENGTH = 77
 _WORD_END = "</w>"
 
 # CLIP's pre-tokenizer. It runs on already-lowercased text and, like the reference, without
@@ -61,7 +71,6 @@ _GPT2_SUBPIECES = {
 }
 
 _PIECE_CACHE_SIZE = 1 << 16
-_HUGE_MAX_LENGTH = 1_000_000  # transformers writes ~1e30 for "no limit"; treat as absent
 
 
 def _byte_to_char_table() -> tuple[str, ...]:
@@ -128,8 +137,10 @@ class CLIPTokenizer:
         max_length: int = DEFAULT_MAX_LENGTH,
         pad_token: str = EOS_TOKEN,
         normalized_tokens: Iterable[str] = (),
+        added_tokens: Iterable[str] = (),
     ) -> None:
-        """Keep the tables; `normalized_tokens` names added tokens matched after clean-up."""
+        """Keep the tables. `added_tokens` (beyond start, end and pad, which always are) are
+        cut from the text before BPE; `normalized_tokens` names those matched after clean-up."""
         if max_length < 2:
             raise ConfigError(
                 f"max_length must be at least 2 (room for start and end tokens), got {max_length}."
@@ -146,7 +157,10 @@ class CLIPTokenizer:
         self._pad_token = pad_token
         self._bos_id, self._eos_id = vocab[BOS_TOKEN], vocab[EOS_TOKEN]
         self._pad_id = vocab[pad_token]
-        added = {BOS_TOKEN, EOS_TOKEN, pad_token}
+        added = {BOS_TOKEN, EOS_TOKEN, pad_token, *added_tokens}
+        missing = sorted(token for token in added if token not in vocab)
+        if missing:
+            raise ConfigError(f"The added token {missing[0]!r} is not in the vocabulary.")
         late = added & set(normalized_tokens)
         self._raw_added_re = _alternation(added - late)
         self._normalized_added_re = _alternation(late)
@@ -166,15 +180,16 @@ class CLIPTokenizer:
     ) -> CLIPTokenizer:
         """Load vocab.json and merges.txt; use ``pad_token="!"`` for SD 2.x text encoders."""
         return cls(
-            _read_vocab(Path(vocab_path)),
-            _read_merges(Path(merges_path)),
+            read_vocab(Path(vocab_path)),
+            read_merges(Path(merges_path)),
             max_length=max_length,
             pad_token=pad_token,
         )
 
     @classmethod
     def from_folder(cls, path: str | Path) -> CLIPTokenizer:
-        """Load a diffusers ``tokenizer/`` folder, taking pad token and length from its json.
+        """Load a diffusers ``tokenizer/`` folder: tokenizer.json, or vocab.json and
+        merges.txt, with pad token and length from its settings files.
 
         Like transformers, special_tokens_map.json wins over tokenizer_config.json for the
         pad token (SD 2.x ships "!" in the first and "<|endoftext|>" in the second), and the
@@ -183,17 +198,18 @@ class CLIPTokenizer:
         folder = Path(path)
         if not folder.is_dir():
             raise WeightsError(f"Tokenizer folder {folder} does not exist or is not a folder.")
-        settings = _read_optional_json(folder / "tokenizer_config.json")
-        token_map = _read_optional_json(folder / "special_tokens_map.json")
+        tables = read_folder_tables(folder)
+        settings = read_optional_json(folder / "tokenizer_config.json")
+        token_map = read_optional_json(folder / "special_tokens_map.json")
         pad_spec = token_map.get("pad_token", settings.get("pad_token", EOS_TOKEN))
-        pad_token, _ = _token_spec(pad_spec, folder)
-        normalized = _normalized_tokens(settings, token_map, folder)
+        pad_token, _ = token_spec(pad_spec, folder)
         return cls(
-            _read_vocab(folder / "vocab.json"),
-            _read_merges(folder / "merges.txt"),
-            max_length=_model_max_length(settings, folder),
+            tables.vocab,
+            tables.merges,
+            max_length=model_max_length(settings, folder),
             pad_token=pad_token,
-            normalized_tokens=normalized,
+            normalized_tokens=normalized_tokens(settings, token_map, folder, tables.added),
+            added_tokens=tables.added,
         )
 
     @classmethod
@@ -419,106 +435,3 @@ def _split_on(pattern: regex.Pattern[str] | None, text: str) -> Iterator[tuple[s
         start = match.end()
     if start < len(text):
         yield text[start:], False
-
-
-# --------------------------------------------------------------------- file reading
-
-
-def _read_json(path: Path, what: str) -> object:
-    """Parse a json file, turning a missing file or bad json into one-sentence errors."""
-    if not path.is_file():
-        raise WeightsError(f"The tokenizer {what} file {path} does not exist.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise WeightsError(
-            f"The tokenizer {what} file {path} is not readable json ({error})."
-        ) from error
-
-
-def _read_optional_json(path: Path) -> dict:
-    """A json object from an optional settings file, or {} when the file is absent."""
-    if not path.exists():
-        return {}
-    data = _read_json(path, "settings")
-    if not isinstance(data, dict):
-        raise WeightsError(f"The tokenizer settings file {path} must hold a json object.")
-    return data
-
-
-def _read_vocab(path: Path) -> dict[str, int]:
-    """vocab.json: a json object from token text to integer id."""
-    data = _read_json(path, "vocabulary")
-    if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
-        raise WeightsError(
-            f"The tokenizer vocabulary file {path} must map token strings to integer ids."
-        )
-    return data
-
-
-def _read_merges(path: Path) -> list[tuple[str, str]]:
-    """merges.txt: one "left right" pair per line, best first, after a "#version" header."""
-    if not path.is_file():
-        raise WeightsError(f"The tokenizer merges file {path} does not exist.")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise WeightsError(
-            f"The tokenizer merges file {path} is not readable UTF-8 text ({error})."
-        ) from error
-    merges: list[tuple[str, str]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line or (number == 1 and line.startswith("#version")):
-            continue
-        parts = line.split(" ")
-        if len(parts) != 2:
-            raise WeightsError(
-                f"Line {number} of the tokenizer merges file {path} is not two tokens: {line!r}."
-            )
-        merges.append((parts[0], parts[1]))
-    return merges
-
-
-def _token_spec(spec: object, folder: Path) -> tuple[str, bool | None]:
-    """(text, normalized flag or None) of a special-token entry written as a string or object."""
-    if isinstance(spec, str):
-        return spec, None
-    if isinstance(spec, dict) and isinstance(spec.get("content"), str):
-        flag = spec.get("normalized")
-        return spec["content"], flag if isinstance(flag, bool) else None
-    raise WeightsError(
-        f"A special token in {folder} is neither a string nor an object with 'content': {spec!r}."
-    )
-
-
-def _normalized_tokens(settings: dict, token_map: dict, folder: Path) -> set[str]:
-    """Special tokens that the folder says to match after clean-up rather than before."""
-    flags: dict[str, bool] = {}
-    for role in ("bos_token", "eos_token", "pad_token"):
-        spec = token_map.get(role, settings.get(role))
-        if spec is not None:
-            text, flag = _token_spec(spec, folder)
-            flags[text] = bool(flag)
-    decoder = settings.get("added_tokens_decoder")
-    if isinstance(decoder, dict):
-        for entry in decoder.values():
-            if (
-                isinstance(entry, dict)
-                and isinstance(entry.get("content"), str)
-                and entry["content"] in flags
-            ):
-                flags[entry["content"]] = bool(entry.get("normalized", False))
-    return {text for text, flag in flags.items() if flag}
-
-
-def _model_max_length(settings: dict, folder: Path) -> int:
-    """``model_max_length`` from tokenizer_config.json, or 77 when absent or "unlimited"."""
-    value = settings.get("model_max_length", DEFAULT_MAX_LENGTH)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
-        raise WeightsError(
-            f"model_max_length in {folder / 'tokenizer_config.json'} "
-            f"is not a usable length: {value!r}."
-        )
-    return DEFAULT_MAX_LENGTH if value > _HUGE_MAX_LENGTH else value
