@@ -16,6 +16,7 @@ from .config import (
     UNetConfig,
     VAEConfig,
     VisionConfig,
+    brief_repr,
     from_dict,
     to_dict,
 )
@@ -176,13 +177,13 @@ def _split(data: dict[str, Any], what: str, fixed: dict[str, Any], known: set[st
         if key in fixed:
             if value != fixed[key] and not (value == [] and fixed[key] is None):
                 raise ConfigError(
-                    f"{what} config key {key!r} = {value!r} is not supported; latentkit "
+                    f"{what} config key {key!r} = {brief_repr(value)} is not supported; latentkit "
                     f"handles SD 1.x/2.x models, where it is {fixed[key]!r}."
                 )
             continue
         if key not in known:
             raise ConfigError(
-                f"unknown key {key!r} in the {what} config.json; known keys are: "
+                f"unknown key {brief_repr(key)} in the {what} config.json; known keys are: "
                 f"{', '.join(sorted(known | set(fixed)))}."
             )
         rest[key] = value
@@ -199,15 +200,21 @@ def _fields(cls: type) -> set[str]:
 def vae_from_json(data: dict[str, Any]) -> VAEConfig:
     known = _fields(VAEConfig) | {"down_block_types", "up_block_types"}
     rest = _split(data, "VAE", _VAE_FIXED, known)
-    levels = len(rest.get("block_out_channels", VAEConfig.block_out_channels))
+    channels = rest.get("block_out_channels", VAEConfig.block_out_channels)
+    if not isinstance(channels, (list, tuple)):
+        raise ConfigError(
+            f"VAE config key 'block_out_channels' = {brief_repr(channels)} must be a list of "
+            "channel counts, one per resolution level."
+        )
+    levels = len(channels)
     for key, block in (
         ("down_block_types", "DownEncoderBlock2D"),
         ("up_block_types", "UpDecoderBlock2D"),
     ):
         value = rest.pop(key, [block] * levels)
-        if list(value) != [block] * levels:
+        if not isinstance(value, (list, tuple)) or list(value) != [block] * levels:
             raise ConfigError(
-                f"VAE config key {key!r} = {value!r} is not supported; it must list "
+                f"VAE config key {key!r} = {brief_repr(value)} is not supported; it must list "
                 f"{block!r} once per entry of block_out_channels."
             )
     return from_dict(VAEConfig, rest, where="VAE config")
@@ -261,12 +268,13 @@ def unet_to_json(config: UNetConfig) -> dict[str, Any]:
 
 
 def text_from_json(data: dict[str, Any]) -> TextConfig:
-    data = dict(data)
     # A full CLIPModel config nests the text settings; SD folders hold the text part alone.
-    if "text_config" in data:
-        data = dict(data["text_config"])
-    architectures = data.get("architectures") or []
+    if isinstance(data, dict) and "text_config" in data:
+        data = data["text_config"]
     rest = _split(data, "text encoder", _CLIP_FIXED, _fields(TextConfig) | _CLIP_IGNORED)
+    architectures = data.get("architectures")
+    if not isinstance(architectures, list):
+        architectures = []
     for key in _CLIP_IGNORED:
         rest.pop(key, None)
     rest.setdefault("with_projection", "CLIPTextModelWithProjection" in architectures)

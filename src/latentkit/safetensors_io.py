@@ -221,7 +221,8 @@ def _check_metadata(path: Path, metadata: object) -> dict[str, str]:
 def _tensor_info(path: Path, name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _not_safetensors(path, f"the header entry for {name!r} is not an object")
-    dtype = DTYPES.get(entry.get("dtype"))
+    code = entry.get("dtype")
+    dtype = DTYPES.get(code) if isinstance(code, str) else None
     if dtype is None:
         raise _not_safetensors(
             path,

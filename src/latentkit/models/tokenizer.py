@@ -29,6 +29,7 @@ Unicode-version skew in the character tables. That is about 55 case pairs added 
 from __future__ import annotations
 
 import functools
+import itertools
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from importlib.resources import files
@@ -37,6 +38,7 @@ from pathlib import Path
 import regex
 import torch
 
+from latentkit.config import brief_repr
 from latentkit.errors import ConfigError, WeightsError
 from latentkit.models.tokenizer_files import (
     DEFAULT_MAX_LENGTH,
@@ -158,9 +160,7 @@ class CLIPTokenizer:
         self._bos_id, self._eos_id = vocab[BOS_TOKEN], vocab[EOS_TOKEN]
         self._pad_id = vocab[pad_token]
         added = {BOS_TOKEN, EOS_TOKEN, pad_token, *added_tokens}
-        missing = sorted(token for token in added if token not in vocab)
-        if missing:
-            raise ConfigError(f"The added token {missing[0]!r} is not in the vocabulary.")
+        _check_complete(vocab, merges, added)
         late = added & set(normalized_tokens)
         self._raw_added_re = _alternation(added - late)
         self._normalized_added_re = _alternation(late)
@@ -203,14 +203,17 @@ class CLIPTokenizer:
         token_map = read_optional_json(folder / "special_tokens_map.json")
         pad_spec = token_map.get("pad_token", settings.get("pad_token", EOS_TOKEN))
         pad_token, _ = token_spec(pad_spec, folder)
-        return cls(
-            tables.vocab,
-            tables.merges,
-            max_length=model_max_length(settings, folder),
-            pad_token=pad_token,
-            normalized_tokens=normalized_tokens(settings, token_map, folder, tables.added),
-            added_tokens=tables.added,
-        )
+        try:
+            return cls(
+                tables.vocab,
+                tables.merges,
+                max_length=model_max_length(settings, folder),
+                pad_token=pad_token,
+                normalized_tokens=normalized_tokens(settings, token_map, folder, tables.added),
+                added_tokens=tables.added,
+            )
+        except ConfigError as err:
+            raise WeightsError(f"The tokenizer folder {folder} is not usable: {err}") from None
 
     @classmethod
     def default(
@@ -396,6 +399,24 @@ class CLIPTokenizer:
                 break
             symbols = _merge_pair(symbols, best)
         return symbols
+
+
+def _check_complete(vocab: dict[str, int], merges: Sequence[tuple[str, str]], added) -> None:
+    """Every symbol BPE can produce must have an id: each byte's character, alone and ending
+    a word, every merge's result, and the added tokens. Checked once here, so that encoding
+    never meets a symbol it cannot number (a truncated or foreign vocabulary would)."""
+    needed = itertools.chain(
+        sorted(added),
+        _BYTE_TO_CHAR,
+        (char + _WORD_END for char in _BYTE_TO_CHAR),
+        (first + second for first, second in merges),
+    )
+    missing = next((token for token in needed if token not in vocab), None)
+    if missing is not None:
+        raise ConfigError(
+            f"The tokenizer's vocabulary has no id for {brief_repr(missing)}, which CLIP's "
+            "byte alphabet, its merges or its added tokens need."
+        )
 
 
 def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
