@@ -66,6 +66,14 @@ def test_safetensors_are_told_by_content_whatever_their_name(tmp_path, name):
     _same(weights.read_weights(path), STATE)  # no pickle consent needed: it is no pickle
 
 
+def test_a_safetensors_file_may_be_all_header(tmp_path):
+    """No tensors, no data: the header runs to the end of the file."""
+    path = tmp_path / "empty.safetensors"
+    write_safetensors({}, path)
+    assert sniff(path) == "safetensors"
+    assert weights.read_weights(path) == {}
+
+
 @pytest.mark.parametrize("first_byte", [0x80, ord("P")])
 def test_a_safetensors_header_length_may_look_like_a_pickle(tmp_path, first_byte):
     """The header length is any number: 0x80 (a pickle's first byte) or "P" first is fine."""

@@ -45,7 +45,7 @@ def sniff(path: Path) -> str:
         raise WeightsError(f"weight file {path} cannot be read ({err.strerror}).") from None
     # Safetensors first: its header length is any number, so its first byte may well be
     # 0x80 or "P"; a pickle's or a zip's first 8 bytes read as a length never fit the file.
-    if len(head) == 9 and head[8] == _JSON_OPEN and _header_length(head) <= size - 9:
+    if len(head) == 9 and head[8] == _JSON_OPEN and _header_length(head) <= size - 8:
         return SAFETENSORS
     if head.startswith(_ZIP_MAGIC):
         return TORCH_ZIP
