@@ -353,7 +353,14 @@ def reference_ssim(x: torch.Tensor, y: torch.Tensor) -> list[float]:
         ({"data_path": "x", "edge_weight": -1.0}, "edge_weight is -1.0"),
         ({}, "data_path is empty"),
         ({"data_path": "x", "data": {"size": 36}}, "multiple of 8"),
-        ({"data_path": "x", "model": {"block_out_channels": [8] * 5}, "data": {"size": 8}}, "16"),
+        (
+            {
+                "data_path": "x",
+                "model": {"block_out_channels": [8] * 5, "norm_num_groups": 8},
+                "data": {"size": 8},
+            },
+            "16",
+        ),
         ({"data_path": "x", "train_encoder": False}, "needs init_vae"),
         ({"data_path": "x", "init_vae": "v", "initial_logvar": -6.0}, "leave it unset"),
     ],
