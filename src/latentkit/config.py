@@ -321,14 +321,16 @@ def _check_plain(hint: Any, value: Any, where: str) -> None:
     that stand for bytes of a command line that were not UTF-8)."""
     if hint is float and not math.isfinite(value):
         raise ConfigError(f"{where} must be a finite number, got {value!r}.")
-    if hint is str and not _is_unicode(value):
+    if hint is str and not is_unicode(value):
         raise ConfigError(
             f"{where} must be text (UTF-8), got {brief_repr(value)}, which holds bytes that "
             "are not."
         )
 
 
-def _is_unicode(text: str) -> bool:
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: lone surrogates stand for bytes of a
+    command line (or a JSON "\\udcff") that were not UTF-8, and nothing can encode them."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import brief_repr, check_seed
+from .config import brief_repr, check_seed, is_unicode
 from .diffusion.samplers import SAMPLERS
 from .errors import ConfigError
 
@@ -96,7 +96,7 @@ def _plain(kind: type, value: Any) -> Any:
     if kind is bool:
         return value if isinstance(value, bool) else None
     if kind is str:
-        return value if isinstance(value, str) and _is_unicode(value) else None
+        return value if isinstance(value, str) and is_unicode(value) else None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     if kind is int:
@@ -106,16 +106,6 @@ def _plain(kind: type, value: Any) -> Any:
     except OverflowError:  # an int past what a float holds
         return None
     return number if math.isfinite(number) else None
-
-
-def _is_unicode(text: str) -> bool:
-    # Lone surrogates stand for bytes of a command line (or a JSON "\udcff") that were not
-    # UTF-8: nothing can encode them, so the picture's record could not be written.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _one_of(choices) -> _Rule:
