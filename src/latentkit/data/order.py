@@ -33,11 +33,6 @@ class EpochPlan:
     def lane_of(self, batch: int) -> int:
         return int(self.batches[batch][0])
 
-    def global_indices(self, batch: int) -> np.ndarray:
-        """The dataset indices of global batch ``batch``, in order (before any replacement)."""
-        lane, start = (int(v) for v in self.batches[batch])
-        return self.lanes[lane][start : start + self.global_batch]
-
     def rank_positions(self, batch: int, rank: int, per_rank: int) -> range:
         """Positions in the batch's lane of the samples that ``rank`` gets."""
         start = int(self.batches[batch][1]) + rank * per_rank
