@@ -13,8 +13,39 @@ from .errors import ConfigError, LatentkitError
 from .outputs import output_paths
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Ends each option's help line with its default, so that no help string repeats a
+    value the parser already holds. A default of None (or "", or an empty list) is never
+    printed: what absence means differs per option ("a random seed", "the model's own"),
+    so that option's help says it in words, as "(default: ...)", and is left as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default: " in text or not _has_printable_default(action):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _has_printable_default(action: argparse.Action) -> bool:
+    default = action.default
+    if default is None or default is False or default is argparse.SUPPRESS:
+        return False
+    if isinstance(default, (str, list)) and not default:
+        return False
+    return bool(action.option_strings) or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of every ``latentkit`` command: argparse makes sub-command parsers of their
+    parent's class, so setting the formatter here reaches every verb, however deep."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="latentkit", description="Latent text-to-image diffusion (Stable Diffusion family)."
     )
     parser.add_argument("--version", action="version", version=f"latentkit {__version__}")
@@ -28,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_eval(commands)
     return parser
+
+
+DTYPE_HELP = "number format; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32"
+DEVICE_HELP = "where to run; auto: CUDA when present, else the CPU"
 
 
 def _add_eval(commands) -> None:
@@ -52,45 +87,118 @@ def _add_data(commands) -> None:
 def _add_generate(commands) -> None:
     from .diffusion.samplers import SAMPLERS
     from .img2img import DEFAULT_MAX_INPUT_PIXELS
+    from .options import DEFAULT_ETA, DEFAULT_STRENGTH
     from .pipeline import PROMPT_MODES, SCHEDULES
 
     p = commands.add_parser("generate", help="make pictures from a prompt")
-    p.add_argument("prompt", nargs="?", help="what to draw (AUTOMATIC1111 (weight:1.2) syntax)")
-    p.add_argument("--negative", default=None, help="what to steer away from")
+    p.add_argument(
+        "prompt",
+        nargs="?",
+        help="what to draw, in AUTOMATIC1111's (word:1.2) syntax (default: the --from record's)",
+    )
+    p.add_argument("--negative", default=None, help="what to steer away from (default: nothing)")
     p.add_argument(
         "--model",
         default=None,
-        help="a diffusers folder, a .safetensors file or a shipped name (default: shapes)",
+        help="a diffusers folder, a .safetensors file or a shipped name "
+        "(default: the --from record's model, else shapes)",
     )
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
-    p.add_argument("--schedule", choices=SCHEDULES, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = no guidance)")
-    p.add_argument("--rescale", type=float, default=None, help="guidance rescale, 0..1")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--n", type=int, default=None, help="images (seed, seed+1, ...)")
-    p.add_argument("--clip-skip", type=int, default=None)
-    p.add_argument("--prompt-mode", choices=PROMPT_MODES, default=None)
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    p.add_argument("--init-image", type=Path, default=None, help="image-to-image source")
-    p.add_argument("--strength", type=float, default=None, help="how much to change it, 0..1")
-    p.add_argument("--mask", type=Path, default=None, help="inpainting mask (white = repaint)")
+    p.add_argument(
+        "--sampler",
+        choices=sorted(SAMPLERS),
+        default=None,
+        help=_setting("sampler", "sampling algorithm"),
+    )
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=None,
+        help=_setting("schedule", "spacing of the noise levels; 'default' is the model's own"),
+    )
+    p.add_argument("--steps", type=int, default=None, help=_setting("steps", "denoising steps"))
+    p.add_argument(
+        "--cfg", type=float, default=None, help=_setting("cfg", "guidance scale (1 = none)")
+    )
+    p.add_argument(
+        "--rescale",
+        type=float,
+        default=None,
+        help=_setting("guidance_rescale", "guidance rescale, 0..1"),
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=_setting("seed", "seed of the initial noise (image i uses seed + i)"),
+    )
+    for side in ("width", "height"):
+        p.add_argument(
+            f"--{side}",
+            type=int,
+            default=None,
+            help=f"picture {side} in pixels (default: the size the model was trained at)",
+        )
+    p.add_argument("--n", type=int, default=None, help=_setting("n", "how many images"))
+    p.add_argument(
+        "--clip-skip",
+        type=int,
+        default=None,
+        help=_setting("clip_skip", "text encoder layer: 1 = last, 2 = penultimate (A1111's)"),
+    )
+    p.add_argument(
+        "--prompt-mode",
+        choices=PROMPT_MODES,
+        default=None,
+        help=_setting(
+            "prompt_mode",
+            "chunks: A1111's 75-token chunks and (word:1.2) weights; "
+            "truncate: diffusers' first 75 tokens, taken literally",
+        ),
+    )
+    p.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help=f"DDIM's noise, 0..1, with --sampler ddim only (default: {DEFAULT_ETA} with ddim)",
+    )
+    p.add_argument(
+        "--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help=DTYPE_HELP
+    )
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help=DEVICE_HELP
+    )
+    p.add_argument(
+        "--init-image",
+        type=Path,
+        default=None,
+        help="image-to-image: start from this picture (default: none, from noise)",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="how much to change the init image, 0..1, with --init-image only "
+        f"(default: {DEFAULT_STRENGTH} with --init-image)",
+    )
+    p.add_argument(
+        "--mask",
+        type=Path,
+        default=None,
+        help="inpainting mask, white = repaint (default: none, the whole picture)",
+    )
     p.add_argument(
         "--max-pixels",
         type=int,
         default=DEFAULT_MAX_INPUT_PIXELS,
-        help="refuse larger init images and masks, before decoding them (default: %(default)s)",
+        help="refuse larger init images and masks, before decoding them",
     )
     p.add_argument(
         "--from",
         dest="from_png",
         type=Path,
         default=None,
-        help="replay the settings stored in a PNG made by latentkit (or in a JSON file)",
+        help="replay the settings stored in a PNG made by latentkit (or in a JSON file); "
+        "flags given beside it win (default: none, the flags and their defaults)",
     )
     p.add_argument(
         "--vae-tiling",
@@ -102,13 +210,14 @@ def _add_generate(commands) -> None:
         "--attention-slice",
         type=int,
         default=None,
-        help="attend in slices of this many queries (less memory, a little slower)",
+        help="attend in slices of this many queries, for less memory and a little more time "
+        "(default: off, all queries at once)",
     )
     p.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="channels-last (NHWC) convolutions; default: on for bf16 on a CPU, else off",
+        help="channels-last (NHWC) convolutions (default: on for bf16 on a CPU, else off)",
     )
     p.add_argument(
         "--compile",
@@ -118,37 +227,62 @@ def _add_generate(commands) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt weights")
     p.add_argument("--overwrite", action="store_true", help="replace existing -o files")
     p.add_argument(
-        "-o", "--out", type=Path, default=None, help="default: out.png (or the next out-N.png)"
+        "-o",
+        "--out",
+        type=Path,
+        default=None,
+        help="the PNG to write; with --n, NAME-1.png, NAME-2.png ... "
+        "(default: out.png, or the next free out-N.png)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_generate)
+
+
+def _setting(name: str, meaning: str) -> str:
+    """The help line of a generation setting's flag. The flag itself defaults to None, so
+    that a --from record can fill what is not given; the default shown is GenerateOptions'."""
+    from .options import GenerateOptions
+
+    default = {f.name: f.default for f in dataclasses.fields(GenerateOptions)}[name]
+    return f"{meaning} (default: {default})"
 
 
 def _add_interpolate(commands) -> None:
     p = commands.add_parser(
         "interpolate", help="frames between two seeds and/or two prompts, as one strip PNG"
     )
-    p.add_argument("prompt")
-    p.add_argument("--to-prompt", default=None, help="the prompt of the last frame")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--to-seed", type=int, default=None, help="the seed of the last frame")
-    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("prompt", help="the prompt of the first frame")
     p.add_argument(
-        "--model", default="shapes", help="a model folder, file or shipped name (default: shapes)"
+        "--to-prompt", default=None, help="the prompt of the last frame (default: the first's)"
     )
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=7.5)
-    p.add_argument("--sampler", default="euler")
-    p.add_argument("--negative", default="")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--seed", type=int, default=0, help="the seed of the first frame")
+    p.add_argument(
+        "--to-seed",
+        type=int,
+        default=None,
+        help="the seed of the last frame (default: the first's)",
+    )
+    p.add_argument(
+        "--frames", type=int, default=8, help="pictures in the strip, both ends included"
+    )
+    p.add_argument("--model", default="shapes", help="a model folder, file or shipped name")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps per frame")
+    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (1 = none)")
+    p.add_argument("--sampler", default="euler", help="sampling algorithm, as generate's --sampler")
+    p.add_argument("--negative", default="", help="what to steer away from (default: nothing)")
+    p.add_argument(
+        "--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help=DTYPE_HELP
+    )
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help=DEVICE_HELP
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     p.add_argument(
         "-o",
         "--out",
         type=Path,
         default=None,
-        help="default: interpolation.png (or the next interpolation-N.png)",
+        help="the PNG to write (default: interpolation.png, or the next free interpolation-N.png)",
     )
     p.set_defaults(run=run_interpolate)
 
@@ -193,7 +327,7 @@ def run_interpolate(args: argparse.Namespace) -> None:
 
 def _add_info(commands) -> None:
     p = commands.add_parser("info", help="print the generation settings stored in a PNG")
-    p.add_argument("image", type=Path)
+    p.add_argument("image", type=Path, help="a PNG written by latentkit generate")
     p.add_argument("--json", action="store_true", help="print the full JSON record")
     p.set_defaults(run=run_info)
 
@@ -325,14 +459,17 @@ def _add_convert(commands) -> None:
     p.add_argument("src", help="a diffusers folder, a single file or a shipped name")
     p.add_argument("dst", type=Path, help="NAME.safetensors for a single file, else a folder")
     p.add_argument(
-        "--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: as stored"
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default=None,
+        help="number format to write (default: as stored)",
     )
     p.add_argument(
         "--ema",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="take the U-Net from a single file's EMA copy (model_ema.*) or, by default, "
-        "from its main weights; the other copy is not written",
+        help="take the U-Net from a single file's EMA copy (model_ema.*), not its main "
+        "weights; the other copy is not written (default: the main weights)",
     )
     p.add_argument("--allow-pickle", action="store_true", help="accept a .ckpt/.pt SRC")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")

@@ -656,15 +656,20 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument("--n", type=int, required=True, help="number of images")
     parser.add_argument("--out", required=True, help="output folder (empty or new)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--split", choices=SPLITS, default="train", help="default: train")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="train",
+        help="train: no held-out combination appears; held-out: each scene has one",
+    )
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument(
         "--pair-order",
         choices=CAPTION_PAIR_ORDERS,
         default="both",
-        help="how a two-object caption orders its pair: either way round ('A above B' or "
-        "'B below A'; the default) or canonical only ('A above B', 'A left of B')",
+        help="how a two-object caption orders its pair: both, either way round ('A above B' "
+        "or 'B below A'), or canonical only ('A above B', 'A left of B')",
     )
     parser.add_argument(
         "--overwrite",

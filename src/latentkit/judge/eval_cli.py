@@ -17,26 +17,41 @@ def add_cli(commands) -> None:
         "distance; write OUT/report.json and OUT/grid.png.",
     )
     p.add_argument("--model", default=None, help="a model folder or name (default: shapes)")
-    p.add_argument("--split", choices=sorted(EVAL_SPLITS), default="held-out")
+    p.add_argument(
+        "--split",
+        choices=sorted(EVAL_SPLITS),
+        default="held-out",
+        help="the prompt set; held-out: combinations training never saw; seen: like training's",
+    )
     p.add_argument(
         "--phrasing",
         choices=PHRASINGS,
         default="canonical",
-        help="name two-object pairs as the held-out list does ('A above B', the default) or "
+        help="name two-object pairs as the held-out list does ('A above B') or "
         "the other way round ('B below A'); one-object prompts are the same either way",
     )
-    p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (default 4)")
-    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (default 7.5)")
+    p.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
+    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (1 = none)")
     p.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS, help="how many prompts")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="denoising steps per image")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="number format; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        default="auto",
+        help="where to run; auto: CUDA when present, else the CPU",
+    )
     p.add_argument(
         "--clip",
         type=Path,
         default=None,
-        help="the CLIP for the CLIP score: a clip/ folder (default: the model's own, or the "
+        help="the CLIP for the CLIP score, a clip/ folder (default: the model's own, or the "
         "shipped model's beside the judge)",
     )
     p.add_argument(

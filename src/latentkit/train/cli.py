@@ -31,7 +31,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "new or empty folder or a run folder; a run locks it while it trains.",
     )
     p.add_argument("phase", choices=list(PHASES), help="what to train")
-    p.add_argument("--config", type=Path, default=None, help="run file (.toml, .yaml, .json)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="run file: .toml, .yaml or .json (default: none, every setting at its default)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -39,9 +44,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a setting, e.g. --set train.steps=200 --set recipe.data.size=32 "
-        "(repeatable; the value is read as TOML)",
+        "(repeatable; the value is read as TOML) (default: none)",
     )
-    p.add_argument("--out", type=Path, default=None, help="run folder (required unless --dry-run)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run folder: new, empty or a run folder (default: none; required unless --dry-run)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument(
         "--until",
@@ -49,7 +59,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="STEP",
         help="stop after this step with a checkpoint (the learning rate keeps the schedule of "
-        "train.steps); --resume later goes on, with other data if you like",
+        "train.steps); --resume later goes on, with other data if you like "
+        "(default: train.steps, the end)",
     )
     p.add_argument(
         "--dry-run",
@@ -57,7 +68,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         help="print the resolved run file and the networks' sizes, then stop",
     )
     p.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto, which torchrun needs)"
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1 ... (default: each process's own GPU when CUDA is present, "
+        "else the CPU; what torchrun needs)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(run=run_train)
@@ -65,7 +79,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plot", help="draw a training run's curves to a PNG")
     p.add_argument("run_dir", type=Path, help="the --out folder of latentkit train")
     p.add_argument(
-        "-o", "--out", type=Path, default=None, help="default: RUN_DIR/curves.png (or -1, -2 ...)"
+        "-o",
+        "--out",
+        type=Path,
+        default=None,
+        help="the PNG to write (default: RUN_DIR/curves.png, or the next free curves-N.png)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     p.set_defaults(run=run_plot)
