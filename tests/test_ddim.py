@@ -44,6 +44,7 @@ def _reference(folder, steps: int, eta: float, output_type: str):
     ).images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 @pytest.mark.parametrize("steps", [8, 3])
 @pytest.mark.parametrize("family", ["sd1", "sd2"])  # epsilon, v-prediction

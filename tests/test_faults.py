@@ -241,6 +241,7 @@ def interrupted_writes(run: Path) -> set[str]:
     return traces
 
 
+@pytest.mark.slow
 def test_sigkill_at_24_random_moments_then_resume_gives_the_uninterrupted_weights(
     tmp_path, forkserver, world
 ):
@@ -400,6 +401,7 @@ for out, more in (("{ro}/finished", ["--resume", "--set", "train.steps=12"]),
 """
 
 
+@pytest.mark.slow
 def test_a_read_only_run_folder_is_one_sentence_and_nothing_changes(tmp_path, world):
     unshare = _unshare()
     if unshare is None:

@@ -125,6 +125,7 @@ def test_inpainting_unet_matches_reference(sd1_inpaint_dir, sampler, strength):
     assert diff <= 2, f"max pixel difference {diff} / 255"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sampler", "strength"), [("euler_a", 0.6), ("dpmpp_2m", 1.0)])
 def test_latent_blending_inpainting_matches_reference(sd1_dir, sampler, strength):
     # At strength 1 the first step must see pure noise, as the reference's does: blending
@@ -189,6 +190,7 @@ def test_mask_problems_are_one_line_errors(sd1_dir):
         next(generate(model, GenerateOptions("a cat"), mask=Image.new("L", (32, 32))))
 
 
+@pytest.mark.slow
 def test_inpainting_keeps_the_unmasked_region(sd1_dir):
     model = latentkit.load(sd1_dir)
     init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
@@ -267,6 +269,7 @@ def test_tiled_decoding_runs_through_the_pipeline(sd1_dir):
     assert tiled.records[0]["vae_tiling"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 @pytest.mark.parametrize("schedule", ["default", "karras", "exponential"])
 def test_every_sampler_and_schedule_makes_a_finite_picture(sd1_dir, sampler, schedule):

@@ -49,6 +49,7 @@ def test_loads_by_name_and_makes_a_small_image():
     assert np.asarray(result.images[0], dtype=np.float32).std() > 5
 
 
+@pytest.mark.slow
 def test_generate_defaults_to_the_weights_dtype_and_device():
     model = latentkit.load("shapes")  # as stored: fp16
     assert (model.dtype, model.device) == (torch.float16, torch.device("cpu"))
@@ -77,6 +78,7 @@ def test_generate_without_model_uses_it(tmp_path, capsys):
     assert out.is_file()
 
 
+@pytest.mark.slow
 def test_probe_words_script_reads_the_shipped_model_and_refuses_bad_timesteps():
     script = Path(__file__).resolve().parents[1] / "scripts" / "probe_words.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -103,6 +105,7 @@ def test_probe_words_script_reads_the_shipped_model_and_refuses_bad_timesteps():
     assert "--seed is -1; it must be 0 or more." in refused.stderr
 
 
+@pytest.mark.slow
 def test_probe_states_script_changes_one_fact_and_splits_caption_from_padding():
     script = Path(__file__).resolve().parents[1] / "scripts" / "probe_states.py"
     spec = importlib.util.spec_from_file_location("probe_states", script)
@@ -133,6 +136,7 @@ def test_probe_states_script_changes_one_fact_and_splits_caption_from_padding():
     assert refused.returncode == 2 and "--captions is 0; it must be at least 1." in refused.stderr
 
 
+@pytest.mark.slow
 def test_probe_shapes_script_reads_one_picture_per_colour_and_seed():
     script = Path(__file__).resolve().parents[1] / "scripts" / "probe_shapes.py"
     spec = importlib.util.spec_from_file_location("probe_shapes", script)
@@ -159,6 +163,7 @@ def test_probe_shapes_script_reads_one_picture_per_colour_and_seed():
     )
 
 
+@pytest.mark.slow
 def test_probe_vae_shapes_script_counts_shapes_object_by_object():
     script = Path(__file__).resolve().parents[1] / "scripts" / "probe_vae_shapes.py"
     spec = importlib.util.spec_from_file_location("probe_vae_shapes", script)
@@ -199,6 +204,7 @@ def test_probe_vae_shapes_script_counts_shapes_object_by_object():
     assert refused.returncode == 2 and "--vae path no/such/vae does not exist." in refused.stderr
 
 
+@pytest.mark.slow
 def test_rebuild_plain_clip_script_puts_the_judge_clip_together_again(tmp_path):
     """The embedding is the shipped text encoder's; the text layers are CLIP's own, which
     the shipped model's trained away from; the folder does not get overwritten."""
@@ -289,6 +295,7 @@ def test_train_shapes_refuses_a_unet_seed_or_canonical_steps_that_is_not_a_whole
     assert commands[0].endswith("--until 900 --dry-run")
 
 
+@pytest.mark.slow
 def test_train_shapes_refuses_canonical_steps_past_the_schedule_before_it_trains(tmp_path):
     # the real latentkit for the dry run that checks it; nothing else may run
     for steps in ("0", "5000"):
@@ -309,6 +316,7 @@ def test_train_shapes_refuses_canonical_steps_past_the_schedule_before_it_trains
     )
 
 
+@pytest.mark.slow
 def test_export_shapes_refuses_an_existing_out_folder_without_overwrite(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "export_shapes.py"
     kept = tmp_path / "kept"

@@ -79,6 +79,7 @@ SETTINGS = TrainConfig(
 )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_learns_to_retrieve_and_exports(shapes, tmp_path):
     phase = CLIPPhase(recipe(shapes))
     before = phase.evaluate(0)
@@ -123,6 +124,7 @@ GROUPS = (
 )
 
 
+@pytest.mark.slow
 def test_hard_negatives_are_learned(shapes, tmp_path):
     """With hard negatives the image tower learns to score a caption above the same caption
     with one fact changed: from chance (0.5) on the first batches to well above it."""
@@ -177,6 +179,7 @@ def test_mirrored_pairs_enter_the_symmetric_loss(shapes):
     assert 0 <= metrics["mirror_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_mirrored_pairs_are_learned(shapes, tmp_path):
     """In the batch, images come to score their caption above their mirror's: from chance
     (0.5) while the towers ignore places, to well above it."""

@@ -132,6 +132,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["clip", "unet"])
 def test_two_processes_train_what_one_does(world, phase):
     run_file = world["root"] / f"{phase}.toml"

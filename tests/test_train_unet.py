@@ -685,6 +685,7 @@ class StoppingPhase(UNetPhase):
         return super().loss(batch, step)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "train_text_encoder, text_encoder_lr",
     [(False, None), (True, None), (True, 3e-4)],

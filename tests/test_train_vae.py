@@ -58,6 +58,7 @@ def recipe(shapes, **changes) -> VAERecipe:
 # --- learning and export ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_learns_and_exports_a_folder_load_vae_reads(shapes, tmp_path):
     phase = VAEPhase(recipe(shapes))
     before = phase.evaluate(0)

@@ -57,6 +57,7 @@ def pair(request):
     return cfg, *_pair(cfg)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 @pytest.mark.parametrize(
     "timestep",
@@ -121,6 +122,7 @@ def test_capture_cross_attention(pair):
     assert all(m.capture is None for _, m in ours.cross_attention_layers())
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_upcast_attention_matches_diffusers():
     cfg = dataclasses.replace(TINY_SD2.unet, upcast_attention=True)
@@ -129,6 +131,7 @@ def test_upcast_attention_matches_diffusers():
     _assert_close(ours(x, torch.tensor([1, 900]), ctx), ref(x, torch.tensor([1, 900]), ctx).sample)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 @pytest.mark.parametrize(
     ("cfg", "size"),
@@ -158,6 +161,7 @@ def test_bf16_forward_close_to_fp32():
     _assert_close(half.float(), fp32, rel=5e-2)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_same_grads():
     cfg = TINY.unet
     _, ours = _pair(cfg)

@@ -307,6 +307,7 @@ def jsonl_line(file_name: object, text: object, extra: dict, shape: str) -> str:
     return json.dumps(row, ensure_ascii=False)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(
     lines=st.lists(
@@ -331,6 +332,7 @@ def test_any_metadata_jsonl_reads_or_says_why(lines):
         read_everything(root)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(
     header=st.lists(st.sampled_from(["file_name", "text", "other"]) | st.text(), max_size=4),

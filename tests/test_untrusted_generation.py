@@ -112,6 +112,7 @@ def test_flags_that_are_wrong_or_have_no_effect_are_refused(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_records_store_only_the_settings_that_applied(sd1_dir, tmp_path, capsys):
     plain, ddim, img2img = (tmp_path / f"{name}.png" for name in ("plain", "ddim", "img2img"))
     Image.new("RGB", (32, 32), "red").save(tmp_path / "in.png")
@@ -125,6 +126,7 @@ def test_records_store_only_the_settings_that_applied(sd1_dir, tmp_path, capsys)
     assert read_png_record(img2img)["strength"] == 0.75
 
 
+@pytest.mark.slow
 def test_a_replayed_records_settings_that_do_not_apply_are_left_out(sd1_dir, tmp_path, capsys):
     # Records written before this rule stored strength and eta for every run; a replay
     # under another sampler leaves a DDIM record's eta out. A flag would be refused.
@@ -136,6 +138,7 @@ def test_a_replayed_records_settings_that_do_not_apply_are_left_out(sd1_dir, tmp
     assert record["strength"] is None and record["eta"] is None and record["steps"] == 2
 
 
+@pytest.mark.slow
 def test_from_reads_a_json_record_too(sd1_dir, tmp_path, capsys):
     source, out = tmp_path / "settings.json", tmp_path / "out.png"
     source.write_text(json.dumps({"prompt": "a dog", "steps": 2, "model": str(sd1_dir)}))
@@ -234,6 +237,7 @@ def test_a_huge_init_image_or_mask_is_refused_before_decoding(
     assert (12000, 12000) not in decodes
 
 
+@pytest.mark.slow
 def test_the_pixel_limit_is_a_setting(sd1_dir, tmp_path, capsys):
     Image.new("RGB", (32, 32), "blue").save(tmp_path / "in.png")
     args = ["a cat", "--model", sd1_dir, "--steps", "2", "--init-image", tmp_path / "in.png"]
@@ -333,6 +337,7 @@ def one_sentence(err: LatentkitError) -> None:
     assert message and "\n" not in message and len(message) < 400, message
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(PLAUSIBLE | WILD | ANY_FIELDS | JSON_VALUES)
 def test_any_fields_give_valid_options_or_one_sentence(fields):

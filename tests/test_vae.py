@@ -57,6 +57,7 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-
     assert diff <= tol, f"max abs diff {diff:.3g} > {tol:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_matches_diffusers(name):
     cfg, shape = CASES[name]

@@ -87,6 +87,7 @@ def _one_line(err: pytest.ExceptionInfo, *needles: str) -> str:
 # --- diffusers folders --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_diffusers_folder_matches_reference(tiny_model_dir, family):
     folder = tiny_model_dir(family)
@@ -156,6 +157,7 @@ def test_variant_and_sharded_weights(sd1_dir, tmp_path):
 # --- round trips --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_save_diffusers_round_trip(tiny_model_dir, tmp_path, family):
     ours = latentkit.load(tiny_model_dir(family))
@@ -170,6 +172,7 @@ def test_save_diffusers_round_trip(tiny_model_dir, tmp_path, family):
     _same_weights(ours, latentkit.load(out))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_save_single_file_round_trip(tiny_model_dir, tmp_path, family):
     folder = tiny_model_dir(family)
@@ -437,6 +440,7 @@ _MEMORY_PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's VmHWM")
 def test_single_file_load_memory_stays_near_file_size(tmp_path):
     """Meta-device building + mapped files: peak RSS growth stays under 1.3x the file."""
