@@ -1,14 +1,15 @@
 """Time whole pictures: latentkit against diffusers' StableDiffusionPipeline, one machine, one run.
 
     python benchmarks/bench_pipeline.py                       # 256 and 512 px, 20 steps
-    python benchmarks/bench_pipeline.py --sizes 64 --steps 2  # a smoke run
     python benchmarks/bench_pipeline.py --model /tmp/sd15-random  # reuse a saved model
+    python benchmarks/bench_pipeline.py --smoke  # tiny preset, 32 px, one step: does it run?
 
-The model has SD 1.5's shapes and random weights: tests/conftest.py's
-``build_reference_pipeline(SD15)`` builds diffusers' pipeline from latentkit's config (through
-``latentkit.config_json``) and ``save_reference_pipeline`` writes it with ``save_pretrained``
-(plus the CLIP BPE files) to a folder; diffusers' ``from_pretrained`` and ``latentkit.load``
-both read that folder, so the two sides hold the same weights.
+The model has SD 1.5's shapes (``--preset tiny``: latentkit's tiny test model's) and random
+weights: tests/conftest.py's ``build_reference_pipeline(SD15)`` builds diffusers' pipeline
+from latentkit's config (through ``latentkit.config_json``) and ``save_reference_pipeline``
+writes it with ``save_pretrained`` (plus the CLIP BPE files) to a folder; diffusers'
+``from_pretrained`` and ``latentkit.load`` both read that folder, so the two sides hold the
+same weights.
 
 One image is: the prompt and the empty negative prompt through CLIP, ``--steps`` Euler steps
 with guidance 7.5 (the U-Net runs on a batch of 2), the VAE decode, a PIL image. latentkit
@@ -73,14 +74,14 @@ TESTS = Path(__file__).resolve().parent.parent / "tests"
 # --- children ---------------------------------------------------------------------------
 
 
-def make_model(folder: Path) -> None:
-    """Build the random SD 1.5-shaped reference pipeline and save it (a child's job)."""
+def make_model(folder: Path, preset: str) -> None:
+    """Build a random reference pipeline of ``preset``'s shapes and save it (a child's job)."""
     sys.path.insert(0, str(TESTS))
     from conftest import build_reference_pipeline, save_reference_pipeline
 
-    from latentkit.config import SD15
+    from latentkit.config import PRESETS
 
-    save_reference_pipeline(build_reference_pipeline(SD15), folder)
+    save_reference_pipeline(build_reference_pipeline(PRESETS[preset]), folder)
 
 
 def latentkit_runner(folder: Path, size: int, dtype: torch.dtype, device: str):
@@ -321,6 +322,9 @@ def parent(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     auto = {v: k for k, v in DTYPES.items()}[resolve_dtype("auto", device)]
     default = "fp32,fp16" if args.device == "cuda" else "fp32,bf16"
+    if args.smoke:  # one child a side: latentkit's default dtype only
+        args.preset, args.sizes, args.steps, args.repeats, args.rounds = "tiny", "32", 1, 1, 1
+        args.dtypes = auto
     dtypes = (args.dtypes or default).split(",")
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
@@ -330,9 +334,9 @@ def parent(args: argparse.Namespace) -> None:
             sys.exit(f"--{name} is {getattr(args, name)}; it must be at least 1.")
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         if args.model is None:
-            args.model = str(Path(tmp) / "sd15-random")
-            print(f"building the random SD 1.5-shaped model in {args.model} ...", flush=True)
-            run_child([f"--make-model={args.model}"])
+            args.model = str(Path(tmp) / f"{args.preset}-random")
+            print(f"building the random {args.preset}-shaped model in {args.model} ...", flush=True)
+            run_child([f"--make-model={args.model}", f"--preset={args.preset}"])
         print(
             f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}"
             f" steps={args.steps} cfg={CFG} repeats={args.repeats} rounds={args.rounds}"
@@ -359,6 +363,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default=None, help="a saved random model folder to reuse")
     parser.add_argument(
+        "--preset",
+        choices=["sd15", "tiny"],
+        default="sd15",
+        help="the shapes of the random model built when no --model is given",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a check that it runs, not a measurement: tiny preset, 32 px, one step, one "
+        "child a side in latentkit's default dtype",
+    )
+    parser.add_argument(
         "--reference-channels-last",
         action="store_true",
         help="give the reference channels-last U-Net and VAE too (its docs' speed-up)",
@@ -372,7 +388,7 @@ def main() -> None:
     parser.add_argument("--image", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make_model:
-        make_model(Path(args.make_model))
+        make_model(Path(args.make_model), args.preset)
     elif args.worker:
         worker(args)
     else:

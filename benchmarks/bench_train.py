@@ -11,7 +11,7 @@ latentkit trains faster).
 
     python benchmarks/bench_train.py                          # small SD-like U-Net, batch 4
     python benchmarks/bench_train.py --preset sd15 --batch 1  # SD 1.5 at 64x64 latents
-    python benchmarks/bench_train.py --preset tiny --steps 3 --warmup 1   # a smoke run
+    python benchmarks/bench_train.py --smoke   # tiny preset, batch 2, one timed step, fp32
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from latentkit.config_json import unet_to_json
 from latentkit.diffusion.schedule import alphas_cumprod
 from latentkit.models.unet import UNet2DConditionModel
 from latentkit.train import Phase, TrainConfig, train
-from latentkit.train.unet import diffusion_loss
+from latentkit.train.draws import sample_generators
+from latentkit.train.unet import denoising_errors, noise_latents, weighted_loss
 
 PRESETS: dict[str, UNetConfig] = {
     "tiny": dataclasses.replace(TINY.unet, sample_size=8),
@@ -41,6 +42,7 @@ PRESETS: dict[str, UNetConfig] = {
     "sd15": SD15.unet,
 }
 LR, CLIP = 1e-5, 1.0
+SMOKE = {"preset": "tiny", "batch": 2, "steps": 1, "warmup": 1, "precision": ["fp32"]}
 
 
 class Done(Exception):
@@ -68,7 +70,12 @@ class BenchPhase(Phase):
         self.stamps.append(_now(self.latents.device))
         if step == self.total:
             raise Done
-        return diffusion_loss(self.nets["unet"], batch["latents"], batch["context"], self.alphas)
+        latents = batch["latents"]
+        # As the U-Net phase does: every sample's timestep and noise from its own generator.
+        generators = sample_generators(self.seed, step, 0, step, range(len(latents)))
+        noised = noise_latents(latents, self.alphas, "epsilon", generators)
+        errors = denoising_errors(self.nets["unet"], noised, batch["context"])
+        return weighted_loss(errors, noised.alpha_bar, None, "epsilon"), {}
 
     def save_weights(self, out_dir):
         pass
@@ -143,7 +150,14 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a check that it runs, not a measurement: tiny preset, batch 2, one step, fp32",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     if args.threads:
         torch.set_num_threads(args.threads)
     import diffusers

@@ -4,6 +4,7 @@ in the sub-pixel form that ``latentkit.load`` uses on a CPU (``latentkit.prepack
 
     python benchmarks/bench_upsample.py                # 2 threads, 9 alternating repeats
     python benchmarks/bench_upsample.py --repeats 21
+    python benchmarks/bench_upsample.py --smoke      # tiny channel counts, one repeat, 1 thread
 
 The three get the same weights and input and take turns, so machine drift hits them alike.
 Prints the median milliseconds and the ratios to the reference (below 1.0: latentkit faster).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 
 import torch
@@ -30,6 +32,7 @@ CASES = [
     ("VAE 128->256", 1, 512, 128),
     ("VAE 256->512", 1, 256, 256),
 ]
+SMOKE_CASES = [("U-Net 4->8", 2, 32, 4), ("VAE 8->16", 1, 16, 8)]
 
 
 def contenders(channels: int) -> dict[str, torch.nn.Module]:
@@ -64,12 +67,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a check that it runs, not a measurement: tiny channel counts, one repeat, 1 thread",
+    )
     args = parser.parse_args()
+    if not prepack.cpu_packs_bf16():
+        sys.exit(
+            "bench_upsample.py: this CPU's oneDNN has no bf16 path (AVX-512 BW/VL/DQ or "
+            "AVX-NE-CONVERT), so latentkit packs no bf16 layer here; there is nothing to time."
+        )
+    cases = SMOKE_CASES if args.smoke else CASES
+    if args.smoke:
+        args.repeats, args.threads = 1, 1
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads} repeats={args.repeats} torch={torch.__version__} (median ms)")
     print(f"{'upsampler':14s} {'reference':>10s} {'packed 3x3':>11s} {'sub-pixel':>10s}  ratios")
     totals = dict.fromkeys(("reference", "packed 3x3", "sub-pixel"), 0.0)
-    for where, batch, channels, side in CASES:
+    for where, batch, channels, side in cases:
         x = torch.randn(batch, channels, side, side).to(torch.bfloat16)
         ms = median_ms(
             contenders(channels), x.contiguous(memory_format=torch.channels_last), args.repeats

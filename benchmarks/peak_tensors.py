@@ -9,6 +9,7 @@ space. Same cases as ``bench_core.py``, one row each, in MiB:
 
     python benchmarks/peak_tensors.py                 # fp32 and bf16 on the CPU
     python benchmarks/peak_tensors.py --only vae --dtypes fp32
+    python benchmarks/peak_tensors.py --smoke         # the tiny preset, fp32
 """
 
 from __future__ import annotations
@@ -17,9 +18,18 @@ import argparse
 import weakref
 
 import torch
-from bench_core import DTYPES, cases, our_models, parse_dtypes, reference_models
+from bench_core import (
+    DTYPES,
+    add_smoke_option,
+    cases,
+    our_models,
+    parse_dtypes,
+    reference_models,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from latentkit.config import SD15, TINY
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -73,13 +83,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["unet", "vae", "text"], default=None)
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list: fp32,bf16,fp16")
+    add_smoke_option(parser)
     args = parser.parse_args()
-    names = parse_dtypes(args.dtypes, parser)
+    config = TINY if args.smoke else SD15
+    names = parse_dtypes("fp32" if args.smoke else args.dtypes, parser)
     print(f"{'case':<22}{'dtype':<7}{'latentkit MiB':>14}{'reference MiB':>15}{'ratio':>8}")
     for name in names:
-        ref = reference_models(DTYPES[name], "cpu")
-        ours = our_models(ref, DTYPES[name], "cpu")
-        for case, ours_fn, ref_fn in cases(ours, ref, DTYPES[name], "cpu"):
+        ref = reference_models(config, DTYPES[name], "cpu")
+        ours = our_models(config, ref, DTYPES[name], "cpu")
+        for case, ours_fn, ref_fn in cases(ours, ref, config, DTYPES[name], "cpu"):
             if args.only and not case.startswith(args.only):
                 continue
             a, b = peak_mib(ours_fn), peak_mib(ref_fn)

@@ -2,6 +2,7 @@
 
     python scripts/probe_vae_shapes.py                  # the shipped model's VAE
     python scripts/probe_vae_shapes.py --vae runs/shapes-vae/weights --n 1024
+    python scripts/probe_vae_shapes.py --smoke          # 8 scenes: a check that it runs
 
 It renders ``--n`` fresh scenes of the shapes world (``--split``, seed ``--seed``), passes
 each through the VAE (the posterior's mode, then the decoder) and lets the judge read the
@@ -58,7 +59,12 @@ def main() -> None:
     parser.add_argument("--split", default="held-out", choices=shapes.SPLITS)
     parser.add_argument("--n", type=int, default=512, help="scenes to render")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--smoke", action="store_true", help="a check that it runs, not a probe: 8 scenes"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.n = 8
     if args.n < 1:
         parser.error(f"--n is {args.n}; it must be at least 1.")
     try:

@@ -7,6 +7,8 @@
 #   WORK=/tmp/sweep DEVICE=cuda TRAIN_LIMIT=400 bash scripts/sweep_unet.sh
 #   ONLY="A_margin F_groups16" ...     # some variants only
 #   EXTRA="train.checkpoint_every=100"  # --set values for every run (space-separated)
+#   SMOKE=1 ONLY=B_contrast DEVICE=cpu ...  # a check that it runs, in about a minute: 16
+#                                       # images, one step on a batch of 2, 2 eval images
 #
 # SET=diagonal runs the second set instead (the diagonal sweep of that page), each variant
 # but N8 with the diagonal pairs ("left of" <-> "above") besides the mirrors:
@@ -21,6 +23,14 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-sweep}; DEVICE=${DEVICE:-cuda}; TRAIN_LIMIT=${TRAIN_LIMIT:-400}
 EVAL_DEVICE=${EVAL_DEVICE:-$DEVICE}; PY=${PY:-python3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1
+case ${SMOKE:-0} in  # SMOKE=1 shrinks every count; its table measures nothing
+  0) IMAGES=10000; SMOKE_SETS=""; EVAL_SIZE=(--prompts 50 --per-prompt 4) ;;
+  # Two prompts: the first two held-out ones are a one-object and a two-object prompt,
+  # so that the table has every column.
+  1) IMAGES=16; SMOKE_SETS="train.steps=1 recipe.data.global_batch=2"
+     EVAL_SIZE=(--prompts 2 --per-prompt 1 --steps 2) ;;
+  *) echo "sweep_unet.sh: SMOKE is '$SMOKE'; give 1 (a quick check that it runs) or 0." >&2; exit 2 ;;
+esac
 M='recipe.mirror_margin=40.0'
 COLOURS='["red", "green", "blue", "yellow", "orange", "purple", "white"]'
 SHAPES='["circle|disc", "square", "triangle", "star", "hexagon"]'
@@ -58,14 +68,14 @@ for name in $NAMES; do
 done
 [[ "$TRAIN_LIMIT" =~ ^[1-9][0-9]*$ ]] || { echo "sweep_unet.sh: TRAIN_LIMIT is '$TRAIN_LIMIT'; give whole seconds, e.g. 400." >&2; exit 2; }
 mkdir -p "$WORK/runs" "$WORK/exports" "$WORK/evals" "$WORK/logs"
-[ -d "$WORK/data" ] || $PY -m latentkit data shapes --n 10000 --out "$WORK/data" || exit 1
+[ -d "$WORK/data" ] || $PY -m latentkit data shapes --n "$IMAGES" --out "$WORK/data" || exit 1
 [ -d "$WORK/clip" ] || $PY scripts/rebuild_plain_clip.py "$WORK/clip" || exit 1
 VAE=src/latentkit/assets/models/shapes
 
 train() {  # name
   local sets=() extra
   IFS=';' read -ra extra <<< "${VARIANTS[$1]}"
-  for s in "${extra[@]}" ${EXTRA:-}; do [ -n "$s" ] && sets+=(--set "$s"); done
+  for s in "${extra[@]}" ${EXTRA:-} $SMOKE_SETS; do [ -n "$s" ] && sets+=(--set "$s"); done
   timeout "$TRAIN_LIMIT" $PY -m latentkit train unet --config configs/shapes/unet.toml \
     --out "$WORK/runs/$1" --device "$DEVICE" --quiet \
     --set recipe.data_path="$WORK/data" --set recipe.vae="$VAE" \
@@ -93,7 +103,7 @@ one() {  # name
   local weights; weights=$(ema_weights "$1" 2>>"$WORK/logs/$1.log") || { echo "$1: no weights"; return; }
   $PY scripts/export_shapes.py --unet "$weights" --vae "$VAE/vae" --clip "$WORK/clip/clip" \
     --out "$WORK/exports/$1" >> "$WORK/logs/$1.log" 2>&1
-  $PY -m latentkit eval --model "$WORK/exports/$1" --split held-out --prompts 50 --per-prompt 4 \
+  $PY -m latentkit eval --model "$WORK/exports/$1" --split held-out "${EVAL_SIZE[@]}" \
     --cfg 7.5 --device "$EVAL_DEVICE" --out "$WORK/evals/$1" >> "$WORK/logs/$1.log" 2>&1
   echo "$1: done ($weights)"
 }

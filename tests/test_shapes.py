@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -355,12 +354,3 @@ def test_cli_subcommand(tmp_path, capsys):
     assert (tmp_path / "d" / "00002.png").read_bytes() == (
         tmp_path / "c" / "00002.png"
     ).read_bytes()
-
-
-def test_render_speed(train_scenes, capsys):
-    start = time.perf_counter()
-    for scene in train_scenes[:1000]:
-        render(scene)
-    elapsed = time.perf_counter() - start
-    with capsys.disabled():
-        print(f"\n1,000 renders at 64x64: {elapsed:.2f} s ({elapsed:.2f} ms each)")

@@ -1,0 +1,273 @@
+"""Every benchmark and script runs: each in its smoke mode (a tiny preset model, one step or
+one repetition, tiny sizes) as a subprocess, and prints what it is meant to print.
+
+Benchmarks and scripts are not imported by the package, so nothing else notices when an
+API they call moves. These runs check that they start, finish and print consistent
+numbers (a ratio that is the quotient of its columns, a table whose rows add up); they
+never judge the timings themselves. The runs that take more than a few seconds (most load
+torch, diffusers and a model in a fresh process) are marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentkit import prepack
+from latentkit.judge.text_following import score_clip_folder
+from latentkit.models_registry import shipped_folder
+from latentkit.safetensors_io import read_safetensors
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+# Tools whose smoke run is a test in another file (it runs the tool end to end, small).
+COVERED_ELSEWHERE = {
+    "scripts/probe_words.py": (
+        "test_shipped.py",
+        "test_probe_words_script_reads_the_shipped_model_and_refuses_bad_timesteps",
+    ),
+    "scripts/probe_states.py": (
+        "test_shipped.py",
+        "test_probe_states_script_changes_one_fact_and_splits_caption_from_padding",
+    ),
+    "scripts/rebuild_plain_clip.py": (
+        "test_shipped.py",
+        "test_rebuild_plain_clip_script_puts_the_judge_clip_together_again",
+    ),
+    # The whole script with PY a stub that logs the commands, and the real U-Net dry run
+    # of its settings; the phases' run files dry-run in test_train_cli.py.
+    "scripts/train_shapes.sh": (
+        "test_shipped.py",
+        "test_train_shapes_exports_over_the_shipped_model_unless_export_is_given",
+    ),
+}
+SMOKE_RUNS: dict[str, str] = {}  # tool -> the test below that runs it
+
+
+def smoke_run_of(*tools: str):
+    """Registers the decorated test as the smoke run of ``tools``."""
+
+    def register(test):
+        for tool in tools:
+            SMOKE_RUNS[tool] = test.__name__
+        return test
+
+    return register
+
+
+def launch(tool: str, *argv: str, env: dict | None = None, timeout: int = 300):
+    """``tool`` (a path under the repository) with ``argv``, one thread: the finished process."""
+    command = ["bash"] if tool.endswith(".sh") else [sys.executable]
+    return subprocess.run(
+        [*command, str(REPO / tool), *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+
+
+def run(tool: str, *argv: str, env: dict | None = None, timeout: int = 300) -> str:
+    """What ``tool`` prints; it must exit 0."""
+    done = launch(tool, *argv, env=env, timeout=timeout)
+    assert done.returncode == 0, f"{tool} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def numbers(line: str) -> list[float]:
+    return [float(x) for x in re.findall(r"(?<![\w.])-?\d+\.\d+(?![\w.])", line)]
+
+
+def assert_ratio(ours: float, reference: float, ratio: float, decimals: int = 3) -> None:
+    """``ratio`` is ours / reference as printed: each figure rounded to ``decimals`` (a fast
+    machine may print a time of 0)."""
+    assert ours >= 0 and reference >= 0 and ratio > 0, (ours, reference, ratio)
+    # A printed time t stands for [t - h, t + h]: the quotient's range bounds the ratio.
+    h = 0.5 * 10.0**-decimals
+    low = max(ours - h, 0) / (reference + h)
+    high = (ours + h) / max(reference - h, 1e-12)
+    assert low - h <= ratio <= high + h, (ours, reference, ratio)
+
+
+def test_every_benchmark_and_script_has_a_smoke_run():
+    tools = {
+        str(path.relative_to(REPO))
+        for pattern in ("benchmarks/*.py", "scripts/*.py", "scripts/*.sh")
+        for path in REPO.glob(pattern)
+    }
+    missing = tools - set(SMOKE_RUNS) - set(COVERED_ELSEWHERE)
+    assert not missing, f"no smoke run for {sorted(missing)}"
+    for tool, (file, test) in COVERED_ELSEWHERE.items():
+        assert f"def {test}(" in (TESTS / file).read_text(), (tool, file, test)
+
+
+# --- benchmarks -------------------------------------------------------------------------
+
+
+def _rows(output: str, start: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith(start)]
+
+
+@pytest.mark.slow
+@smoke_run_of("benchmarks/bench_core.py")
+def test_bench_core_times_each_network_against_the_reference():
+    out = run("benchmarks/bench_core.py", "--smoke")
+    rows = [line for line in out.splitlines() if " fp32 " in line]
+    cases = [line.split("fp32")[0].strip() for line in rows]
+    assert [c.split()[0] for c in cases] == ["unet", "unet", "vae", "vae", "text"], out
+    for row in rows:
+        assert_ratio(*numbers(row)[-3:-1], numbers(row)[-1], decimals=4)
+
+
+@pytest.mark.slow
+@smoke_run_of("benchmarks/peak_tensors.py")
+def test_peak_tensors_counts_each_network_against_the_reference():
+    out = run("benchmarks/peak_tensors.py", "--smoke")
+    rows = [line for line in out.splitlines() if " fp32 " in line]
+    assert [r.split()[0] for r in rows] == ["unet", "unet", "vae", "vae", "text"], out
+    for row in rows:  # MiB with one decimal: a tiny model's smallest case prints 0.0
+        ours, reference, ratio = numbers(row)[-3:]
+        assert ours >= 0 and reference >= 0 and ratio > 0, row
+    assert min(numbers(rows[0])[-3:-1]) > 0, rows[0]  # the largest U-Net's activations
+
+
+@pytest.mark.slow
+@smoke_run_of("benchmarks/bench_pipeline.py")
+def test_bench_pipeline_paints_the_reference_picture_and_times_it():
+    out = run("benchmarks/bench_pipeline.py", "--smoke")
+    rows = [line for line in out.splitlines() if re.match(r"\s+\d+\s{2}\S", line)]
+    assert len(rows) == 2 and "auto=" in rows[1], out
+    for row in rows:
+        ours, reference, ratio = numbers(row)[:3]
+        assert_ratio(ours, reference, ratio, decimals=2)
+        difference = numbers(row)[-2]  # |dpx|, the mean pixel difference (0-255); then load
+        assert difference < 2.0, row
+
+
+@pytest.mark.slow
+@smoke_run_of("benchmarks/bench_train.py")
+def test_bench_train_times_our_loop_against_a_diffusers_loop():
+    out = run("benchmarks/bench_train.py", "--smoke")
+    (row,) = _rows(out, "fp32 ")
+    ours, theirs, ratio = numbers(row)
+    assert_ratio(ours, theirs, ratio, decimals=2)
+
+
+@smoke_run_of("benchmarks/bench_upsample.py")
+def test_bench_upsample_times_both_packings_against_the_reference():
+    if not prepack.cpu_packs_bf16():  # no packed bf16 layers here: it says so, in one line
+        done = launch("benchmarks/bench_upsample.py", "--smoke")
+        assert done.returncode == 1 and done.stderr.strip() == (
+            "bench_upsample.py: this CPU's oneDNN has no bf16 path (AVX-512 BW/VL/DQ or "
+            "AVX-NE-CONVERT), so latentkit packs no bf16 layer here; there is nothing to time."
+        )
+        return
+    out = run("benchmarks/bench_upsample.py", "--smoke")
+    rows = [line for line in out.splitlines() if line.startswith(("U-Net", "VAE", "per picture"))]
+    assert len(rows) >= 3 and rows[-1].startswith("per picture"), out
+    for row in rows[:-1]:
+        reference, packed, subpixel, packed_ratio, subpixel_ratio = numbers(row)[-5:]
+        assert_ratio(packed, reference, packed_ratio, decimals=1)
+        assert_ratio(subpixel, reference, subpixel_ratio, decimals=1)
+
+
+@smoke_run_of("benchmarks/bench_render.py")
+def test_bench_render_prints_renders_per_second():
+    out = run("benchmarks/bench_render.py", "--smoke")
+    pattern = r"(\d+) renders at 64x64: (\d+\.\d+) s, (\d+\.\d+) ms each, (\d+) renders/s"
+    match = re.fullmatch(pattern, out.strip())
+    assert match, out
+    count, seconds, each_ms, per_second = (float(x) for x in match.groups())
+    assert count == 20
+    # seconds are printed to 0.0005, milliseconds to 0.0005, renders/s to 0.5
+    low, high = max(seconds - 5e-4, 1e-9), seconds + 5e-4
+    assert 1000 * low / count - 5e-4 <= each_ms <= 1000 * high / count + 5e-4
+    assert count / high - 0.5 <= per_second <= count / low + 0.5
+
+
+# --- scripts ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@smoke_run_of("scripts/probe_shapes.py")
+def test_probe_shapes_prints_a_confusion_table_whose_rows_add_up():
+    out = run("scripts/probe_shapes.py", "--smoke")
+    lines = out.splitlines()
+    per_row = int(re.search(r"(\d+) pictures a row", lines[0]).group(1))
+    table = [line.split() for line in lines[2:]]
+    assert [row[0] for row in table] == ["circle", "square", "triangle", "star", "hexagon"]
+    for name, *counts, right in table:
+        counts = [int(c) for c in counts]
+        assert sum(counts) == per_row
+        shape_column = ["circle", "square", "triangle", "star", "hexagon"].index(name)
+        assert right == f"{100 * counts[shape_column] / per_row:.0f}%"
+
+
+@smoke_run_of("scripts/probe_vae_shapes.py")
+def test_probe_vae_shapes_prints_what_the_judge_reads_through_the_vae():
+    out = run("scripts/probe_vae_shapes.py", "--smoke")
+    lines = out.splitlines()
+    scenes = int(lines[0].split()[0])
+    rows = [line.split() for line in lines[2:]]
+    *per_kind, total = rows
+    assert total[0] == "all" and int(total[1]) == sum(int(r[2]) for r in per_kind)
+    assert scenes <= int(total[1]) <= 2 * scenes  # one or two objects a scene
+    for row in rows:
+        assert all(0 <= float(cell.rstrip("%")) <= 100 for cell in row[-2:])
+
+
+@pytest.mark.slow
+@smoke_run_of("scripts/export_shapes.py")
+def test_export_shapes_reexports_the_shipped_model_unchanged(tmp_path):
+    """The shipped pieces, put through the export: the plain CLIP rebuilt from them and the
+    shipped model as the U-Net run; fp16 in, fp16 out, so every tensor comes back equal."""
+    shipped = shipped_folder("shapes")
+    run("scripts/rebuild_plain_clip.py", str(tmp_path / "plain"))
+    out = run(
+        "scripts/export_shapes.py",
+        *("--unet", str(shipped), "--vae", str(shipped / "vae")),
+        *("--clip", str(tmp_path / "plain" / "clip"), "--out", str(tmp_path / "shapes")),
+        *("--clip-out", str(tmp_path / "clip-shapes")),
+    )
+    totals = re.findall(r"total (\d+\.\d+) MB of weights in (\S+)", out)
+    assert [Path(folder).name for _, folder in totals] == ["shapes", "clip-shapes"], out
+    assert 0 < float(totals[0][0]) <= 30
+    judge_clip = score_clip_folder(shipped)
+    for exported, original in (
+        (tmp_path / "shapes", shipped),
+        (tmp_path / "clip-shapes", judge_clip),
+    ):
+        files = sorted(p.relative_to(original) for p in original.rglob("*.safetensors"))
+        assert files == sorted(p.relative_to(exported) for p in exported.rglob("*.safetensors"))
+        for file in files:
+            theirs, ours = read_safetensors(original / file), read_safetensors(exported / file)
+            assert theirs.keys() == ours.keys()
+            assert all(torch.equal(theirs[k], ours[k]) for k in theirs), file
+
+
+@pytest.mark.slow
+@smoke_run_of("scripts/sweep_unet.sh")
+def test_sweep_unet_trains_exports_and_evaluates_one_variant(tmp_path):
+    env = {"SMOKE": "1", "ONLY": "B_contrast", "WORK": str(tmp_path), "DEVICE": "cpu"}
+    out = run("scripts/sweep_unet.sh", env=env, timeout=240)
+    assert "B_contrast: done" in out, out
+    (row,) = [line.split() for line in out.splitlines() if line.startswith("B_contrast ")]
+    accuracies = [float(x) for x in row[1:8]]
+    assert all(0 <= a <= 100 for a in accuracies), row
+    report = json.loads((tmp_path / "evals" / "B_contrast" / "report.json").read_text())
+    assert accuracies[-1] == pytest.approx(100 * report["accuracy"]["all"], abs=0.05)
+    # SMOKE=1 shrank every count: the data, the training run and the evaluation
+    assert len(list((tmp_path / "data").glob("*.png"))) == 16
+    run_file = tomllib.loads((tmp_path / "runs" / "B_contrast" / "config.toml").read_text())
+    assert run_file["train"]["steps"] == 1 and run_file["recipe"]["data"]["global_batch"] == 2
+    assert (report["prompts"], report["images"]) == (2, 2)
