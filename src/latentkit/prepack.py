@@ -40,11 +40,7 @@ from .runtime import return_freed_memory
 
 def prefers_packed_weights(device: str | torch.device, dtype: torch.dtype) -> bool:
     """Whether packed weights are faster here: bf16 on a CPU whose oneDNN has a bf16 path."""
-    return (
-        torch.device(device).type == "cpu"
-        and dtype == torch.bfloat16
-        and cpu_packs_bf16()
-    )
+    return torch.device(device).type == "cpu" and dtype == torch.bfloat16 and cpu_packs_bf16()
 
 
 def cpu_packs_bf16() -> bool:
