@@ -315,6 +315,7 @@ def _network(config):
 SMALL = st.integers(-2, 40) | st.lists(st.integers(-2, 40), max_size=3) | st.floats(-1, 1)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(
     base=st.sampled_from([TINY.vae, TINY.text, _tiny_vision(), TINY.unet, TINY_SD2.unet]),

@@ -274,6 +274,7 @@ def test_sigkill_at_24_random_moments_then_resume_gives_the_uninterrupted_weight
 # --- (b) a checkpoint write that fails part-way -------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_checkpoint_write_that_fails_part_way_leaves_the_previous_one_resumable(
     tmp_path, forkserver, world
 ):

@@ -269,6 +269,7 @@ def run(world) -> dict:
     return {"out": out, "phase": phase, "summary": summary}
 
 
+@pytest.mark.slow
 def test_loss_falls(run):
     losses = [r["loss"] for r in read_records(run["out"] / "metrics.jsonl") if "metrics" in r]
     assert len(losses) == STEPS // 5
@@ -279,12 +280,14 @@ def test_loss_falls(run):
     assert run["phase"].caches[0].hits > 0  # later epochs read the cached posteriors
 
 
+@pytest.mark.slow
 def test_sample_writes_a_grid(run):
     grid = Image.open(run["out"] / "samples" / f"unet-{STEPS:06d}.png")
     assert grid.size == (3 * SIZE, len(PROMPTS) * SIZE)
     assert grid.text["prompts"] == "\n".join(PROMPTS)
 
 
+@pytest.mark.slow
 def test_saved_folder_loads_and_generates(run):
     for name in ("weights", "weights-ema"):
         components = load(run["out"] / name)
