@@ -229,7 +229,7 @@ def scenes_of_seed(seed: int, n: int) -> list[Scene]:
 
 
 def test_unknown_pair_order_is_one_sentence(tmp_path):
-    with pytest.raises(ConfigError, match=r"^Unknown pair order 'random'; choose one of "):
+    with pytest.raises(ConfigError, match=r"^pair order is 'random'; valid values are: "):
         write_dataset(tmp_path / "d", 2, pair_order="random")
     assert not (tmp_path / "d").exists()
 

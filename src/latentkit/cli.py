@@ -288,7 +288,8 @@ def _add_interpolate(commands) -> None:
 
 
 def run_interpolate(args: argparse.Namespace) -> None:
-    from .interpolate import frame_strip, interpolation_frames
+    from .images import image_grid
+    from .interpolate import interpolation_frames
     from .module_io import replace_atomically
     from .pipeline import GenerateOptions
     from .runtime import Progress, resolve_device, resolve_dtype
@@ -321,7 +322,7 @@ def run_interpolate(args: argparse.Namespace) -> None:
         progress.update(len(frames))
     progress.close()
     with replace_atomically(path, overwrite=args.overwrite, folder=False) as partial:
-        frame_strip(frames).save(partial, format="PNG")
+        image_grid(frames).save(partial, format="PNG")
     print(path)
 
 

@@ -76,7 +76,7 @@ class TextConfig:
             self, "vocab_size", "hidden_size", "intermediate_size", "projection_dim",
             "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
         )  # fmt: skip
-        _check_choice("TextConfig.hidden_act", self.hidden_act, ("quick_gelu", "gelu"))
+        check_choice("TextConfig.hidden_act", self.hidden_act, ("quick_gelu", "gelu"))
         _check_divides("TextConfig", self.hidden_size, self.num_attention_heads)
 
 
@@ -100,7 +100,7 @@ class VisionConfig:
             self, "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
             "num_attention_heads", "num_channels", "image_size", "patch_size",
         )  # fmt: skip
-        _check_choice("VisionConfig.hidden_act", self.hidden_act, ("quick_gelu", "gelu"))
+        check_choice("VisionConfig.hidden_act", self.hidden_act, ("quick_gelu", "gelu"))
         _check_divides("VisionConfig", self.hidden_size, self.num_attention_heads)
         if self.image_size % self.patch_size:
             raise ConfigError(
@@ -167,7 +167,7 @@ class UNetConfig:
                     f"{levels}; they must match."
                 )
             for t in types_:
-                _check_choice(f"UNetConfig.{name}", t, valid)
+                check_choice(f"UNetConfig.{name}", t, valid)
         for name in ("num_attention_heads", "transformer_layers_per_block"):
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != levels:
@@ -206,17 +206,17 @@ class ScheduleConfig:
     set_alpha_to_one: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice(
+        check_choice(
             "ScheduleConfig.beta_schedule",
             self.beta_schedule,
             ("linear", "scaled_linear", "squaredcos_cap_v2"),
         )
-        _check_choice(
+        check_choice(
             "ScheduleConfig.prediction_type",
             self.prediction_type,
             ("epsilon", "v_prediction", "sample"),
         )
-        _check_choice(
+        check_choice(
             "ScheduleConfig.timestep_spacing",
             self.timestep_spacing,
             ("leading", "trailing", "linspace"),
@@ -379,7 +379,8 @@ def _per_block(value: int | tuple[int, ...], levels: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, tuple) else (value,) * levels
 
 
-def _check_choice(name: str, value: Any, valid: tuple[Any, ...]) -> None:
+def check_choice(name: str, value: Any, valid: tuple[Any, ...]) -> None:
+    """``value`` is one of ``valid``, else one sentence naming ``name`` and the choices."""
     if value not in valid:
         raise ConfigError(
             f"{name} is {brief_repr(value)}; valid values are: {', '.join(map(str, valid))}."

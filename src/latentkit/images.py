@@ -1,4 +1,5 @@
-"""Opening a picture from a stranger's file without decoding more pixels than allowed.
+"""Pictures in and out: opening a stranger's file without decoding more pixels than
+allowed, and tiling pictures into one grid.
 
 ``Image.open`` reads only the header; the pixels are decoded later, by ``load()``. So the
 size is checked in between, and a file claiming too many pixels is refused before any of
@@ -66,3 +67,15 @@ def _pillows_refusal(what: str) -> str:
         f"{what} has more than {Image.MAX_IMAGE_PIXELS:,} pixels, the limit Pillow sets "
         "against decompression bombs."
     )
+
+
+def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Equally sized pictures row by row, ``columns`` to a row (default: all in one row),
+    on white."""
+    columns = columns or len(images)
+    width, height = images[0].size
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid

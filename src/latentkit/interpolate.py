@@ -88,14 +88,3 @@ def interpolation_frames(
             components, options, device=device, dtype=dtype, noise=noise, contexts=(cond, uncond)
         )
         yield run_to_result(run).images[0]
-
-
-def frame_strip(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """Frames side by side (wrapping after ``columns``) in one picture."""
-    columns = columns or len(images)
-    w, h = images[0].size
-    rows = -(-len(images) // columns)
-    sheet = Image.new("RGB", (w * columns, h * rows), "white")
-    for i, image in enumerate(images):
-        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
-    return sheet

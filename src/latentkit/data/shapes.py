@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..config import check_seed
+from ..config import check_choice, check_seed
 from ..errors import ConfigError
 from ..outputs import refuse_existing
 
@@ -278,7 +278,7 @@ def held_out_combos(scene: Scene) -> list[str]:
 
 def sample_scene(rng: np.random.Generator, split: str = "train", size: int = 64) -> Scene:
     """A random scene of ``split``; the same generator state always gives the same scene."""
-    _check_choice("split", split, SPLITS)
+    check_choice("split", split, SPLITS)
     _check_size(size)
     if split == "train":
         parts, relation = _draw_train_parts(rng)
@@ -383,11 +383,6 @@ def _place_pair(rng: np.random.Generator, relation: str, diameters, canvas: int)
 
     vertical = relation in ("above", "below")
     return [(across[i], along[i]) if vertical else (along[i], across[i]) for i in range(2)]
-
-
-def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"Unknown {what} {value!r}; choose one of {list(choices)}.")
 
 
 def _check_size(size: int) -> None:
@@ -502,7 +497,7 @@ def caption(scene: Scene, rng: np.random.Generator, pair_order: str = "both") ->
     """One of many phrasings of ``scene``: templates, synonyms, either order of a relation
     (or the canonical one only: ``CAPTION_PAIR_ORDERS``), and the background sometimes. Always
     names every object's colour and shape."""
-    _check_choice("pair order", pair_order, CAPTION_PAIR_ORDERS)
+    check_choice("pair order", pair_order, CAPTION_PAIR_ORDERS)
     with_background = rng.random() < 0.5
     if len(scene.objects) == 1:
         obj = scene.objects[0]
@@ -585,9 +580,9 @@ def write_dataset(
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"The number of images must be a positive integer, not {n!r}.")
-    _check_choice("split", split, SPLITS)
+    check_choice("split", split, SPLITS)
     _check_size(size)
-    _check_choice("pair order", pair_order, CAPTION_PAIR_ORDERS)
+    check_choice("pair order", pair_order, CAPTION_PAIR_ORDERS)
     check_seed("seed", seed)
     out = Path(out_dir)
     _prepare_folder(out, overwrite)

@@ -29,7 +29,7 @@ import math
 import numpy as np
 import torch
 
-from ..config import ScheduleConfig
+from ..config import ScheduleConfig, check_choice
 from ..errors import ConfigError
 
 SIGMA_SCHEDULES = ("default", "karras", "exponential")
@@ -96,7 +96,7 @@ def spaced_timesteps(cfg: ScheduleConfig, steps: int, family: str = "euler") -> 
     reference scheduler family's arithmetic to reproduce (see the module docstring).
     """
     _check_steps(cfg, steps)
-    _check_choice("family", family, SPACING_FAMILIES)
+    check_choice("family", family, SPACING_FAMILIES)
     big_t, spacing = cfg.num_train_timesteps, cfg.timestep_spacing
     points = steps + 1 if family == "dpm" else steps
     if spacing == "trailing":
@@ -142,7 +142,7 @@ def inference_sigmas(
     ``"karras"`` and ``"exponential"`` respace between the smallest and largest of those
     (the ``"dpm"`` family: of all training sigmas, as its reference does).
     """
-    _check_choice("sigma schedule", schedule, SIGMA_SCHEDULES)
+    check_choice("sigma schedule", schedule, SIGMA_SCHEDULES)
     sigmas = sigmas_at(cfg, spaced_timesteps(cfg, steps, family))
     if schedule != "default":
         lo, hi = float(sigmas[-1]), float(sigmas[0])
@@ -189,8 +189,3 @@ def _check_steps(cfg: ScheduleConfig, steps: int) -> None:
             f"steps must be a whole number from 1 to {cfg.num_train_timesteps} "
             f"(num_train_timesteps); got {steps!r}."
         )
-
-
-def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ConfigError(f"Unknown {what} {value!r}; valid: {', '.join(valid)}.")

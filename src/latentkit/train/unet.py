@@ -67,6 +67,7 @@ from ..diffusers_folder import (
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import alphas_cumprod
 from ..errors import ConfigError, LatentkitError
+from ..images import image_grid
 from ..models.clip import pooled_positions, reset_text_layers
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet2DConditionModel
@@ -867,13 +868,3 @@ def sample_images(components: Components, recipe: UNetRecipe, device) -> list[Im
             )
             images.append(run_to_result(generate(components, options, device=device)).images[0])
     return images
-
-
-def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """Tile equally sized images row by row, ``columns`` to a row."""
-    width, height = images[0].size
-    rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
-    return grid
