@@ -20,10 +20,10 @@ from collections.abc import Callable
 import torch
 
 from latentkit.config import SD15, TINY, ModelConfig
-from latentkit.config_json import text_to_json, unet_to_json, vae_to_json
 from latentkit.models.clip import CLIPTextModel
 from latentkit.models.unet import UNet2DConditionModel
 from latentkit.models.vae import AutoencoderKL
+from latentkit.weights.config_json import text_to_json, unet_to_json, vae_to_json
 
 
 def reference_models(config: ModelConfig, dtype: torch.dtype, device: str):

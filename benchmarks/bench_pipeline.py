@@ -6,7 +6,7 @@
 
 The model has SD 1.5's shapes (``--preset tiny``: latentkit's tiny test model's) and random
 weights: tests/conftest.py's ``build_reference_pipeline(SD15)`` builds diffusers' pipeline
-from latentkit's config (through ``latentkit.config_json``) and ``save_reference_pipeline``
+from latentkit's config (through ``latentkit.weights.config_json``) and ``save_reference_pipeline``
 writes it with ``save_pretrained`` (plus the CLIP BPE files) to a folder; diffusers'
 ``from_pretrained`` and ``latentkit.load`` both read that folder, so the two sides hold the
 same weights.
@@ -86,7 +86,7 @@ def make_model(folder: Path, preset: str) -> None:
 
 def latentkit_runner(folder: Path, size: int, dtype: torch.dtype, device: str):
     import latentkit
-    from latentkit.pipeline import GenerateOptions, generate, run_to_result
+    from latentkit.generation.pipeline import GenerateOptions, generate, run_to_result
 
     components = latentkit.load(folder, dtype=dtype, device=device)
 
@@ -317,7 +317,7 @@ def bench_size(args, size: int, dtypes: list[str], auto: str, images: Path) -> N
 
 
 def parent(args: argparse.Namespace) -> None:
-    from latentkit.runtime import resolve_dtype
+    from latentkit.runtime.device import resolve_dtype
 
     device = torch.device(args.device)
     auto = {v: k for k, v in DTYPES.items()}[resolve_dtype("auto", device)]

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from latentkit.data.shapes import render, sample_scene
+from latentkit.shapes.world import render, sample_scene
 
 SIZE = 64
 

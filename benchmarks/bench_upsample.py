@@ -1,6 +1,6 @@
 """Time SD 1.5's six upsamplers (nearest 2x, then a 3x3 conv) in bf16, channels-last, three ways:
 diffusers' ``Upsample2D`` (the reference), ours packed with the plain 3x3 conv, and ours packed
-in the sub-pixel form that ``latentkit.load`` uses on a CPU (``latentkit.prepack``).
+in the sub-pixel form that ``latentkit.load`` uses on a CPU (``latentkit.runtime.packing``).
 
     python benchmarks/bench_upsample.py                # 2 threads, 9 alternating repeats
     python benchmarks/bench_upsample.py --repeats 21
@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from latentkit import prepack
 from latentkit.nn import Upsample2D
+from latentkit.runtime import packing as prepack
 
 # (where, batch, channels, side of the small map) for a 512 px picture with guidance
 CASES = [

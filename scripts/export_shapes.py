@@ -18,13 +18,11 @@ from pathlib import Path
 
 import torch
 
-from latentkit.diffusers_folder import save_diffusers
 from latentkit.errors import OutputExistsError
-from latentkit.judge.text_following import save_image_half
-from latentkit.module_io import replace_atomically
-from latentkit.outputs import refuse_existing
-from latentkit.train.clip import load_clip
+from latentkit.outputs import refuse_existing, replace_atomically
 from latentkit.weights import load, load_vae
+from latentkit.weights.clip_folder import load_clip, save_clip
+from latentkit.weights.diffusers_folder import save_diffusers
 
 LIMIT_MB = 30
 
@@ -61,7 +59,7 @@ def main() -> None:
     # Written aside and swapped in whole: no file of an earlier CLIP stays beside the new one.
     clip_out.parent.mkdir(parents=True, exist_ok=True)
     with replace_atomically(clip_out, overwrite=args.overwrite, folder=True) as partial:
-        save_image_half(load_clip(args.clip).half(), partial, components.text_encoder)
+        save_clip(load_clip(args.clip).half(), partial, shared_with=components.text_encoder)
     total = report_sizes(args.out)
     if clip_out.parent != args.out:
         report_sizes(clip_out)

@@ -22,10 +22,10 @@ from collections import Counter
 import torch
 
 import latentkit
-from latentkit.data import shapes
 from latentkit.errors import LatentkitError
-from latentkit.judge.read import load_judge, read_attributes
-from latentkit.pipeline import GenerateOptions, generate, run_to_result
+from latentkit.generation.pipeline import GenerateOptions, generate, run_to_result
+from latentkit.shapes import world as shapes
+from latentkit.shapes.judge.read import load_judge, read_attributes
 
 TWO = "2 objects"
 PROMPT = "a {colour} {shape} in the centre"

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 import latentkit
-from latentkit.data import shapes
 from latentkit.diffusion.schedule import alphas_cumprod
 from latentkit.errors import LatentkitError
 from latentkit.models.clip import pooled_positions
+from latentkit.shapes import world as shapes
 from latentkit.train.negatives import MirroredCaptions
 from latentkit.train.unet import state_distance
 

@@ -20,12 +20,12 @@ from collections import Counter
 import numpy as np
 import torch
 
-from latentkit.data import shapes
 from latentkit.errors import LatentkitError
-from latentkit.img2img import image_to_tensor, tensor_to_images
-from latentkit.judge.read import canonical, load_judge, read_attributes
-from latentkit.models_registry import resolve
+from latentkit.generation.img2img import image_to_tensor, tensor_to_images
+from latentkit.shapes import world as shapes
+from latentkit.shapes.judge.read import canonical, load_judge, read_attributes
 from latentkit.train.unet import load_vae_from
+from latentkit.weights.shipped import resolve
 
 
 @torch.no_grad()

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 import latentkit
-from latentkit.data import shapes
 from latentkit.diffusion.schedule import alphas_cumprod
 from latentkit.errors import LatentkitError
-from latentkit.prompts import encode_prompt
+from latentkit.generation.prompts import encode_prompt
+from latentkit.shapes import world as shapes
 
 
 def scenes_with(words: str, n: int, seed: int) -> list[shapes.Scene]:

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 import latentkit
-from latentkit.diffusers_folder import save_text_encoder, save_tokenizer
-from latentkit.judge.text_following import load_score_clip
 from latentkit.models.tokenizer import CLIPTokenizer
-from latentkit.models_registry import shipped_folder, shipped_scoring_clip
-from latentkit.train.clip import save_clip, text_encoder_config, text_encoder_of
+from latentkit.shapes.text_following import load_score_clip
+from latentkit.weights.clip_folder import save_clip, text_encoder_config, text_encoder_of
+from latentkit.weights.diffusers_folder import save_text_encoder, save_tokenizer
+from latentkit.weights.shipped import shipped_folder, shipped_scoring_clip
 
 
 def main() -> None:

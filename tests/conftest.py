@@ -40,7 +40,12 @@ def build_reference_pipeline(config: ModelConfig, seed: int = 0):
     import diffusers
     import transformers
 
-    from latentkit.config_json import schedule_to_json, text_to_json, unet_to_json, vae_to_json
+    from latentkit.weights.config_json import (
+        schedule_to_json,
+        text_to_json,
+        unet_to_json,
+        vae_to_json,
+    )
 
     _quiet_reference_libraries()
     torch.manual_seed(seed)

@@ -8,7 +8,7 @@ from conftest import run_cli
 from PIL import Image
 
 from latentkit.cli import main
-from latentkit.pngmeta import read_png_record
+from latentkit.generation.pngmeta import read_png_record
 
 
 def test_help_lists_the_commands(capsys):

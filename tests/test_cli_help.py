@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 
 from latentkit.cli import _OPTION_FLAGS, build_parser
-from latentkit.options import GenerateOptions
+from latentkit.generation.options import GenerateOptions
 
 _NOT_OPTIONS = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerateOptions)}

@@ -32,16 +32,6 @@ from latentkit.config import (
     from_dict,
     to_dict,
 )
-from latentkit.config_json import (
-    schedule_from_json,
-    schedule_to_json,
-    text_from_json,
-    text_to_json,
-    unet_from_json,
-    unet_to_json,
-    vae_from_json,
-    vae_to_json,
-)
 from latentkit.errors import ConfigError
 from latentkit.train.loop import TrainConfig
 from latentkit.train.recipes import (
@@ -53,6 +43,16 @@ from latentkit.train.recipes import (
     parse_value,
     phase_classes,
     to_toml,
+)
+from latentkit.weights.config_json import (
+    schedule_from_json,
+    schedule_to_json,
+    text_from_json,
+    text_to_json,
+    unet_from_json,
+    unet_to_json,
+    vae_from_json,
+    vae_to_json,
 )
 
 

@@ -57,7 +57,7 @@ def settings_classes() -> list[type]:
     """The loop's config, each phase's recipe, and the training tables nested in them
     (DataConfig, ...); the networks' own configs (latentkit.config) are diffusers'."""
     found: list[type] = []
-    pending = [TrainConfig, *(PHASES[name]()[0] for name in PHASES)]
+    pending = [TrainConfig, *(PHASES[name][0] for name in PHASES)]
     while pending:
         cls = pending.pop(0)
         if cls in found:

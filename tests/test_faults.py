@@ -39,10 +39,10 @@ from conftest import losses, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from latentkit.data.shapes import write_dataset
 from latentkit.errors import LatentkitError
-from latentkit.safetensors_io import read_safetensors
+from latentkit.shapes.world import write_dataset
 from latentkit.train import checkpoint
+from latentkit.weights.safetensors_io import read_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -137,7 +137,7 @@ def test_export_script_refuses_with_the_common_sentence(tmp_path):
 
 
 def test_judge_trainer_refuses_before_training(tmp_path, monkeypatch, capsys):
-    from latentkit.judge import train as judge_train
+    from latentkit.shapes.judge import train as judge_train
 
     def trained(*args, **kwargs):
         raise AssertionError("the judge trained before its output was checked")

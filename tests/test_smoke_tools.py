@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentkit import prepack
-from latentkit.judge.text_following import score_clip_folder
-from latentkit.models_registry import shipped_folder
-from latentkit.safetensors_io import read_safetensors
+from latentkit.runtime import packing as prepack
+from latentkit.shapes.text_following import score_clip_folder
+from latentkit.weights.safetensors_io import read_safetensors
+from latentkit.weights.shipped import shipped_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError, LatentkitError, WeightsError
+from latentkit.config import VERSION
+from latentkit.errors import ConfigError, LatentkitError, WeightsError
 
 if TYPE_CHECKING:
-    from .options import GenerateOptions, options_from_fields
-    from .pipeline import generate
-    from .weights import Components
+    from latentkit.generation.options import GenerateOptions, options_from_fields
+    from latentkit.generation.pipeline import generate
+    from latentkit.weights import Components
 
-__version__ = "0.1.0"
+__version__ = VERSION
 __all__ = [
     "ConfigError",
     "GenerateOptions",
@@ -25,9 +26,9 @@ __all__ = [
 
 # Imported on first use: they need torch, which `import latentkit` alone does not load.
 _LAZY = {
-    "GenerateOptions": "options",
-    "options_from_fields": "options",
-    "generate": "pipeline",
+    "GenerateOptions": "generation.options",
+    "options_from_fields": "generation.options",
+    "generate": "generation.pipeline",
 }
 
 
@@ -41,6 +42,6 @@ def __getattr__(name: str):
 
 def load(path, **kwargs) -> Components:
     """Load a model (diffusers folder or single-file checkpoint); see ``weights.load``."""
-    from .weights import load as _load
+    from latentkit.weights import load as _load
 
     return _load(path, **kwargs)

@@ -8,9 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import ConfigError, LatentkitError
-from .outputs import output_paths
+from latentkit import __version__
+from latentkit.errors import ConfigError, LatentkitError
+from latentkit.outputs import output_paths
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -66,29 +66,29 @@ DEVICE_HELP = "where to run; auto: CUDA when present, else the CPU"
 
 
 def _add_eval(commands) -> None:
-    from .judge.eval_cli import add_cli
+    from latentkit.shapes.cli import add_cli
 
     add_cli(commands)
 
 
 def _add_train(commands) -> None:
-    from .train.cli import add_cli
+    from latentkit.train.cli import add_cli
 
     add_cli(commands)  # "train" and "plot"
 
 
 def _add_data(commands) -> None:
-    from .data import shapes
+    from latentkit.shapes import world as shapes
 
     p = commands.add_parser("data", help="make datasets (the procedural shapes world)")
     shapes.add_cli(p.add_subparsers(dest="data_command", metavar="DATASET", required=True))
 
 
 def _add_generate(commands) -> None:
-    from .diffusion.samplers import SAMPLERS
-    from .img2img import DEFAULT_MAX_INPUT_PIXELS
-    from .options import DEFAULT_ETA, DEFAULT_STRENGTH
-    from .pipeline import PROMPT_MODES, SCHEDULES
+    from latentkit.diffusion.samplers import SAMPLERS
+    from latentkit.generation.img2img import DEFAULT_MAX_INPUT_PIXELS
+    from latentkit.generation.options import DEFAULT_ETA, DEFAULT_STRENGTH
+    from latentkit.generation.pipeline import PROMPT_MODES, SCHEDULES
 
     p = commands.add_parser("generate", help="make pictures from a prompt")
     p.add_argument(
@@ -241,7 +241,7 @@ def _add_generate(commands) -> None:
 def _setting(name: str, meaning: str) -> str:
     """The help line of a generation setting's flag. The flag itself defaults to None, so
     that a --from record can fill what is not given; the default shown is GenerateOptions'."""
-    from .options import GenerateOptions
+    from latentkit.generation.options import GenerateOptions
 
     default = {f.name: f.default for f in dataclasses.fields(GenerateOptions)}[name]
     return f"{meaning} (default: {default})"
@@ -288,12 +288,12 @@ def _add_interpolate(commands) -> None:
 
 
 def run_interpolate(args: argparse.Namespace) -> None:
-    from .images import image_grid
-    from .interpolate import interpolation_frames
-    from .module_io import replace_atomically
-    from .pipeline import GenerateOptions
-    from .runtime import Progress, resolve_device, resolve_dtype
-    from .weights import load
+    from latentkit.generation.interpolate import interpolation_frames
+    from latentkit.generation.pipeline import GenerateOptions
+    from latentkit.images import image_grid
+    from latentkit.outputs import replace_atomically
+    from latentkit.runtime.device import Progress, resolve_device, resolve_dtype
+    from latentkit.weights import load
 
     options = GenerateOptions(
         args.prompt,
@@ -353,9 +353,13 @@ _OPTION_FLAGS = {"negative": "negative_prompt", "rescale": "guidance_rescale"}
 def generate_options(args: argparse.Namespace):
     """(GenerateOptions, the record's model or None): the flags, on top of a replayed record
     when ``--from`` is given. Every setting is checked by ``options_from_fields``."""
-    from .options import FIELD_NAMES, options_from_fields, settings_without_effect
-    from .pipeline import split_record
-    from .pngmeta import read_record
+    from latentkit.generation.options import (
+        FIELD_NAMES,
+        options_from_fields,
+        settings_without_effect,
+    )
+    from latentkit.generation.pipeline import split_record
+    from latentkit.generation.pngmeta import read_record
 
     replayed, model = {}, None
     if args.from_png is not None:
@@ -385,7 +389,7 @@ def png_paths(out: Path | None, default: str, n: int, overwrite: bool) -> list[P
 
 
 def _read_image(path: Path | None, what: str, max_pixels: int):
-    from .img2img import read_input_image
+    from latentkit.generation.img2img import read_input_image
 
     if path is None:
         return None
@@ -393,13 +397,13 @@ def _read_image(path: Path | None, what: str, max_pixels: int):
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from .memory import optimize
-    from .models_registry import DEFAULT_MODEL
-    from .options import prepare_for_run
-    from .pipeline import Result, generate, image_size
-    from .pngmeta import save_png
-    from .runtime import Progress, resolve_device, resolve_dtype
-    from .weights import load
+    from latentkit.generation.options import prepare_for_run
+    from latentkit.generation.pipeline import Result, generate, image_size
+    from latentkit.generation.pngmeta import save_png
+    from latentkit.runtime.device import Progress, resolve_device, resolve_dtype
+    from latentkit.runtime.layout import optimize
+    from latentkit.weights import load
+    from latentkit.weights.shipped import DEFAULT_MODEL
 
     options, record_model = generate_options(args)
     options = prepare_for_run(options, init_image=args.init_image is not None)
@@ -431,7 +435,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def run_info(args: argparse.Namespace) -> None:
-    from .pngmeta import read_png_record, read_png_text
+    from latentkit.generation.pngmeta import read_png_record, read_png_text
 
     if args.json:
         print(json.dumps(read_png_record(args.image), indent=2, sort_keys=True))
@@ -443,7 +447,7 @@ def run_info(args: argparse.Namespace) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> None:
-    from .weights import load
+    from latentkit.weights import load
 
     components = load(args.path, allow_pickle=args.allow_pickle)
     print(components.describe())
@@ -478,8 +482,8 @@ def _add_convert(commands) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from .models_registry import resolve
-    from .weights import check_save_path, holds_ema, load, save
+    from latentkit.weights import check_save_path, holds_ema, load, save
+    from latentkit.weights.shipped import resolve
 
     dst = check_save_path(args.dst, overwrite=args.overwrite)  # before any loading
     src = resolve(args.src)
@@ -489,15 +493,7 @@ def run_convert(args: argparse.Namespace) -> None:
             "(--ema for the EMA's, --no-ema to say so).",
             file=sys.stderr,
         )
-    # As stored, not laid out for speed: the weights are only passed through.
-    components = load(
-        src,
-        dtype=args.dtype,
-        allow_pickle=args.allow_pickle,
-        ema=bool(args.ema),
-        channels_last=False,
-        prepack=False,
-    )
+    components = load(src, dtype=args.dtype, allow_pickle=args.allow_pickle, ema=bool(args.ema))
     print(save(components, dst, overwrite=args.overwrite))
 
 

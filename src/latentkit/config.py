@@ -2,7 +2,7 @@
 
 Field names follow the diffusers / transformers ``config.json`` files so that a real model
 folder maps onto these classes key for key; the few places where the two differ are spelled
-out in ``latentkit.config_json``. ``from_dict`` rejects unknown keys by name.
+out in ``latentkit.weights.config_json``. ``from_dict`` rejects unknown keys by name.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
 
-from .errors import ConfigError
+from latentkit.errors import ConfigError
+
+# latentkit's version (pyproject.toml's), recorded in the PNGs and files it writes.
+VERSION = "0.1.0"
 
 T = TypeVar("T")
 

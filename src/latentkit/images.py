@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from PIL import Image
 
-from .errors import ConfigError
+from latentkit.errors import ConfigError
 
 
 class TooManyPixels(ConfigError):

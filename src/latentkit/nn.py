@@ -127,7 +127,7 @@ def add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def add_output(layer: nn.Module, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """``layer(x) + other`` (``other`` may broadcast, as a time code over a map). A layer
-    packed for oneDNN (:mod:`latentkit.prepack`) adds inside its own kernel, before its
+    packed for oneDNN (:mod:`latentkit.runtime.packing`) adds inside its own kernel, before its
     output is rounded: one pass fewer over the output, and closer to fp32. Any other layer
     adds into its fresh output."""
     plus = getattr(layer, "plus", None)
@@ -171,7 +171,7 @@ class Attention(nn.Module):
     maps); otherwise nothing extra is computed. ``upcast`` runs the softmax in fp32, which
     SD 2.x needs in half precision. ``slice_size`` (None: off) processes that many queries
     at a time, bounding the score matrix when SDPA falls back to its math kernel or the
-    explicit path above runs (``latentkit.memory.set_attention_slice`` sets it).
+    explicit path above runs (``latentkit.runtime.memory.set_attention_slice`` sets it).
     """
 
     def __init__(

@@ -3,17 +3,22 @@ the user says ``--overwrite`` (``overwrite=True`` in Python).
 
 Every command checks its outputs here before any expensive work (loading a model,
 generating), and writes them whole (aside, then renamed into place:
-``module_io.replace_atomically``, which asks this rule again at the end). A name the user
+:func:`replace_atomically`, which asks this rule again at the end). A name the user
 gave is what the rule protects; names latentkit picks itself are numbered past the ones
 already there (``free_paths``), so they never collide.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ConfigError, OutputExistsError
+from latentkit.errors import ConfigError, LatentkitError, OutputExistsError
 
 
 def refuse_existing(path: str | Path, *, overwrite: bool) -> Path:
@@ -66,3 +71,48 @@ def _highest_number(base: Path) -> int:
         return 0
     found = (pattern.fullmatch(p.name) for p in base.parent.iterdir())
     return max((int(m.group(1)) for m in found if m), default=0)
+
+
+@contextlib.contextmanager
+def replace_atomically(target: str | Path, *, overwrite: bool, folder: bool) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it becomes ``target``.
+
+    An existing ``target`` is refused unless ``overwrite`` (``outputs.refuse_existing``, the
+    rule every writer follows); it is then replaced only after the new content is
+    complete, so a failed save leaves the old one as it was.
+    """
+    target = refuse_existing(target, overwrite=overwrite)
+    if not target.parent.is_dir():
+        raise LatentkitError(f"cannot save to {target}: the folder {target.parent} does not exist.")
+    temporary = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    if folder:
+        temporary.mkdir()
+    try:
+        yield temporary
+        _move_into_place(temporary, target)
+    except BaseException:
+        _remove(temporary)
+        raise
+
+
+def _move_into_place(temporary: Path, target: Path) -> None:
+    if not target.exists() or (target.is_file() and temporary.is_file()):
+        os.replace(temporary, target)  # atomic, also over an existing file
+        return
+    # A folder cannot be renamed over a non-empty one: move the old one aside first and
+    # put it back if the swap fails.
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    try:
+        os.replace(temporary, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -13,8 +13,8 @@ import threading
 
 import numpy as np
 
-from ..errors import LatentkitError
-from .decode import REASONS
+from latentkit.data.decode import REASONS
+from latentkit.errors import LatentkitError
 
 # A status byte: unknown, good, or _BAD + the index of the reason in REASONS.
 _UNKNOWN, _GOOD, _BAD = 0, 1, 2

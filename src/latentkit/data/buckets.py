@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from latentkit.errors import ConfigError
 
 
 def make_buckets(

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ..errors import LatentkitError, WeightsError
-from ..safetensors_io import read_metadata, read_safetensors, write_safetensors
+from latentkit.errors import LatentkitError, WeightsError
+from latentkit.weights.safetensors_io import read_metadata, read_safetensors, write_safetensors
 
 MANIFEST = "latentkit-cache.json"
 _FORMAT = 1

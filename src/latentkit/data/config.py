@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import check_seed
-from ..errors import ConfigError
+from latentkit.config import check_seed
+from latentkit.errors import ConfigError
 
 CROPS = ("center", "random")
 

@@ -11,10 +11,13 @@ from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
-from ..images import TooManyPixels, open_capped
+from latentkit.images import TooManyPixels, open_capped
 
 # Reasons, in the order a report lists them. The last two are the sources' own refusals:
 # an image with no caption anywhere, and a file whose real path lies outside the dataset.
+# The image files a dataset may hold (by suffix), in folders and in tar shards alike.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
 REASONS = (
     "unreadable",
     "empty",

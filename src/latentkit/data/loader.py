@@ -18,14 +18,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..errors import ConfigError, LatentkitError
-from .badlog import BadSampleLog
-from .buckets import nearest_bucket
-from .config import DataConfig
-from .decode import BadSample, decode_caption, display_size, load_rgb, open_image
-from .order import EpochPlan, plan_epoch
-from .sources import Source, open_source
-from .transforms import cover_scale, draws, drop_caption, prepare_image
+from latentkit.data.badlog import BadSampleLog
+from latentkit.data.buckets import nearest_bucket
+from latentkit.data.config import DataConfig
+from latentkit.data.decode import BadSample, decode_caption, display_size, load_rgb, open_image
+from latentkit.data.order import EpochPlan, plan_epoch
+from latentkit.data.sources import Source, open_source
+from latentkit.data.transforms import cover_scale, draws, drop_caption, prepare_image
+from latentkit.errors import ConfigError, LatentkitError
 
 _STATE_KEYS = ("epoch", "batch", "seed", "global_batch", "samples")
 

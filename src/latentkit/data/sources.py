@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Protocol
 
-from ..errors import LatentkitError
-from .decode import BadSample
+from latentkit.data.decode import IMAGE_EXTENSIONS, BadSample
+from latentkit.data.tars import TarSource, looks_like_shards
+from latentkit.errors import LatentkitError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 FOLDER_LOOKED_FOR = (
     f"{'/'.join(IMAGE_EXTENSIONS)} files with a same-name .txt caption, or "
@@ -45,8 +45,6 @@ class Source(Protocol):
 def open_source(spec: str | Path | Sequence[str | Path]) -> Source:
     """A folder path gives a ``FolderSource``; .tar paths, globs or brace patterns (or a
     list of them) give a ``TarSource``."""
-    from .tars import TarSource, looks_like_shards
-
     if not isinstance(spec, (str, Path)) or looks_like_shards(str(spec)):
         return TarSource(spec)
     return FolderSource(spec)

@@ -22,9 +22,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..errors import LatentkitError
-from .decode import BadSample
-from .sources import IMAGE_EXTENSIONS
+from latentkit.data.decode import IMAGE_EXTENSIONS, BadSample
+from latentkit.errors import LatentkitError
 
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 _BRACE = re.compile(r"\{([^{}]*)\}")

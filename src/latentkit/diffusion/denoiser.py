@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import ScheduleConfig
-from .schedule import sigma_to_t, t_to_sigma, training_sigmas
+from latentkit.config import ScheduleConfig
+from latentkit.diffusion.schedule import sigma_to_t, t_to_sigma, training_sigmas
 
 Model = Callable[..., torch.Tensor]
 

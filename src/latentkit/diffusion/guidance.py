@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
-from .denoiser import output_from_x0, per_sample_sigma, x0_from_output
+from latentkit.diffusion.denoiser import output_from_x0, per_sample_sigma, x0_from_output
+from latentkit.errors import ConfigError
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:

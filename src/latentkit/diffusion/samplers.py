@@ -33,9 +33,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..config import ScheduleConfig
-from ..errors import ConfigError
-from .schedule import ddim_final_sigma, inference_sigmas
+from latentkit.config import ScheduleConfig
+from latentkit.diffusion.schedule import ddim_final_sigma, inference_sigmas
+from latentkit.errors import ConfigError
 
 Callback = Callable[[dict], None] | None
 

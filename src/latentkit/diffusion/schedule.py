@@ -29,8 +29,8 @@ import math
 import numpy as np
 import torch
 
-from ..config import ScheduleConfig, check_choice
-from ..errors import ConfigError
+from latentkit.config import ScheduleConfig, check_choice
+from latentkit.errors import ConfigError
 
 SIGMA_SCHEDULES = ("default", "karras", "exponential")
 SPACING_FAMILIES = ("euler", "ddim", "dpm")

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import CLIPConfig, TextConfig, VisionConfig
-from ..errors import ConfigError, LatentkitError
+from latentkit.config import CLIPConfig, TextConfig, VisionConfig
+from latentkit.errors import ConfigError, LatentkitError
 
 # CLIP's training keeps the temperature at or below 100 (exp(logit_scale) <= 100).
 LOGIT_SCALE_MAX = math.log(100.0)

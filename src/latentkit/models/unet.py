@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import UNetConfig
-from ..errors import LatentkitError
-from ..nn import (
+from latentkit.config import UNetConfig
+from latentkit.errors import LatentkitError
+from latentkit.nn import (
     Attention,
     Downsample2D,
     ResnetBlock2D,

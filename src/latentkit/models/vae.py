@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import VAEConfig
-from ..errors import ConfigError
-from ..nn import Downsample2D, ResnetBlock2D, SpatialAttention, Upsample2D
+from latentkit.config import VAEConfig
+from latentkit.errors import ConfigError
+from latentkit.nn import Downsample2D, ResnetBlock2D, SpatialAttention, Upsample2D
 
 # The original checkpoints were trained with this GroupNorm epsilon throughout the VAE.
 _EPS = 1e-6

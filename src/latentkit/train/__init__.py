@@ -5,9 +5,9 @@ writing checkpoints, metrics.jsonl, TensorBoard events (when tensorboard is inst
 samples and the final weights under one output folder. :func:`plot_run` draws the curves.
 """
 
-from .checkpoint import EMA
-from .distributed import World
-from .loop import Phase, TrainConfig, lr_factor, train
-from .plot import plot_run, read_records
+from latentkit.train.checkpoint import EMA
+from latentkit.train.distributed import World
+from latentkit.train.loop import Phase, TrainConfig, lr_factor, train
+from latentkit.train.plot import plot_run, read_records
 
 __all__ = ["EMA", "Phase", "TrainConfig", "World", "lr_factor", "plot_run", "read_records", "train"]

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import LatentkitError
-from ..module_io import replace_atomically
-from ..safetensors_io import read_safetensors, write_safetensors
+from latentkit.errors import LatentkitError
+from latentkit.outputs import replace_atomically
+from latentkit.weights.safetensors_io import read_safetensors, write_safetensors
 
 FOLDER = "checkpoints"
 MARKER = "complete"

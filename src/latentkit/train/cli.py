@@ -13,9 +13,12 @@ import sys
 import tomllib
 from pathlib import Path
 
-from ..errors import LatentkitError
-from . import checkpoint
-from .recipes import PHASES, RunConfig, load_run, model_sizes, phase_classes, to_toml
+from latentkit.errors import LatentkitError
+from latentkit.outputs import output_paths
+from latentkit.train import checkpoint
+from latentkit.train.loop import check_until, train
+from latentkit.train.plot import plot_run
+from latentkit.train.recipes import PHASES, RunConfig, load_run, model_sizes, phase_classes, to_toml
 
 RUN_FILE = "config.toml"
 
@@ -90,7 +93,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from .loop import check_until, train
 
     run = load_run(args.phase, args.config, args.overrides)
     check_until(args.until, run.train.steps)
@@ -179,8 +181,6 @@ def summary_line(run: RunConfig, summary: dict, out: Path) -> str:
 
 
 def run_plot(args: argparse.Namespace) -> None:
-    from ..outputs import output_paths
-    from .plot import plot_run
 
     if not args.run_dir.is_dir():
         raise LatentkitError(f"run folder {args.run_dir} does not exist.")

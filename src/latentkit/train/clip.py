@@ -30,7 +30,6 @@ changes nothing the loss sees, and the U-Net later gets states computed the same
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import random
 from dataclasses import dataclass, field
@@ -40,39 +39,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import (
+from latentkit.config import (
     CLIPConfig,
     DictForm,
     TextConfig,
     check_seed,
-    from_dict,
     require,
-    to_dict,
 )
-from ..data.config import DataConfig
-
-# The transformers text encoder layout (config.json + model.safetensors) is written by
-# diffusers_folder's own helper, so load_text_encoder reads exactly what it writes. It is
-# private there; a public save_text_encoder(module, folder) would be the better seam.
-from ..diffusers_folder import read_json, save_text_encoder, save_tokenizer, write_json
-from ..errors import ConfigError
-from ..models.clip import CLIPModel, CLIPTextModel
-from ..models.tokenizer import CLIPTokenizer
-from ..module_io import build_loaded
-from ..safetensors_io import read_safetensors, write_safetensors
-from . import distributed
-from .loop import LoaderPhase
-from .metrics import chance_top1, fixed_batches, retrieval_accuracy
-from .negatives import (
+from latentkit.data.config import DataConfig
+from latentkit.errors import ConfigError
+from latentkit.models.clip import CLIPModel
+from latentkit.models.tokenizer import CLIPTokenizer
+from latentkit.train import distributed
+from latentkit.train.loop import LoaderPhase
+from latentkit.train.metrics import chance_top1, fixed_batches, retrieval_accuracy
+from latentkit.train.negatives import (
     MirroredCaptions,
     NegativeCaptions,
     WordGroups,
     check_groups,
     mirror_captioners,
 )
+from latentkit.weights.clip_folder import save_clip, text_encoder_config, text_encoder_of
 
-# The full model's own folder: our CLIPConfig as JSON beside the CLIPModel state dict.
-CLIP_CONFIG, CLIP_WEIGHTS = "config.json", "model.safetensors"
+# The transformers text encoder layout (config.json + model.safetensors) is written by
+# diffusers_folder's own helper, so load_text_encoder reads exactly what it writes. It is
+# private there; a public save_text_encoder(module, folder) would be the better seam.
+from latentkit.weights.diffusers_folder import (
+    save_text_encoder,
+    save_tokenizer,
+)
 
 
 @dataclass(frozen=True)
@@ -131,14 +127,6 @@ _require = functools.partial(require, owner="CLIPRecipe")
 
 # Which image dimension each mirror setting flips: width, height of [..., H, W].
 _MIRROR_DIMS = {"mirror_horizontal": -1, "mirror_vertical": -2}
-
-
-def text_encoder_config(config: CLIPConfig) -> TextConfig:
-    """The CLIPTextModel that holds a CLIPModel's text half: its tower plus the projection
-    (``with_projection``), so the exported encoder keeps everything CLIP learned for text."""
-    return dataclasses.replace(
-        config.text, with_projection=True, projection_dim=config.projection_dim
-    )
 
 
 class CLIPPhase(LoaderPhase):
@@ -405,32 +393,3 @@ def _check_tokenizer(text: TextConfig, tokenizer: CLIPTokenizer) -> None:
             f"eos_token_id {tokenizer.eos_id} to match the CLIP tokenizer (it has "
             f"{text.vocab_size} and {text.eos_token_id})."
         )
-
-
-def text_encoder_of(clip: CLIPModel) -> CLIPTextModel:
-    """A CLIPTextModel sharing ``clip``'s text tower and projection tensors (strictly loaded,
-    so a key or shape that does not fit is an error, not a silent gap)."""
-    state = {
-        k: v
-        for k, v in clip.state_dict().items()
-        if k.startswith("text_model.") or k == "text_projection.weight"
-    }
-    config = text_encoder_config(clip.config)
-    return build_loaded(lambda: CLIPTextModel(config), state, "text encoder")
-
-
-def save_clip(clip: CLIPModel, folder: Path) -> None:
-    """The whole CLIPModel: its config as our JSON and its weights as safetensors."""
-    folder.mkdir()
-    write_json(folder / CLIP_CONFIG, to_dict(clip.config))
-    write_safetensors(clip.state_dict(), folder / CLIP_WEIGHTS, metadata={"format": "pt"})
-
-
-def load_clip(folder: str | Path) -> CLIPModel:
-    """A CLIPModel written by ``save_clip`` (or ``CLIPPhase.save_weights``' ``clip/``)."""
-    folder = Path(folder)
-    config = from_dict(
-        CLIPConfig, read_json(folder / CLIP_CONFIG, "CLIP config"), where="CLIP config"
-    )
-    weights = read_safetensors(folder / CLIP_WEIGHTS)
-    return build_loaded(lambda: CLIPModel(config), weights, "CLIP model")

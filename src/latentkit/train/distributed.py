@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import ConfigError
+from latentkit.errors import ConfigError
 
 _REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # torch 2.13 renamed DDP's broadcast_buffers (now deprecated) to forward_sync_buffers.

@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import DictForm, check_seed, require
-from ..data.badlog import BadSampleLog, merged_report
-from ..data.loader import ImageCaptionLoader
-from ..errors import ConfigError, LatentkitError
-from . import checkpoint, distributed, run_folder
-from .checkpoint import EMA, trainable
-from .distributed import World
-from .plot import RunLog
+from latentkit.config import DictForm, check_seed, require
+from latentkit.data.badlog import BadSampleLog, merged_report
+from latentkit.data.loader import ImageCaptionLoader
+from latentkit.errors import ConfigError, LatentkitError
+from latentkit.train import checkpoint, distributed, run_folder
+from latentkit.train.checkpoint import EMA, trainable
+from latentkit.train.distributed import World
+from latentkit.train.plot import RunLog
 
 
 class Phase(abc.ABC):

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.config import DataConfig
-from ..data.loader import ImageCaptionLoader
+from latentkit.data.config import DataConfig
+from latentkit.data.loader import ImageCaptionLoader
 
 # Wang et al. (2004), "Image quality assessment: from error visibility to structural
 # similarity": an 11x11 Gaussian window of sigma 1.5 and these stabilising constants

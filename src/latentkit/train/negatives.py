@@ -22,9 +22,9 @@ Mirroring (``MirroredCaptions``) is the image-side counterpart: an image flipped
 axis, captioned with every word of that axis's pairs swapped ("top left" -> "bottom left"
 for an upside-down flip, "A left of B" -> "A right of B" for a left-right one). A batch
 that holds both images needs towers that see places, since nothing else tells them apart.
-Mirrored across its diagonal (transposed), an image trades one axis for the other: "A left
-of B" becomes "A above B". Such pairs name phrases ("left of|to the left of"), matched as a
-whole before any shorter phrase inside them.
+Pairs may name phrases ("black background"), matched as a whole before any shorter phrase
+inside them. The U-Net phase's caption margin (``caption_margin.py``) uses the same
+rewriters.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 import re
 
-from ..errors import ConfigError
+from latentkit.errors import ConfigError
 
 WordGroups = tuple[tuple[str, ...], ...]
 
@@ -67,16 +67,11 @@ def check_groups(
 
 
 def mirror_captioners(
-    horizontal: WordGroups, vertical: WordGroups, owner: str, diagonal: WordGroups = ()
+    horizontal: WordGroups, vertical: WordGroups, owner: str
 ) -> dict[str, MirroredCaptions]:
-    """The captioners of a recipe's ``mirror_horizontal``, ``mirror_vertical`` (and
-    ``mirror_diagonal``) pairs, by setting name, those with pairs only; each checked, and
-    no word on both of the two axes (the diagonal trades one axis's words for the other's)."""
-    settings = {
-        "mirror_horizontal": horizontal,
-        "mirror_vertical": vertical,
-        "mirror_diagonal": diagonal,
-    }
+    """The captioners of a recipe's ``mirror_horizontal`` and ``mirror_vertical`` pairs, by
+    setting name, those with pairs only; each checked, and no word on both axes."""
+    settings = {"mirror_horizontal": horizontal, "mirror_vertical": vertical}
     captioners = {key: MirroredCaptions(groups, key) for key, groups in settings.items()}
     _check_mirror_axes(horizontal, vertical, owner)
     return {key: captioner for key, captioner in captioners.items() if settings[key]}

@@ -24,9 +24,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..errors import LatentkitError
-from ..module_io import replace_atomically
-from ..outputs import refuse_existing
+from latentkit.errors import LatentkitError
+from latentkit.outputs import refuse_existing, replace_atomically
 
 METRICS = "metrics.jsonl"
 _tensorboard_notice_shown = False

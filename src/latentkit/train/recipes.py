@@ -25,7 +25,7 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import (
+from latentkit.config import (
     CLIPConfig,
     TextConfig,
     UNetConfig,
@@ -42,36 +42,22 @@ from ..config import (
     brief_repr,
     from_dict,
 )
-from ..config import to_dict as config_to_dict
-from ..errors import ConfigError, LatentkitError
-from .loop import Phase, TrainConfig
+from latentkit.config import to_dict as config_to_dict
+from latentkit.errors import ConfigError
+from latentkit.models.clip import CLIPModel, CLIPTextModel, CLIPVisionModel
+from latentkit.models.unet import UNet2DConditionModel
+from latentkit.models.vae import AutoencoderKL
+from latentkit.train.clip import CLIPPhase, CLIPRecipe
+from latentkit.train.loop import Phase, TrainConfig
+from latentkit.train.unet import UNetPhase, UNetRecipe
+from latentkit.train.vae import VAEPhase, VAERecipe
 
-
-def _vae() -> tuple[type, type[Phase]]:
-    from .vae import VAEPhase, VAERecipe
-
-    return VAERecipe, VAEPhase
-
-
-def _clip() -> tuple[type, type[Phase]]:
-    from .clip import CLIPPhase, CLIPRecipe
-
-    return CLIPRecipe, CLIPPhase
-
-
-def _unet() -> tuple[type, type[Phase]]:
-    from .unet import UNetPhase, UNetRecipe
-
-    return UNetRecipe, UNetPhase
-
-
-# The one table of phases: name -> a function returning (recipe class, phase class).
-# Functions, so that each phase's module is imported only when it is used; a phase built
-# with ``phase_class(recipe)`` gets its rank and world size from the loop's bind().
-PHASES: dict[str, Callable[[], tuple[type, type[Phase]]]] = {
-    "vae": _vae,
-    "clip": _clip,
-    "unet": _unet,
+# The one table of phases: name -> (recipe class, phase class). A phase built with
+# ``phase_class(recipe)`` gets its rank and world size from the loop's bind().
+PHASES: dict[str, tuple[type, type[Phase]]] = {
+    "vae": (VAERecipe, VAEPhase),
+    "clip": (CLIPRecipe, CLIPPhase),
+    "unet": (UNetRecipe, UNetPhase),
 }
 SECTIONS = ("phase", "train", "recipe")
 
@@ -80,15 +66,7 @@ def phase_classes(name: str) -> tuple[type, type[Phase]]:
     """(recipe class, phase class) of the phase called ``name``."""
     if name not in PHASES:
         raise ConfigError(f"unknown phase {name!r}; valid phases are: {', '.join(PHASES)}.")
-    try:
-        return PHASES[name]()
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.{name}":
-            raise
-        raise LatentkitError(
-            f"the {name} phase is not available in this version of latentkit "
-            f"({err.name} is missing)."
-        ) from None
+    return PHASES[name]
 
 
 @dataclass(frozen=True)
@@ -297,9 +275,6 @@ def _toml_value(value: Any) -> str:
 
 
 def _model_class(config: Any) -> type[nn.Module] | None:
-    from ..models.clip import CLIPModel, CLIPTextModel, CLIPVisionModel
-    from ..models.unet import UNet2DConditionModel
-    from ..models.vae import AutoencoderKL
 
     builders = {
         VAEConfig: AutoencoderKL,

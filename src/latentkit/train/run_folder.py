@@ -14,7 +14,7 @@ The file stays (deleting it would let two runs lock two different files of one n
 
 Inside a run, the run's own are: config.toml, metrics.jsonl, tensorboard/, samples/,
 checkpoints/ and the exported folders weights/ and weights-ema/. An export replaces its
-folder whole (atomically, see ``module_io.replace_atomically``) and lists what it wrote in
+folder whole (atomically, see ``outputs.replace_atomically``) and lists what it wrote in
 ``.latentkit-export.json`` inside it; a file there that no export of the run wrote is the
 user's, and the run refuses to export over it (at its start, and again before the swap)
 rather than delete it.
@@ -36,9 +36,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from ..errors import LatentkitError
-from ..module_io import replace_atomically
-from . import checkpoint
+from latentkit.errors import LatentkitError
+from latentkit.outputs import replace_atomically
+from latentkit.train import checkpoint
 
 try:
     import fcntl

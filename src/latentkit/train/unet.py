@@ -11,8 +11,8 @@ With ``train_text_encoder`` the text encoder's transformer layers and final norm
 with the U-Net (as DreamBooth and kohya's scripts offer), so that its states can carry what
 the U-Net needs rather than only what told CLIP's captions apart. The token and position
 embeddings and the projection stay as CLIP trained them, so a model's ``clip/`` folder can
-share them with ``text_encoder/`` (see ``save_image_half``). ``fresh_text_layers`` starts
-those layers afresh first (as GLIDE trains its text transformer with its diffusion model),
+share them with ``text_encoder/`` (``weights.clip_folder.save_clip``). ``fresh_text_layers``
+starts those layers afresh first (as GLIDE trains its text transformer with its diffusion model),
 for a text encoder whose own training taught its layers to drop words the U-Net needs.
 Neither is a sure cure: in the shapes world both still let place words fade from the
 states during training. Frozen fresh layers (``fresh_text_layers`` alone) keep them, and a
@@ -41,8 +41,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
-from ..components import Components, check_compatible
-from ..config import (
+from latentkit.config import (
     DictForm,
     ModelConfig,
     ScheduleConfig,
@@ -53,10 +52,30 @@ from ..config import (
     require,
     to_dict,
 )
-from ..config_json import text_from_json, vae_from_json
-from ..data.cache import LatentCache, batch_keys
-from ..data.config import DataConfig
-from ..diffusers_folder import (
+from latentkit.data.cache import LatentCache, batch_keys
+from latentkit.data.config import DataConfig
+from latentkit.diffusion.objective import (
+    NoisedLatents,
+    denoising_errors,
+    noised,
+    weighted_loss,
+)
+from latentkit.diffusion.samplers import SAMPLERS
+from latentkit.diffusion.schedule import alphas_cumprod
+from latentkit.errors import ConfigError, LatentkitError
+from latentkit.generation.pipeline import GenerateOptions, generate, run_to_result
+from latentkit.images import image_grid
+from latentkit.models.clip import reset_text_layers
+from latentkit.models.components import Components, check_compatible
+from latentkit.models.tokenizer import CLIPTokenizer
+from latentkit.models.unet import UNet2DConditionModel
+from latentkit.train import draws
+from latentkit.train.caption_margin import CaptionMargin, MarginTerm
+from latentkit.train.draws import rank_positions, sample_generators
+from latentkit.train.loop import LoaderPhase
+from latentkit.weights import load
+from latentkit.weights.config_json import text_from_json, vae_from_json
+from latentkit.weights.diffusers_folder import (
     load_text_encoder,
     load_tokenizer,
     load_unet,
@@ -64,19 +83,6 @@ from ..diffusers_folder import (
     read_json,
     save_diffusers,
 )
-from ..diffusion.samplers import SAMPLERS
-from ..diffusion.schedule import alphas_cumprod
-from ..errors import ConfigError, LatentkitError
-from ..images import image_grid
-from ..models.clip import pooled_positions, reset_text_layers
-from ..models.tokenizer import CLIPTokenizer
-from ..models.unet import UNet2DConditionModel
-from . import draws
-from .draws import rank_positions, sample_generators
-from .loop import LoaderPhase
-from .negatives import MirroredCaptions, NegativeCaptions, WordGroups, mirror_captioners
-
-MARGIN_TOKENS = ("all", "caption")
 
 
 @dataclass(frozen=True)
@@ -93,25 +99,9 @@ class UNetRecipe(DictForm):
     re-initialises those layers first (seeded by ``init_seed``), keeping CLIP's embeddings;
     without ``train_text_encoder`` they then stay frozen at that random start.
     ``text_encoder_lr`` gives those layers a learning rate of their own (None: the run's).
-    ``mirror_margin`` (0: off) keeps the training text layers telling each caption from
-    its mirrored captions (``mirror_horizontal`` / ``mirror_vertical``: word pairs, as
-    CLIP's recipe takes them; ``mirror_diagonal``: phrase pairs that trade one axis for the
-    other, "left of" for "above"; ``swap_pairs``: phrase pairs besides the mirrors whose
-    swap changes what a caption says, "black background" for "gray background"): see
-    :func:`mirror_shortfall`, weighted by
-    ``mirror_weight``, over at most ``mirror_margin_rows`` mirrored captions a step (0: all;
-    each costs a pass of the text encoder), on the first ``mirror_margin_steps`` steps
-    (0: all); ``mirror_margin_tokens`` measures it over
-    ``"all"`` 77 states or over the ``"caption"``'s own (up to its end token), leaving the
-    padding states alone.
-    ``mirror_contrast`` (0: off) asks the U-Net itself to predict worse from a mirrored
-    caption than from the true one, its error at least ``1 + mirror_contrast`` times, on at
-    most ``mirror_contrast_rows`` rows a step whose timestep is at least
-    ``mirror_contrast_from`` (where the layout is still open): see
-    :func:`contrast_shortfall`, weighted by ``mirror_contrast_weight``. ``contrast_groups``
-    (word groups, as CLIP's ``hard_negative_groups``) gives that contrast hard negatives
-    besides the mirrors: the caption with one colour or shape replaced, or two swapped
-    ("a red circle above a blue square" -> "a blue circle above a red square").
+    ``caption_margin`` (a ``[recipe.caption_margin]`` table; none: off) adds the term that
+    keeps the training text layers telling each caption from its mirrored captions
+    (``train/caption_margin.py``); it needs ``train_text_encoder``.
     """
 
     data_path: str = ""
@@ -128,20 +118,7 @@ class UNetRecipe(DictForm):
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None
     fresh_text_layers: bool = False
-    mirror_horizontal: WordGroups = ()
-    mirror_vertical: WordGroups = ()
-    mirror_diagonal: WordGroups = ()
-    swap_pairs: WordGroups = ()
-    mirror_margin: float = 0.0
-    mirror_margin_rows: int = 0
-    mirror_margin_steps: int = 0
-    mirror_weight: float = 0.1
-    mirror_margin_tokens: str = "all"
-    mirror_contrast: float = 0.0
-    mirror_contrast_weight: float = 1.0
-    mirror_contrast_rows: int = 8
-    mirror_contrast_from: int = 500
-    contrast_groups: WordGroups = ()
+    caption_margin: CaptionMargin | None = None
     cache_latents: bool = False
     cache_dir: str | None = None
     init_seed: int = 0
@@ -176,8 +153,11 @@ class UNetRecipe(DictForm):
             "text_encoder_lr is set but train_text_encoder is false; set train_text_encoder "
             "= true for the text layers to learn, or remove text_encoder_lr.",
         )
-        self._check_mirrors()
-        self.contrast_negatives()  # its checks, at configuration time
+        _require(
+            self.caption_margin is None or self.train_text_encoder,
+            "caption_margin is set but train_text_encoder is false; a frozen text encoder "
+            "keeps its states as they are, so set train_text_encoder = true or remove it.",
+        )
         _require(self.sample_steps >= 1, "sample_steps must be at least 1.")
         _require(self.sample_cfg >= 0, "sample_cfg must not be negative.")
         _require(all(s >= 0 for s in self.sample_seeds), "sample_seeds must not be negative.")
@@ -192,96 +172,6 @@ class UNetRecipe(DictForm):
         _require(
             not self.cache_latents or self.data.crop == "center",
             "cache_latents needs data.crop = 'center', since a cached latent fixes its crop.",
-        )
-
-    def mirror_captioners(self) -> dict[str, MirroredCaptions]:
-        """The caption rewriters the margin and the contrast use, by setting name: the
-        mirrors of ``mirror_horizontal`` / ``mirror_vertical`` / ``mirror_diagonal``, then
-        ``swap_pairs`` (those with pairs only)."""
-        captioners = mirror_captioners(
-            self.mirror_horizontal, self.mirror_vertical, "UNetRecipe", self.mirror_diagonal
-        )
-        if self.swap_pairs:
-            captioners["swap_pairs"] = MirroredCaptions(self.swap_pairs, "swap_pairs")
-        return captioners
-
-    def contrast_negatives(self) -> NegativeCaptions | None:
-        """The hard-negative maker of ``contrast_groups``; None without groups."""
-        if not self.contrast_groups:
-            return None
-        return NegativeCaptions(self.contrast_groups, key="contrast_groups")
-
-    def _check_mirrors(self) -> None:
-        pairs = self.mirror_captioners()  # their checks, at configuration time
-        _require(
-            self.mirror_margin >= 0 and self.mirror_weight > 0,
-            f"mirror_margin is {self.mirror_margin} and mirror_weight {self.mirror_weight}; "
-            "the margin must not be negative (0 is off) and the weight must be positive.",
-        )
-        _require(
-            not self.mirror_margin or self.train_text_encoder,
-            "mirror_margin is set but train_text_encoder is false; a frozen text encoder "
-            "keeps its states as they are, so set train_text_encoder = true or remove it.",
-        )
-        _require(
-            self.mirror_margin_tokens in MARGIN_TOKENS,
-            f"mirror_margin_tokens is {self.mirror_margin_tokens!r}; choose one of "
-            f"{list(MARGIN_TOKENS)}.",
-        )
-        _require(
-            self.mirror_margin or self.mirror_margin_tokens == "all",
-            f"mirror_margin_tokens is {self.mirror_margin_tokens!r} but mirror_margin is 0, so "
-            "it would do nothing; set a margin (e.g. mirror_margin = 8.0) or remove it.",
-        )
-        _require(
-            not self.mirror_margin or pairs,
-            "mirror_margin is set but mirror_horizontal, mirror_vertical, mirror_diagonal and "
-            "swap_pairs are empty; list the word pairs that trade places, e.g. mirror_horizontal = "
-            '[["left", "right"]].',
-        )
-        for key, meaning in (
-            ("mirror_margin_rows", "the most mirrored captions a step the margin measures"),
-            ("mirror_margin_steps", "the number of first steps the margin runs on"),
-        ):
-            value = getattr(self, key)
-            _require(value >= 0, f"{key} is {value}; give {meaning}, or 0 for all of them.")
-            _require(
-                self.mirror_margin or not value,
-                f"{key} is {value} but mirror_margin is 0, so it would do nothing; set a "
-                "margin (e.g. mirror_margin = 40.0) or remove it.",
-            )
-        _require(
-            self.mirror_contrast >= 0
-            and self.mirror_contrast_weight > 0
-            and self.mirror_contrast_rows >= 1
-            and self.mirror_contrast_from >= 0,
-            f"mirror_contrast is {self.mirror_contrast}, mirror_contrast_weight "
-            f"{self.mirror_contrast_weight}, mirror_contrast_rows {self.mirror_contrast_rows} "
-            f"and mirror_contrast_from {self.mirror_contrast_from}; the margin must not be "
-            "negative (0 is off), the weight must be positive, at least one row, and the "
-            "timestep not negative.",
-        )
-        last = self.schedule.num_train_timesteps - 1
-        _require(
-            self.mirror_contrast_from <= last,
-            f"mirror_contrast_from is {self.mirror_contrast_from}, past the schedule's last "
-            f"timestep {last}, so no row would ever be contrasted; give 0 to {last}.",
-        )
-        _require(
-            not self.mirror_contrast or pairs or self.contrast_groups,
-            "mirror_contrast is set but mirror_horizontal, mirror_vertical, mirror_diagonal, "
-            "swap_pairs and contrast_groups are empty; list the word pairs that trade places, e.g. "
-            'mirror_horizontal = [["left", "right"]], or word groups to replace.',
-        )
-        _require(
-            self.mirror_contrast or not self.contrast_groups,
-            "contrast_groups is listed but mirror_contrast is 0, so they would do nothing; "
-            "set a contrast (e.g. mirror_contrast = 0.2) or remove them.",
-        )
-        _require(
-            self.mirror_margin or self.mirror_contrast or not pairs,
-            "mirror or swap pairs are listed but mirror_margin and mirror_contrast are 0, so they "
-            "would do nothing; set a margin (e.g. mirror_margin = 40.0) or remove them.",
         )
 
     @classmethod
@@ -343,8 +233,7 @@ class UNetPhase(LoaderPhase):
         self.caches = open_caches(recipe, self.vae, self.text_encoder, self.tokenizer)
         if recipe.train_text_encoder:
             trainable_text_layers(self.text_encoder)
-        self.mirrors = list(recipe.mirror_captioners().values())
-        self.negatives = recipe.contrast_negatives()
+        self.margin = MarginTerm(recipe.caption_margin) if recipe.caption_margin else None
 
     def modules(self) -> dict[str, nn.Module]:
         if self.recipe.train_text_encoder:
@@ -380,84 +269,20 @@ class UNetPhase(LoaderPhase):
         noised = noise_latents(
             latents, self.alphas, recipe.schedule.prediction_type, generators, recipe.noise_offset
         )
-        mirrored = [(i, m) for i, c in enumerate(captions) for f in self.mirrors if (m := f(c))]
-        margin_pairs = (
-            mirrored[: recipe.mirror_margin_rows or None] if self._margin_on(step) else []
-        )
-        contrast_pairs = self._contrast_pairs(mirrored + self._negatives(captions, step), noised.t)
-        others = [text for _, text in margin_pairs + contrast_pairs]
-        margin_states = contrast_states = margin_ids = None
+        rewrites = self.margin.rewrites(captions, step) if self.margin else []
         if recipe.train_text_encoder:
-            # One pass for the captions and the others (one forward per step under DDP).
-            ids = self.tokenizer(captions + others)["input_ids"].to(latents.device)
-            sizes = [len(captions), len(margin_pairs), len(contrast_pairs)]
-            context, margin_states, contrast_states = self._trained_contexts(ids).split(sizes)
-            caption_ids, margin_ids, _ = ids.split(sizes)
-        elif contrast_pairs:
-            contrast_states = self._contexts([text for _, text in contrast_pairs], latents.device)
-        # The contrast's rows ride in the same U-Net forward as the batch (DDP allows one).
-        rows = torch.tensor([i for i, _ in contrast_pairs], dtype=torch.long)
-        rows = rows.to(latents.device)
-        errors = denoising_errors(
-            self.nets["unet"],
-            noised.with_rows(rows),
-            torch.cat([context, contrast_states]) if contrast_pairs else context,
-        )
-        errors, mirrored_errors = errors[: len(captions)], errors[len(captions) :]
+            # One pass for the captions and their rewrites (one forward per step under DDP).
+            texts = captions + [text for _, text in rewrites]
+            ids = self.tokenizer(texts)["input_ids"].to(latents.device)
+            context, rewritten = self._trained_contexts(ids).split([len(captions), len(rewrites)])
+        errors = denoising_errors(self.nets["unet"], noised, context)
         loss = weighted_loss(errors, noised.alpha_bar, recipe.min_snr_gamma, noised.prediction_type)
         metrics = {"mse": float(errors.detach().mean())}
-        if recipe.mirror_margin:  # the metrics on every step, so ranks log the same keys
-            shortfall = torch.zeros((), device=latents.device)
-            if margin_pairs:
-                owners = torch.tensor([i for i, _ in margin_pairs], device=latents.device)
-                tokens = self._margin_tokens(caption_ids[owners], margin_ids)
-                shortfall = mirror_shortfall(
-                    context[owners], margin_states, recipe.mirror_margin, tokens
-                )
-            loss = loss + recipe.mirror_weight * shortfall
+        if self.margin:  # the metric on every step, so ranks log the same keys
+            shortfall = self.margin(context, [i for i, _ in rewrites], rewritten)
+            loss = loss + self.margin.config.weight * shortfall
             metrics["mirror_shortfall"] = float(shortfall.detach())
-        if recipe.mirror_contrast:
-            shortfall, ratio = contrast_shortfall(
-                errors[rows], mirrored_errors, recipe.mirror_contrast
-            )
-            loss = loss + recipe.mirror_contrast_weight * shortfall
-            metrics["contrast_shortfall"] = float(shortfall.detach())
-            metrics["mirror_error_ratio"] = ratio
         return loss, metrics
-
-    def _margin_on(self, step: int) -> bool:
-        """Whether the margin asks anything at 0-based ``step`` (``mirror_margin_steps``)."""
-        until = self.recipe.mirror_margin_steps
-        return bool(self.recipe.mirror_margin) and (not until or step < until)
-
-    def _margin_tokens(self, ids: torch.Tensor, mirrored_ids: torch.Tensor) -> torch.Tensor | None:
-        """Which states the margin measures, [pairs, tokens] (None: all), from the token
-        ids of the captions and of their mirrors: with ``"caption"``, those up to the later
-        of the two end tokens."""
-        if self.recipe.mirror_margin_tokens == "all":
-            return None
-        eos = self.tokenizer.eos_id
-        ends = torch.maximum(pooled_positions(ids, eos), pooled_positions(mirrored_ids, eos))
-        return torch.arange(ids.shape[1], device=ids.device) <= ends[:, None]
-
-    def _negatives(self, captions: list[str], step: int) -> list[tuple[int, str]]:
-        """(batch row, hard negative) for the captions ``contrast_groups`` can change; the
-        step seeds them, so each epoch draws others."""
-        if self.negatives is None:
-            return []
-        return [(i, n) for i, c in enumerate(captions) if (n := self.negatives(c, step))]
-
-    def _contrast_pairs(
-        self, pairs: list[tuple[int, str]], t: torch.Tensor
-    ) -> list[tuple[int, str]]:
-        """At most ``mirror_contrast_rows`` of ``pairs`` (batch row, other caption) whose
-        timestep is at least ``mirror_contrast_from``, in row order (a row's mirror and its
-        negative side by side); none when the contrast is off."""
-        recipe = self.recipe
-        if not recipe.mirror_contrast:
-            return []
-        late = [(i, text) for i, text in pairs if int(t[i]) >= recipe.mirror_contrast_from]
-        return sorted(late, key=lambda pair: pair[0])[: recipe.mirror_contrast_rows]
 
     def sample_generators(self, batch: dict, step: int) -> list[torch.Generator]:
         """This rank's samples' own generators at ``step`` (see the module docstring)."""
@@ -534,26 +359,6 @@ class UNetPhase(LoaderPhase):
 # --- the objective ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NoisedLatents:
-    """One batch's noisy latents ``x_t``, timesteps, alpha-bars and regression targets."""
-
-    noisy: torch.Tensor
-    t: torch.Tensor
-    alpha_bar: torch.Tensor  # [B]
-    target: torch.Tensor
-    prediction_type: str
-
-    def with_rows(self, rows: torch.Tensor) -> NoisedLatents:
-        """These latents with ``rows`` of them appended again (for a second caption)."""
-        if not len(rows):
-            return self
-        return NoisedLatents(
-            *(torch.cat([x, x[rows]]) for x in (self.noisy, self.t, self.alpha_bar, self.target)),
-            self.prediction_type,
-        )
-
-
 def noise_latents(
     latents: torch.Tensor,
     alphas: torch.Tensor,
@@ -567,109 +372,14 @@ def noise_latents(
     noise, so that the model learns to change an image's mean brightness, which plain noise
     almost never asks of it; it is drawn even when off, so that turning it on moves no other
     number."""
-    b, c = latents.shape[:2]
+    c = latents.shape[1]
     device = latents.device
     t = draws.randint(generators, len(alphas))
     noise = draws.randn(generators, tuple(latents.shape[1:]))
     offset = draws.randn(generators, (c, 1, 1))
     if noise_offset:
         noise = noise + noise_offset * offset
-    noise, t = noise.to(device), t.to(device)
-    a = alphas[t].view(b, 1, 1, 1)
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = a.sqrt() * noise - (1 - a).sqrt() * latents
-    else:  # "sample"
-        target = latents
-    return NoisedLatents(noisy, t, a.view(b), target, prediction_type)
-
-
-def denoising_errors(unet: nn.Module, noised: NoisedLatents, context: torch.Tensor) -> torch.Tensor:
-    """Per row, the mean squared error of the U-Net's prediction [B]."""
-    prediction = unet(noised.noisy, noised.t, context).float()
-    return (prediction - noised.target).pow(2).mean(dim=(1, 2, 3))
-
-
-def weighted_loss(
-    errors: torch.Tensor, alpha_bar: torch.Tensor, min_snr_gamma: float | None, prediction_type: str
-) -> torch.Tensor:
-    """The batch's loss: the rows' errors, min-SNR-gamma weighted when a gamma is given."""
-    if min_snr_gamma is not None:
-        errors = errors * min_snr_weight(alpha_bar, min_snr_gamma, prediction_type)
-    return errors.mean()
-
-
-def contrast_shortfall(
-    right: torch.Tensor, mirrored: torch.Tensor, margin: float
-) -> tuple[torch.Tensor, float]:
-    """How far the U-Net's errors from mirrored captions fall short of ``1 + margin`` times
-    its errors from the true captions, on the same noisy latents: the mean of
-    ``max(0, (1 + margin) * right - mirrored)``, and the mean ratio ``mirrored / right``
-    (NaN without rows).
-
-    At high noise the layout is still open, so a U-Net that reads a place word predicts
-    the scene's latents better from its caption than from the caption naming the opposite
-    place (``scripts/probe_words.py`` measures that ratio). The shortfall is a difference
-    of errors, not of their logs: its gradient is then on the scale of the denoising
-    loss's, where a log would divide it by errors that are small at high noise and let
-    the contrast drown the loss (in the shapes world colours went unread).
-    """
-    if not len(right):
-        return right.new_zeros(()), float("nan")
-    shortfall = ((1 + margin) * right - mirrored).clamp(min=0).mean()
-    ratio = mirrored.detach() / right.detach().clamp(min=1e-12)
-    return shortfall, float(ratio.mean())
-
-
-def mirror_shortfall(
-    states: torch.Tensor,
-    mirrored: torch.Tensor,
-    margin: float,
-    tokens: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """How far captions' text states [N, tokens, dim] fall short of ``margin`` from their
-    mirrored captions': the mean of ``max(0, 1 - distance / margin)``, differentiable;
-    the distance summed over the states ``tokens`` [N, tokens] marks (None: all).
-
-    A distance is summed over the tokens and measured in a state's mean norm, so it does
-    not change with the states' scale: 77 states each as far from their mirror as a state
-    is long give 77. The U-Net's gradient alone lets the text layers fold a caption onto
-    its mirror (in the shapes world "top left" and "bottom right" came to differ 20 times
-    less than two colours), after which no U-Net can tell where to draw; the shortfall
-    pushes back only while a pair is closer than the margin.
-    """
-    return (1 - state_distance(states, mirrored, tokens) / margin).clamp(min=0).mean()
-
-
-def state_distance(
-    states: torch.Tensor, other: torch.Tensor, tokens: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per caption, the distance between two sets of text states [N, tokens, dim]: summed
-    over the tokens (those ``tokens`` [N, tokens] marks, else all), in units of ``states``'
-    mean norm over all of them."""
-    states, other = states.float(), other.float()
-    apart = (states - other).norm(dim=-1)
-    if tokens is not None:
-        apart = apart * tokens
-    return apart.sum(-1) / states.norm(dim=-1).mean(-1)
-
-
-def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via
-    Min-SNR Weighting Strategy"), with SNR = a / (1 - a).
-
-    The x0 loss weighted by min(SNR, gamma) is, in the other parametrisations, the epsilon
-    loss times min(SNR, gamma) / SNR and the v loss times min(SNR, gamma) / (SNR + 1).
-    The epsilon weight is written as min(gamma / SNR, 1), which stays finite where a zero
-    terminal SNR makes SNR 0.
-    """
-    snr = alpha_bar / (1 - alpha_bar)
-    if prediction_type == "epsilon":
-        return torch.clamp(gamma / snr, max=1.0)
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped
+    return noised(latents, alphas, t.to(device), noise.to(device), prediction_type)
 
 
 # --- building the models ------------------------------------------------------------------
@@ -706,8 +416,6 @@ def load_vae_from(path: str, single_file=None, key: str = "recipe: vae") -> nn.M
     if folder is not None:
         return load_vae(folder, dtype=torch.float32)
     if single_file is None:
-        from ..weights import load  # weights imports much; only single files need it
-
         return load(path, dtype=torch.float32).vae
     return single_file(path).vae
 
@@ -717,7 +425,6 @@ def load_frozen(recipe: UNetRecipe) -> tuple[nn.Module, nn.Module, CLIPTokenizer
     singles: dict[str, Components] = {}
 
     def single(path: str) -> Components:
-        from ..weights import load  # weights imports much; only single files need it
 
         if path not in singles:
             singles[path] = load(path, dtype=torch.float32)
@@ -764,8 +471,6 @@ def build_unet(recipe: UNetRecipe) -> UNet2DConditionModel:
             return UNet2DConditionModel(recipe.unet)
     folder = component_folder(recipe.init_unet, "unet")
     if folder is None:
-        from ..weights import load
-
         unet = load(recipe.init_unet, dtype=torch.float32).unet
     else:
         unet = load_unet(folder, dtype=torch.float32)
@@ -850,7 +555,6 @@ def weights_digest(module: nn.Module) -> str:
 
 def sample_images(components: Components, recipe: UNetRecipe, device) -> list[Image.Image]:
     """The preview images, prompt by prompt and seed by seed, encoded as in training."""
-    from ..pipeline import GenerateOptions, generate, run_to_result
 
     images = []
     for prompt in recipe.sample_prompts:

@@ -42,19 +42,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DictForm, VAEConfig, check_seed, require
-from ..data.config import DataConfig
+from latentkit.config import DictForm, VAEConfig, check_seed, require
+from latentkit.data.config import DataConfig
+from latentkit.errors import ConfigError, LatentkitError
+from latentkit.generation.img2img import tensor_to_images
+from latentkit.models.vae import AutoencoderKL
+from latentkit.train.loop import LoaderPhase
+from latentkit.train.metrics import fixed_batches, psnr, ssim, to_unit_range
+from latentkit.train.unet import load_vae_from
 
 # The diffusers VAE folder layout (config.json + diffusion_pytorch_model.safetensors) is
 # written by diffusers_folder's own helper, so load_vae reads exactly what it writes. It
 # is private there; a public save_vae(vae, folder) would be the better seam.
-from ..diffusers_folder import save_vae
-from ..errors import ConfigError, LatentkitError
-from ..img2img import tensor_to_images
-from ..models.vae import AutoencoderKL
-from .loop import LoaderPhase
-from .metrics import fixed_batches, psnr, ssim, to_unit_range
-from .unet import load_vae_from
+from latentkit.weights.diffusers_folder import save_vae
 
 RECONSTRUCTIONS = ("l1", "l2")
 # LDM clamps its adaptive weight so that a vanishing GAN gradient cannot make it explode.

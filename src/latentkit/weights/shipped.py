@@ -1,0 +1,50 @@
+"""Models that ship inside the package, reachable by name (``latentkit.load("shapes")``).
+
+A shipped model is an ordinary diffusers folder under ``latentkit/assets/models/NAME``. A
+path that exists wins over a name, so a user's own folder called ``shapes`` is never
+shadowed by the packaged one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from latentkit.errors import WeightsError
+
+DEFAULT_MODEL = "shapes"
+_ASSETS = Path(__file__).parents[1] / "assets"
+_ROOT = _ASSETS / "models"
+SHIPPED = ("shapes",)
+
+
+def shipped_folder(name: str) -> Path:
+    """The folder of shipped model ``name``; a one-sentence error when it is missing."""
+    folder = _ROOT / name
+    if not (folder / "model_index.json").is_file():
+        raise WeightsError(
+            f"the shipped model {name!r} is not in this installation yet; train and export "
+            "it with scripts/train_shapes.sh, or give --model PATH."
+        )
+    return folder
+
+
+def resolve(model: str | Path | None) -> Path:
+    """A model argument as a path: None means the default model, a shipped name its folder,
+    anything else is taken as a path."""
+    if model is None:
+        return shipped_folder(DEFAULT_MODEL)
+    path = Path(model)
+    if isinstance(model, str) and model in SHIPPED and not path.exists():
+        return shipped_folder(model)
+    return path
+
+
+def shipped_scoring_clip(folder: str | Path) -> Path | None:
+    """The CLIP that scores the shipped model in ``folder``: it ships beside the judge
+    (``assets/judge/clip-NAME``), as evaluation tooling rather than part of the model.
+    None when ``folder`` is no shipped model's or its CLIP is missing."""
+    for name in SHIPPED:
+        clip = _ASSETS / "judge" / f"clip-{name}"
+        if (_ROOT / name).resolve() == Path(folder).resolve() and clip.is_dir():
+            return clip
+    return None
