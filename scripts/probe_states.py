@@ -4,12 +4,12 @@
     python scripts/probe_states.py --model runs/shapes-unet/weights-ema --model shapes
 
 For training-style captions of random scenes it changes one fact at a time: every place
-or relation word mirrored (as `mirror_margin` and `mirror_contrast` do: "top" <-> "bottom",
+or relation word mirrored (as the U-Net phase's caption margin does: "top" <-> "bottom",
 "left" <-> "right", "above" <-> "below"), the background, one object's shape, one object's
 colour. The same phrasing is kept, so the captions differ in that word alone. It prints
 how far the text encoder's states move, summed over the caption's own states (up to its
 end token) and over the padding states after it, in units of a state's mean norm (as
-`mirror_margin` measures). In a causal text encoder every state after a word depends on
+the caption margin measures). In a causal text encoder every state after a word depends on
 it, so the padding can carry a word too. A second table says where the U-Net looks: the
 share of its cross-attention (all layers, heads and pixels) on the start token, on the
 caption's words and end token, and on the padding, for rendered scenes noised to a few

@@ -10,12 +10,10 @@ torch, diffusers and a model in a fresh process) are marked ``slow``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -32,21 +30,21 @@ TESTS = Path(__file__).resolve().parent
 # Tools whose smoke run is a test in another file (it runs the tool end to end, small).
 COVERED_ELSEWHERE = {
     "scripts/probe_words.py": (
-        "test_shipped.py",
+        "shapes/test_shipped.py",
         "test_probe_words_script_reads_the_shipped_model_and_refuses_bad_timesteps",
     ),
     "scripts/probe_states.py": (
-        "test_shipped.py",
+        "shapes/test_shipped.py",
         "test_probe_states_script_changes_one_fact_and_splits_caption_from_padding",
     ),
     "scripts/rebuild_plain_clip.py": (
-        "test_shipped.py",
+        "shapes/test_shipped.py",
         "test_rebuild_plain_clip_script_puts_the_judge_clip_together_again",
     ),
     # The whole script with PY a stub that logs the commands, and the real U-Net dry run
     # of its settings; the phases' run files dry-run in test_train_cli.py.
     "scripts/train_shapes.sh": (
-        "test_shipped.py",
+        "shapes/test_shipped.py",
         "test_train_shapes_exports_over_the_shipped_model_unless_export_is_given",
     ),
 }
@@ -253,21 +251,3 @@ def test_export_shapes_reexports_the_shipped_model_unchanged(tmp_path):
             theirs, ours = read_safetensors(original / file), read_safetensors(exported / file)
             assert theirs.keys() == ours.keys()
             assert all(torch.equal(theirs[k], ours[k]) for k in theirs), file
-
-
-@pytest.mark.slow
-@smoke_run_of("scripts/sweep_unet.sh")
-def test_sweep_unet_trains_exports_and_evaluates_one_variant(tmp_path):
-    env = {"SMOKE": "1", "ONLY": "B_contrast", "WORK": str(tmp_path), "DEVICE": "cpu"}
-    out = run("scripts/sweep_unet.sh", env=env, timeout=240)
-    assert "B_contrast: done" in out, out
-    (row,) = [line.split() for line in out.splitlines() if line.startswith("B_contrast ")]
-    accuracies = [float(x) for x in row[1:8]]
-    assert all(0 <= a <= 100 for a in accuracies), row
-    report = json.loads((tmp_path / "evals" / "B_contrast" / "report.json").read_text())
-    assert accuracies[-1] == pytest.approx(100 * report["accuracy"]["all"], abs=0.05)
-    # SMOKE=1 shrank every count: the data, the training run and the evaluation
-    assert len(list((tmp_path / "data").glob("*.png"))) == 16
-    run_file = tomllib.loads((tmp_path / "runs" / "B_contrast" / "config.toml").read_text())
-    assert run_file["train"]["steps"] == 1 and run_file["recipe"]["data"]["global_batch"] == 2
-    assert (report["prompts"], report["images"]) == (2, 2)

@@ -14,30 +14,28 @@ from PIL import Image
 
 from latentkit.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
 from latentkit.data.config import DataConfig
+from latentkit.diffusion.objective import denoising_errors, min_snr_weight, weighted_loss
 from latentkit.diffusion.schedule import alphas_cumprod
 from latentkit.errors import ConfigError
 from latentkit.generation.pipeline import GenerateOptions, generate, run_to_result
-from latentkit.models.clip import CLIPTextModel, pooled_positions
+from latentkit.models.clip import CLIPTextModel
 from latentkit.models.tokenizer import CLIPTokenizer
 from latentkit.models.unet import UNet2DConditionModel
 from latentkit.models.vae import AutoencoderKL
 from latentkit.shapes.world import write_dataset
 from latentkit.train import TrainConfig, World, checkpoint, read_records, train
-from latentkit.train.draws import rank_positions, sample_generators
-from latentkit.train.unet import (
-    NoisedLatents,
-    UNetPhase,
-    UNetRecipe,
-    contrast_shortfall,
-    denoising_errors,
-    min_snr_weight,
+from latentkit.train.caption_margin import (
+    CaptionMargin,
+    MarginTerm,
     mirror_shortfall,
-    noise_latents,
     state_distance,
-    weighted_loss,
 )
+from latentkit.train.draws import rank_positions, sample_generators
+from latentkit.train.recipes import load_run
+from latentkit.train.unet import UNetPhase, UNetRecipe, noise_latents
 from latentkit.weights import Components, load, save_diffusers
 
+REPO = Path(__file__).resolve().parents[2]
 SIZE = 32
 TEXT = TextConfig(
     hidden_size=16,
@@ -374,6 +372,10 @@ PLACES = ["a red circle in the top left corner", "a blue star above a green squa
 MIRRORED = ["a red circle in the bottom left corner", "a blue star below a green square"]
 
 
+def margin(**changes) -> CaptionMargin:
+    return CaptionMargin(**{**MIRRORS, "margin": 10.0, **changes})
+
+
 def test_mirror_shortfall_is_the_mean_gap_below_the_margin():
     states = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
     near = states + 0.01
@@ -393,46 +395,48 @@ def mirror_distance(phase: UNetPhase) -> float:
     return float(state_distance(states[:2], states[2:]).mean())
 
 
-def test_mirror_margin_keeps_the_text_layers_telling_captions_from_their_mirrors(world, tmp_path):
+def test_caption_margin_keeps_the_text_layers_telling_captions_from_their_mirrors(world, tmp_path):
     distances = {}
-    for margin in (0.0, 1000.0):
-        phase = UNetPhase(
-            recipe(
-                world,
-                train_text_encoder=True,
-                **(dict(mirror_margin=margin, mirror_weight=10.0, **MIRRORS) if margin else {}),
-            )
-        )
+    for size in (0.0, 1000.0):
+        term = dict(caption_margin=margin(margin=size, weight=10.0)) if size else {}
+        phase = UNetPhase(recipe(world, train_text_encoder=True, **term))
         before = mirror_distance(phase)
-        train(phase, config(steps=6), tmp_path / str(margin), progress=False)
-        distances[margin] = mirror_distance(phase)
-        records = read_records(tmp_path / str(margin) / "metrics.jsonl")
+        train(phase, config(steps=6), tmp_path / str(size), progress=False)
+        distances[size] = mirror_distance(phase)
+        records = read_records(tmp_path / str(size) / "metrics.jsonl")
         logged = [r["metrics"] for r in records if "metrics" in r]
-        assert all(("mirror_shortfall" in m) == bool(margin) for m in logged) and logged
+        assert all(("mirror_shortfall" in m) == bool(size) for m in logged) and logged
     # Pushed apart with a margin far above any distance; left to the U-Net's gradient without.
     assert distances[1000.0] > 1.5 * max(before, distances[0.0])
 
 
-def test_mirror_margin_settings_are_checked(world):
+def test_caption_margin_settings_are_checked(world):
     with pytest.raises(ConfigError, match="train_text_encoder is false") as err:
-        recipe(world, mirror_margin=10.0, **MIRRORS)
+        recipe(world, caption_margin=margin())
     assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match="mirror_diagonal and swap_pairs are empty"):
-        recipe(world, train_text_encoder=True, mirror_margin=10.0)
-    with pytest.raises(ConfigError, match="mirror_margin is -1.0"):
-        recipe(world, train_text_encoder=True, mirror_margin=-1.0, **MIRRORS)
+    with pytest.raises(ConfigError, match="mirror_vertical and swap_pairs are empty"):
+        CaptionMargin(margin=10.0)
+    with pytest.raises(ConfigError, match="margin is -1.0"):
+        margin(margin=-1.0)
+    with pytest.raises(ConfigError, match="steps is -5; give a number of steps"):
+        margin(steps=-5)
     with pytest.raises(ConfigError, match="'top' is in both"):
-        recipe(
-            world, mirror_horizontal=(("top", "right"),), mirror_vertical=MIRRORS["mirror_vertical"]
-        )
-    with pytest.raises(ConfigError, match="mirror_contrast are 0, so they would do nothing"):
-        recipe(world, train_text_encoder=True, **MIRRORS)
+        margin(mirror_horizontal=(("top", "right"),))
     with pytest.raises(ConfigError, match="needs exactly two meanings"):
-        recipe(world, mirror_vertical=(("top", "middle", "bottom"),))
-    with pytest.raises(ConfigError, match="mirror or swap pairs are listed"):
-        recipe(world, swap_pairs=(("red", "green"),))
+        margin(mirror_vertical=(("top", "middle", "bottom"),))
     with pytest.raises(ConfigError, match="swap_pairs: the group"):
-        recipe(world, train_text_encoder=True, mirror_margin=10.0, swap_pairs=(("red",),))
+        margin(swap_pairs=(("red",),))
+    with pytest.raises(ConfigError, match="unknown key 'mirror_margin' in recipe"):
+        UNetRecipe.from_dict(
+            {"data_path": "d", "vae": "v", "text_encoder": "t", "mirror_margin": 1}
+        )
+
+
+def test_the_shipped_recipe_reads_its_caption_margin_table():
+    run = load_run("unet", REPO / "configs" / "shapes" / "unet.toml")
+    term = run.recipe.caption_margin
+    assert (term.margin, term.weight, term.steps) == (40.0, 0.1, 1200)
+    assert term.mirror_horizontal == (("left", "right"),) and len(term.swap_pairs) == 2
 
 
 MARGIN_CAPTIONS = [
@@ -443,32 +447,10 @@ MARGIN_CAPTIONS = [
 ]
 
 
-def test_swap_pairs_add_their_rewritten_captions_to_the_margin(world):
-    # "red" <-> "green" rewrites three of the four captions (the yellow star has neither).
-    mirrors_only, _ = margin_encodes(world)
-    with_swaps, shortfall = margin_encodes(world, swap_pairs=(("red", "green"),))
-    assert with_swaps == mirrors_only + 3 and shortfall > 0
-    # Swap pairs alone are enough for a margin.
-    phase = UNetPhase(
-        recipe(world, train_text_encoder=True, mirror_margin=10.0, swap_pairs=(("red", "green"),))
-    )
-    assert [m("a red disc") for m in phase.mirrors] == ["a green disc"]
-
-
-def margin_encodes(world, step: int = 0, **options) -> tuple[int, float]:
-    """How many mirrored captions the margin passes through the text encoder on one loss
-    at ``step`` (MARGIN_CAPTIONS, margin 10, the MIRRORS pairs and a diagonal), and the
-    logged shortfall."""
-    phase = UNetPhase(
-        recipe(
-            world,
-            train_text_encoder=True,
-            mirror_margin=10.0,
-            mirror_diagonal=(("left of", "above"), ("right of", "below")),
-            **MIRRORS,
-            **options,
-        )
-    )
+def margin_encodes(world, step: int = 0, **changes) -> tuple[int, float]:
+    """How many rewritten captions the margin passes through the text encoder on one loss
+    at ``step`` (MARGIN_CAPTIONS, margin 10, the MIRRORS pairs), and the logged shortfall."""
+    phase = UNetPhase(recipe(world, train_text_encoder=True, caption_margin=margin(**changes)))
     seen = []
     encode = phase._trained_contexts
     phase._trained_contexts = lambda ids: seen.append(len(ids)) or encode(ids)
@@ -481,160 +463,23 @@ def margin_encodes(world, step: int = 0, **options) -> tuple[int, float]:
     return seen[0] - len(captions), metrics["mirror_shortfall"]
 
 
-def test_mirror_margin_rows_caps_the_captions_the_margin_encodes(world):
-    # Every caption has a mirror on some axis, the two relations one on the diagonal too.
-    assert margin_encodes(world)[0] == 7
-    assert margin_encodes(world, mirror_margin_rows=2)[0] == 2
-    with pytest.raises(ConfigError, match="mirror_margin_rows is -1"):
-        recipe(world, train_text_encoder=True, mirror_margin=10.0, mirror_margin_rows=-1, **MIRRORS)
-    with pytest.raises(ConfigError, match="mirror_margin_rows is 4 but mirror_margin is 0"):
-        recipe(world, mirror_margin_rows=4, mirror_contrast=0.2, **MIRRORS)
+def test_swap_pairs_add_their_rewritten_captions_to_the_margin(world):
+    # Every caption has a mirror on some axis, the first on both; "red" <-> "green"
+    # rewrites three of the four (the yellow star has neither).
+    mirrors_only, _ = margin_encodes(world)
+    assert mirrors_only == 5
+    with_swaps, shortfall = margin_encodes(world, swap_pairs=(("red", "green"),))
+    assert with_swaps == mirrors_only + 3 and shortfall > 0
+    # Swap pairs alone are enough for a margin.
+    alone = MarginTerm(CaptionMargin(margin=10.0, swap_pairs=(("red", "green"),)))
+    assert alone.rewrites(["a red disc"], step=0) == [(0, "a green disc")]
 
 
-def test_mirror_margin_steps_stops_the_margin_after_the_first_steps(world):
-    encoded, shortfall = margin_encodes(world, step=2, mirror_margin_steps=3)
-    assert encoded == 7 and shortfall > 0  # random text layers: some pairs closer than 10
-    # From step 3 on no mirrored caption is encoded, and the logs still carry the key.
-    assert margin_encodes(world, step=3, mirror_margin_steps=3) == (0, 0.0)
-    with pytest.raises(ConfigError, match="mirror_margin_steps is -5; give the number"):
-        recipe(
-            world, train_text_encoder=True, mirror_margin=10.0, mirror_margin_steps=-5, **MIRRORS
-        )
-    with pytest.raises(ConfigError, match="mirror_margin_steps is 600 but mirror_margin is 0"):
-        recipe(world, mirror_margin_steps=600, mirror_contrast=0.2, **MIRRORS)
-
-
-def test_margin_over_caption_tokens_leaves_the_padding_out():
-    states = torch.randn(2, 6, 4)
-    other = states.clone()
-    other[:, 4:] += 10 * torch.randn(2, 2, 4)  # only the padding differs
-    tokens = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
-    assert torch.equal(state_distance(states, other, tokens), torch.zeros(2))
-    assert bool((state_distance(states, other) > 10).all())
-    assert float(mirror_shortfall(states, other, margin=5.0, tokens=tokens)) == 1.0
-    ends = pooled_positions(torch.tensor([[49406, 7, 49407, 49407], [49406, 7, 8, 49407]]), 49407)
-    assert ends.tolist() == [2, 3]  # the first end token, where the caption's states end
-
-
-def test_caption_margin_trains_and_marks_each_pair_to_its_end(world, tmp_path):
-    phase = UNetPhase(
-        recipe(
-            world,
-            train_text_encoder=True,
-            mirror_margin=5.0,
-            mirror_margin_tokens="caption",
-            **MIRRORS,
-        )  # fmt: skip
-    )
-    captions = ["a red circle in the top left", "a blue square"]
-    ids = phase.tokenizer([captions[0], "a red circle in the bottom left"])["input_ids"]
-    tokens = phase._margin_tokens(ids[:1], ids[1:])
-    # start, a, red, circle, in, the, top, left, end: nine states
-    assert tokens.shape == (1, 77) and tokens[0, :9].all() and not tokens[0, 9:].any()
-    train(phase, config(steps=2), tmp_path, progress=False)
-    logged = [r["metrics"] for r in read_records(tmp_path / "metrics.jsonl") if "metrics" in r]
-    assert logged and all(m["mirror_shortfall"] >= 0 for m in logged)
-    with pytest.raises(ConfigError, match="mirror_margin_tokens is 'pads'; choose one of"):
-        recipe(world, mirror_margin_tokens="pads")
-    with pytest.raises(ConfigError, match="but mirror_margin is 0, so it would do nothing"):
-        recipe(world, mirror_margin_tokens="caption")
-
-
-def test_contrast_shortfall_is_the_error_gap_below_the_margin():
-    right = torch.tensor([1.0, 1.0, 2.0])
-    mirrored = torch.tensor([2.0, 1.1, 1.0])
-    shortfall, ratio = contrast_shortfall(right, mirrored, margin=0.5)  # wants 1.5 x right
-    torch.testing.assert_close(shortfall, torch.tensor((0.0 + 0.4 + 2.0) / 3))
-    assert ratio == pytest.approx((2.0 + 1.1 + 0.5) / 3)
-    assert float(contrast_shortfall(right, 2 * right, margin=0.5)[0]) == 0.0
-    none, ratio = contrast_shortfall(torch.zeros(0), torch.zeros(0), margin=0.5)
-    assert float(none) == 0.0 and np.isnan(ratio)
-
-
-def test_contrast_pairs_are_late_timesteps_in_row_order_and_capped(world):
-    phase = UNetPhase(recipe(world, mirror_contrast=0.2, mirror_contrast_from=500, **MIRRORS))
-    pairs = [(0, "a"), (1, "b"), (3, "d"), (4, "e"), (0, "a2"), (3, "d2")]
-    t = torch.tensor([900, 100, 100, 700, 500])
-    assert phase._contrast_pairs(pairs, t) == [(0, "a"), (0, "a2"), (3, "d"), (3, "d2"), (4, "e")]
-    phase.recipe = dataclasses.replace(phase.recipe, mirror_contrast_rows=3)
-    assert phase._contrast_pairs(pairs, t) == [(0, "a"), (0, "a2"), (3, "d")]
-
-
-def test_contrast_groups_give_the_contrast_hard_negatives(world, tmp_path):
-    groups = (("red", "blue", "green"), ("circle", "square"))
-    phase = UNetPhase(
-        recipe(world, mirror_contrast=0.2, mirror_contrast_from=0, contrast_groups=groups)
-    )
-    captions = ["a red circle", "a plain picture", "a blue square left of a red circle"]
-    negatives = phase._negatives(captions, step=3)
-    assert [i for i, _ in negatives] == [0, 2]  # the second has no word of the groups
-    for i, negative in negatives:
-        assert negative != captions[i] and len(negative.split()) == len(captions[i].split())
-    assert phase._negatives(captions, step=3) == negatives  # the step seeds them
-    assert len({tuple(phase._negatives(captions, step)) for step in range(8)}) > 1
-    train(phase, config(steps=3), tmp_path, progress=False)
-    logged = [r["metrics"] for r in read_records(tmp_path / "metrics.jsonl") if "metrics" in r]
-    assert logged and all(m["contrast_shortfall"] >= 0 for m in logged)
-    assert any(m["mirror_error_ratio"] > 0 for m in logged)  # rows were contrasted
-    with pytest.raises(ConfigError, match="contrast_groups is listed but mirror_contrast is 0"):
-        recipe(world, contrast_groups=groups)
-    with pytest.raises(ConfigError, match="contrast_groups: the group"):
-        recipe(world, mirror_contrast=0.2, contrast_groups=(("red",),))
-
-
-def test_contrast_gradient_makes_the_unet_tell_mirrored_captions_apart():
-    """Descending the shortfall alone raises the error from the mirrored contexts (here:
-    the true ones changed after the fifth token, as a place word changes the states
-    after it) to about 1 + margin times the error from the true ones."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(UNET)
-    latents, context = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 16)
-    mirrored = context.clone()
-    mirrored[:, 5:] += torch.randn(4, 72, 16)
-    a = torch.full((4,), 0.05)  # high noise: alpha-bar near t = 800
-    noise = torch.randn(latents.shape)
-    noisy = a.sqrt().view(4, 1, 1, 1) * latents + (1 - a).sqrt().view(4, 1, 1, 1) * noise
-    noised = NoisedLatents(noisy, torch.full((4,), 800), a, noise, "epsilon")
-    both = noised.with_rows(torch.arange(4))
-    contexts = torch.cat([context, mirrored])
-    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-3)
-    ratios = []
-    for _ in range(30):
-        errors = denoising_errors(unet, both, contexts)
-        shortfall, ratio = contrast_shortfall(errors[:4], errors[4:], margin=0.2)
-        ratios.append(ratio)
-        optimizer.zero_grad()
-        shortfall.backward()
-        optimizer.step()
-    # From about 1 to about the margin, where the hinge lets go (1.26 when written).
-    assert abs(ratios[0] - 1) < 0.1 and ratios[-1] > 1.15
-
-
-@pytest.mark.parametrize("with_margin", [False, True])
-def test_mirror_contrast_trains_and_logs(world, tmp_path, with_margin):
-    """Alone on a frozen text encoder (only the contrasted rows' mirrors are encoded), and
-    beside the margin on training text layers (every pair's mirrors are)."""
-    changes = dict(mirror_contrast=0.2, mirror_contrast_from=0, **MIRRORS)
-    if with_margin:
-        changes |= dict(train_text_encoder=True, mirror_margin=10.0)
-    train(UNetPhase(recipe(world, **changes)), config(steps=3), tmp_path, progress=False)
-    logged = [r["metrics"] for r in read_records(tmp_path / "metrics.jsonl") if "metrics" in r]
-    assert logged and all(m["contrast_shortfall"] >= 0 for m in logged)
-    assert all(("mirror_shortfall" in m) == with_margin for m in logged)
-    assert all(m["mirror_error_ratio"] > 0 for m in logged)  # every batch has place words
-
-
-def test_mirror_contrast_settings_are_checked(world):
-    with pytest.raises(ConfigError, match="mirror_contrast is -0.1") as err:
-        recipe(world, mirror_contrast=-0.1, **MIRRORS)
-    assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match="mirror_contrast_rows 0"):
-        recipe(world, mirror_contrast=0.2, mirror_contrast_rows=0, **MIRRORS)
-    with pytest.raises(ConfigError, match="mirror_contrast_from is 1000, past the schedule's"):
-        recipe(world, mirror_contrast=0.2, mirror_contrast_from=1000, **MIRRORS)
-    with pytest.raises(ConfigError, match="mirror_contrast is set but mirror_horizontal"):
-        recipe(world, mirror_contrast=0.2)
-    assert recipe(world, mirror_contrast=0.2, **MIRRORS).mirror_contrast == 0.2  # frozen text
+def test_caption_margin_steps_stop_the_margin_after_the_first_steps(world):
+    encoded, shortfall = margin_encodes(world, step=2, steps=3)
+    assert encoded == 5 and shortfall > 0  # random text layers: some pairs closer than 10
+    # From step 3 on no rewritten caption is encoded, and the logs still carry the key.
+    assert margin_encodes(world, step=3, steps=3) == (0, 0.0)
 
 
 def test_fresh_text_layers_restart_the_layers_and_keep_the_embeddings(world):

@@ -1,1 +1,2 @@
-"""Datasets latentkit can generate itself, such as the procedural shapes world."""
+"""Training data: sources (folders, tar shards), decoding, buckets, order, the loader,
+the latent cache and the bad-sample log."""
