@@ -33,7 +33,7 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
+    if name in _LAZY:  # torch loads here, on first use, not at `import latentkit`
         from importlib import import_module
 
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
@@ -42,6 +42,6 @@ def __getattr__(name: str):
 
 def load(path, **kwargs) -> Components:
     """Load a model (diffusers folder or single-file checkpoint); see ``weights.load``."""
-    from latentkit.weights import load as _load
+    from latentkit.weights import load as _load  # torch loads here, not at import
 
     return _load(path, **kwargs)

@@ -9,8 +9,37 @@ import sys
 from pathlib import Path
 
 from latentkit import __version__
+from latentkit.diffusion.samplers import SAMPLERS
 from latentkit.errors import ConfigError, LatentkitError
-from latentkit.outputs import output_paths
+from latentkit.generation.img2img import DEFAULT_MAX_INPUT_PIXELS, read_input_image
+from latentkit.generation.interpolate import interpolation_frames
+from latentkit.generation.options import (
+    DEFAULT_ETA,
+    DEFAULT_STRENGTH,
+    FIELD_NAMES,
+    GenerateOptions,
+    options_from_fields,
+    prepare_for_run,
+    settings_without_effect,
+)
+from latentkit.generation.pipeline import (
+    PROMPT_MODES,
+    SCHEDULES,
+    Result,
+    generate,
+    image_size,
+    split_record,
+)
+from latentkit.generation.pngmeta import read_png_record, read_png_text, read_record, save_png
+from latentkit.images import image_grid
+from latentkit.outputs import output_paths, replace_atomically
+from latentkit.runtime.device import Progress, resolve_device, resolve_dtype
+from latentkit.runtime.layout import optimize
+from latentkit.shapes import cli as shapes_cli
+from latentkit.shapes import world as shapes
+from latentkit.train import cli as train_cli
+from latentkit.weights import check_save_path, holds_ema, load, save
+from latentkit.weights.shipped import DEFAULT_MODEL, resolve
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -66,30 +95,19 @@ DEVICE_HELP = "where to run; auto: CUDA when present, else the CPU"
 
 
 def _add_eval(commands) -> None:
-    from latentkit.shapes.cli import add_cli
-
-    add_cli(commands)
+    shapes_cli.add_cli(commands)
 
 
 def _add_train(commands) -> None:
-    from latentkit.train.cli import add_cli
-
-    add_cli(commands)  # "train" and "plot"
+    train_cli.add_cli(commands)  # "train" and "plot"
 
 
 def _add_data(commands) -> None:
-    from latentkit.shapes import world as shapes
-
     p = commands.add_parser("data", help="make datasets (the procedural shapes world)")
     shapes.add_cli(p.add_subparsers(dest="data_command", metavar="DATASET", required=True))
 
 
 def _add_generate(commands) -> None:
-    from latentkit.diffusion.samplers import SAMPLERS
-    from latentkit.generation.img2img import DEFAULT_MAX_INPUT_PIXELS
-    from latentkit.generation.options import DEFAULT_ETA, DEFAULT_STRENGTH
-    from latentkit.generation.pipeline import PROMPT_MODES, SCHEDULES
-
     p = commands.add_parser("generate", help="make pictures from a prompt")
     p.add_argument(
         "prompt",
@@ -241,7 +259,6 @@ def _add_generate(commands) -> None:
 def _setting(name: str, meaning: str) -> str:
     """The help line of a generation setting's flag. The flag itself defaults to None, so
     that a --from record can fill what is not given; the default shown is GenerateOptions'."""
-    from latentkit.generation.options import GenerateOptions
 
     default = {f.name: f.default for f in dataclasses.fields(GenerateOptions)}[name]
     return f"{meaning} (default: {default})"
@@ -288,13 +305,6 @@ def _add_interpolate(commands) -> None:
 
 
 def run_interpolate(args: argparse.Namespace) -> None:
-    from latentkit.generation.interpolate import interpolation_frames
-    from latentkit.generation.pipeline import GenerateOptions
-    from latentkit.images import image_grid
-    from latentkit.outputs import replace_atomically
-    from latentkit.runtime.device import Progress, resolve_device, resolve_dtype
-    from latentkit.weights import load
-
     options = GenerateOptions(
         args.prompt,
         negative_prompt=args.negative,
@@ -353,13 +363,6 @@ _OPTION_FLAGS = {"negative": "negative_prompt", "rescale": "guidance_rescale"}
 def generate_options(args: argparse.Namespace):
     """(GenerateOptions, the record's model or None): the flags, on top of a replayed record
     when ``--from`` is given. Every setting is checked by ``options_from_fields``."""
-    from latentkit.generation.options import (
-        FIELD_NAMES,
-        options_from_fields,
-        settings_without_effect,
-    )
-    from latentkit.generation.pipeline import split_record
-    from latentkit.generation.pngmeta import read_record
 
     replayed, model = {}, None
     if args.from_png is not None:
@@ -389,22 +392,12 @@ def png_paths(out: Path | None, default: str, n: int, overwrite: bool) -> list[P
 
 
 def _read_image(path: Path | None, what: str, max_pixels: int):
-    from latentkit.generation.img2img import read_input_image
-
     if path is None:
         return None
     return read_input_image(path, what, max_pixels=max_pixels, setting="--max-pixels")
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from latentkit.generation.options import prepare_for_run
-    from latentkit.generation.pipeline import Result, generate, image_size
-    from latentkit.generation.pngmeta import save_png
-    from latentkit.runtime.device import Progress, resolve_device, resolve_dtype
-    from latentkit.runtime.layout import optimize
-    from latentkit.weights import load
-    from latentkit.weights.shipped import DEFAULT_MODEL
-
     options, record_model = generate_options(args)
     options = prepare_for_run(options, init_image=args.init_image is not None)
     paths = png_paths(args.out, "out.png", options.n, args.overwrite)
@@ -435,8 +428,6 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def run_info(args: argparse.Namespace) -> None:
-    from latentkit.generation.pngmeta import read_png_record, read_png_text
-
     if args.json:
         print(json.dumps(read_png_record(args.image), indent=2, sort_keys=True))
         return
@@ -447,8 +438,6 @@ def run_info(args: argparse.Namespace) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> None:
-    from latentkit.weights import load
-
     components = load(args.path, allow_pickle=args.allow_pickle)
     print(components.describe())
 
@@ -482,9 +471,6 @@ def _add_convert(commands) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from latentkit.weights import check_save_path, holds_ema, load, save
-    from latentkit.weights.shipped import resolve
-
     dst = check_save_path(args.dst, overwrite=args.overwrite)  # before any loading
     src = resolve(args.src)
     if args.ema is None and holds_ema(src):

@@ -28,6 +28,7 @@ from latentkit.train import (
     TrainConfig,
     checkpoint,
     distributed,
+    loop,
     lr_factor,
     plot,
     plot_run,
@@ -182,6 +183,18 @@ def test_bf16_progress_line_and_no_tensorboard(tmp_path, capsys, monkeypatch):
     assert "step 3/3" in err and "it/s" in err and "ETA" in err
     assert err.count("tensorboard is not installed") == 1
     assert not (tmp_path / "a" / "tensorboard").exists()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_says_it_is_slow(
+    tmp_path, capsys, monkeypatch, native
+):
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    train(ToyPhase(), config(steps=1, precision="bf16"), tmp_path / "bf16", progress=False)
+    train(ToyPhase(), config(steps=1), tmp_path / "fp32", progress=False)
+    err = capsys.readouterr().err
+    assert err.count("this CPU has no bf16 instructions") == (0 if native else 1), err
+    assert "--set train.precision=fp32" in err or native
 
 
 def test_config_errors_are_one_sentence():

@@ -5,7 +5,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from latentkit.shapes.text_following import DEFAULT_PROMPTS, EVAL_SPLITS, PHRASINGS, EvalSettings
+from latentkit.runtime.device import Progress, resolve_device, resolve_dtype
+from latentkit.shapes.text_following import (
+    DEFAULT_PROMPTS,
+    EVAL_SPLITS,
+    PHRASINGS,
+    EvalSettings,
+    check_outputs,
+    evaluate_text_following,
+    format_table,
+    load_score_clip,
+    sample_grid,
+    score_clip_folder,
+    write_outputs,
+)
+from latentkit.weights import load
+from latentkit.weights.shipped import resolve
 
 
 def add_cli(commands) -> None:
@@ -62,19 +77,6 @@ def add_cli(commands) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from latentkit.runtime.device import Progress, resolve_device, resolve_dtype
-    from latentkit.shapes.text_following import (
-        check_outputs,
-        evaluate_text_following,
-        format_table,
-        load_score_clip,
-        sample_grid,
-        score_clip_folder,
-        write_outputs,
-    )
-    from latentkit.weights import load
-    from latentkit.weights.shipped import resolve
-
     settings = EvalSettings(
         split=args.split,
         phrasing=args.phrasing,

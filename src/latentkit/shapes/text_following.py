@@ -10,6 +10,7 @@ the judge's features of the samples and of the prompts' scenes rendered exactly.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -301,8 +302,6 @@ def check_outputs(out: Path, *, overwrite: bool) -> None:
 
 def write_outputs(out: Path, report: dict, grid: Image.Image, *, overwrite: bool = False) -> None:
     """grid.png, then report.json, each written whole: a report means its grid is there."""
-    import json
-
     check_outputs(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     grid_path, report_path = (out / name for name in OUTPUT_FILES)

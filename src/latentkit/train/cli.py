@@ -93,7 +93,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-
     run = load_run(args.phase, args.config, args.overrides)
     check_until(args.until, run.train.steps)
     main_process = os.environ.get("RANK", "0") == "0"
@@ -181,7 +180,6 @@ def summary_line(run: RunConfig, summary: dict, out: Path) -> str:
 
 
 def run_plot(args: argparse.Namespace) -> None:
-
     if not args.run_dir.is_dir():
         raise LatentkitError(f"run folder {args.run_dir} does not exist.")
     (path,) = output_paths(args.out, args.run_dir / "curves.png", 1, overwrite=args.overwrite)

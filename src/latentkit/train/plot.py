@@ -149,7 +149,9 @@ def _open_tensorboard(folder: Path, start: int, notice):
     """A TensorBoard writer, or None (with a one-time notice) when tensorboard is missing."""
     global _tensorboard_notice_shown
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import (
+            SummaryWriter,
+        )  # optional (the train extra), slow to import
     except ImportError:
         if not _tensorboard_notice_shown:
             notice("tensorboard is not installed; logging to metrics.jsonl only.")

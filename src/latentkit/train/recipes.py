@@ -181,7 +181,7 @@ def _why(err: BaseException) -> str:
 
 def _yaml(text: str, path: Path) -> Any:
     try:
-        import yaml
+        import yaml  # optional: only YAML run files need it
     except ImportError:
         raise ConfigError(
             f"reading {path} needs PyYAML (pip install pyyaml), or write the run file as TOML."
