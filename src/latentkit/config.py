@@ -519,6 +519,22 @@ TINY_SD2 = ModelConfig(
     tokenizer=TokenizerConfig(pad_token="!"),
 )
 
+# A tiny CLIP (both towers) for tests: TINY's text encoder, a vision tower of the same width
+# on 32 px images in 8 px patches.
+TINY_CLIP = CLIPConfig(
+    text=dataclasses.replace(TINY.text, num_hidden_layers=2),
+    vision=VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    ),
+    projection_dim=32,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "sd15": SD15,
     "sd21": SD21,

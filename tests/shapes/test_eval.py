@@ -12,7 +12,7 @@ import torch
 from conftest import run_cli
 from scipy import linalg
 
-from latentkit.config import CLIPConfig, TextConfig, VisionConfig
+from latentkit.config import TINY_CLIP
 from latentkit.errors import ConfigError, WeightsError
 from latentkit.models.clip import CLIPModel
 from latentkit.shapes import world as shapes
@@ -30,27 +30,6 @@ from latentkit.weights.clip_folder import save_clip, text_encoder_of
 from latentkit.weights.safetensors_io import read_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY_CLIP = CLIPConfig(
-    text=TextConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        projection_dim=16,
-    ),
-    vision=VisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=16,
-    ),
-    projection_dim=16,
-)
-
 
 # --- the Fréchet distance -----------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import Stop, losses, stop_at
 
-from latentkit.config import CLIPConfig, TextConfig, VisionConfig
+from latentkit.config import TINY_CLIP, CLIPConfig, TextConfig
 from latentkit.data.config import DataConfig
 from latentkit.errors import ConfigError
 from latentkit.models.clip import contrastive_loss
@@ -30,26 +30,6 @@ from latentkit.weights.clip_folder import load_clip
 
 # Tiny models run many small kernels; see the one_thread fixture in conftest.py.
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY_CLIP = CLIPConfig(
-    text=TextConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        projection_dim=32,
-    ),
-    vision=VisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=32,
-    ),
-    projection_dim=32,
-)
 
 
 @pytest.fixture(scope="module")

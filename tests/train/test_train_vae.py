@@ -12,7 +12,7 @@ from conftest import Stop, losses, stop_at
 from PIL import Image
 from scipy.signal import correlate2d
 
-from latentkit.config import VAEConfig
+from latentkit.config import TINY, VAEConfig
 from latentkit.data.config import DataConfig
 from latentkit.errors import ConfigError, LatentkitError
 from latentkit.shapes.world import write_dataset
@@ -30,10 +30,6 @@ from latentkit.weights import load_vae
 # Tiny models run many small kernels; see the one_thread fixture in conftest.py.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY_VAE = VAEConfig(
-    block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32
-)
-
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
@@ -45,7 +41,7 @@ def shapes(tmp_path_factory):
 
 def recipe(shapes, **changes) -> VAERecipe:
     base = dict(
-        model=TINY_VAE,
+        model=TINY.vae,
         data=DataConfig(size=32, global_batch=8, caption_dropout=0.0, seed=3),
         data_path=str(shapes / "train"),
         eval_path=str(shapes / "eval"),
@@ -85,7 +81,7 @@ def test_learns_and_exports_a_folder_load_vae_reads(shapes, tmp_path):
 
     loaded = load_vae(tmp_path / "weights" / "vae")
     factor = loaded.config.scaling_factor
-    assert loaded.config == VAEConfig(**{**vars(TINY_VAE), "scaling_factor": factor})
+    assert loaded.config == VAEConfig(**{**vars(TINY.vae), "scaling_factor": factor})
     images = next(fixed_batches(str(shapes / "eval"), phase.recipe.data, 8))["pixels"]
     with torch.no_grad():
         assert torch.equal(loaded(images), phase.vae(images))
@@ -155,7 +151,7 @@ def test_decoder_only_fine_tuning_keeps_the_latent_space(shapes, tmp_path):
 
     with pytest.raises(ConfigError, match=r"^recipe: init_vae path \S+ does not exist\.$"):
         VAEPhase(recipe(shapes, init_vae=str(tmp_path / "nowhere"), train_encoder=False))
-    other = VAEConfig(**{**vars(TINY_VAE), "latent_channels": 8})
+    other = VAEConfig(**{**vars(TINY.vae), "latent_channels": 8})
     with pytest.raises(ConfigError, match=r"init_vae .* latent_channels 4 \(recipe: 8\)"):
         VAEPhase(recipe(shapes, model=other, init_vae=first))
 
@@ -228,7 +224,7 @@ def test_each_gan_term_moves_only_its_own_player(shapes):
 def test_initial_logvar_sets_the_starting_posterior_variance(shapes, quant_conv):
     """initial_logvar moves only the log-variance half of the moments: with it the
     posterior's std starts near exp(value / 2), the mean is the reference initialisation's."""
-    model = VAEConfig(**{**TINY_VAE.__dict__, "use_quant_conv": quant_conv})
+    model = VAEConfig(**{**TINY.vae.__dict__, "use_quant_conv": quant_conv})
     images = next(fixed_batches(str(shapes / "train"), DataConfig(size=32), 4))["pixels"]
     with torch.no_grad():
         plain = VAEPhase(recipe(shapes, model=model)).vae.encode(images)
@@ -374,7 +370,7 @@ def test_bad_recipe_is_one_sentence(data, words):
 
 
 def test_missing_data_folder_is_one_sentence(tmp_path):
-    phase = VAEPhase(VAERecipe(model=TINY_VAE, data_path=str(tmp_path / "nowhere")))
+    phase = VAEPhase(VAERecipe(model=TINY.vae, data_path=str(tmp_path / "nowhere")))
     with pytest.raises(LatentkitError, match="does not exist") as err:
         train(phase, TrainConfig(steps=1), tmp_path / "run", progress=False)
     assert "\n" not in str(err.value)

@@ -17,7 +17,12 @@ import torch
 
 import latentkit
 from latentkit import weights
-from latentkit.config import TINY, TINY_SD2, CLIPConfig, ModelConfig, TextConfig, VisionConfig
+from latentkit.config import (
+    TINY,
+    TINY_CLIP,
+    TINY_SD2,
+    ModelConfig,
+)
 from latentkit.models.clip import CLIPModel, CLIPTextModel
 from latentkit.models.components import Components
 from latentkit.models.tokenizer import CLIPTokenizer
@@ -97,22 +102,6 @@ def test_diffusers_folder_round_trip(model, tmp_path):
 def test_single_file_round_trip(model, tmp_path):
     path = weights.save_single_file(model, tmp_path / "model.safetensors")
     _assert_same_model(latentkit.load(path), model)
-
-
-TINY_CLIP = CLIPConfig(
-    text=TextConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
-    ),
-    vision=VisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    ),
-    projection_dim=32,
-)
 
 
 @pytest.mark.parametrize("which", ["shipped", "tiny"])
