@@ -10,7 +10,15 @@ import torch
 
 from latentkit.errors import ConfigError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The float formats a user may name (--dtype, dtype=), short names first.
+FLOAT_DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -43,16 +51,27 @@ def return_freed_memory() -> None:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
+    """``auto``: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32; else as named."""
     if name == "auto":
         if device.type == "cuda":
             return torch.float16
         if device.type == "cpu" and cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
-    if name not in DTYPES:
-        raise ConfigError(f"dtype {name!r} is unknown; valid: auto, {', '.join(DTYPES)}.")
-    return DTYPES[name]
+    return float_dtype(name)
+
+
+def float_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A float dtype, or its name (``FLOAT_DTYPES``); None stays None. Anything else is one
+    sentence naming the choices."""
+    if dtype is None or dtype in FLOAT_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in FLOAT_DTYPES:
+        return FLOAT_DTYPES[dtype.lower()]
+    raise ConfigError(
+        f"dtype {dtype!r} is not a float format latentkit computes in; valid: auto, "
+        f"{', '.join(FLOAT_DTYPES)}."
+    )
 
 
 class Progress:

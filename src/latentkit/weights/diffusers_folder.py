@@ -31,6 +31,7 @@ from latentkit.models.tokenizer import CLIPTokenizer
 from latentkit.models.unet import UNet2DConditionModel
 from latentkit.models.vae import AutoencoderKL
 from latentkit.outputs import replace_atomically
+from latentkit.runtime.device import float_dtype
 from latentkit.weights.config_json import (
     DIFFUSERS_VERSION,
     schedule_from_json,
@@ -43,7 +44,7 @@ from latentkit.weights.config_json import (
     vae_to_json,
 )
 from latentkit.weights.module_io import build_loaded, read_weights
-from latentkit.weights.safetensors_io import resolve_dtype, write_safetensors
+from latentkit.weights.safetensors_io import write_safetensors
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Weight file names without suffix: diffusers' (U-Net and VAE) and transformers' (CLIP);
@@ -195,7 +196,7 @@ def save_diffusers(components: Components, folder, *, dtype=None, overwrite=Fals
     Nothing is written at ``folder`` until every file is complete beside it; an existing
     folder is kept unless ``overwrite`` is true.
     """
-    dtype = resolve_dtype(dtype)
+    dtype = float_dtype(dtype)
     c = components.config
     with replace_atomically(folder, overwrite=overwrite, folder=True) as tmp:
         write_json(tmp / "model_index.json", _model_index())
@@ -255,17 +256,17 @@ def _model_index() -> dict:
 
 def save_unet(unet: nn.Module, config: UNetConfig, folder: Path, *, dtype=None) -> None:
     """A diffusers ``unet/`` folder (``load_unet`` reads it); ``folder`` must not exist."""
-    _save_model(Path(folder), unet_to_json(config), unet, _UNET_STEM, resolve_dtype(dtype))
+    _save_model(Path(folder), unet_to_json(config), unet, _UNET_STEM, float_dtype(dtype))
 
 
 def save_vae(vae: nn.Module, config: VAEConfig, folder: Path, *, dtype=None) -> None:
     """A diffusers ``vae/`` folder (``load_vae`` reads it); ``folder`` must not exist."""
-    _save_model(Path(folder), vae_to_json(config), vae, _UNET_STEM, resolve_dtype(dtype))
+    _save_model(Path(folder), vae_to_json(config), vae, _UNET_STEM, float_dtype(dtype))
 
 
 def save_text_encoder(encoder: nn.Module, config: TextConfig, folder: Path, *, dtype=None) -> None:
     """A transformers-style ``text_encoder/`` folder (``load_text_encoder`` reads it)."""
-    dtype = resolve_dtype(dtype)
+    dtype = float_dtype(dtype)
     text_json = text_to_json(config)
     text_json["torch_dtype"] = str(dtype or _dtype_of(encoder)).removeprefix("torch.")
     _save_model(Path(folder), text_json, encoder, _TEXT_STEM, dtype)

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from latentkit.errors import WeightsError
-from latentkit.weights.safetensors_io import check_finite, convert, read_safetensors, resolve_dtype
+from latentkit.runtime.device import float_dtype
+from latentkit.weights.safetensors_io import check_finite, convert, read_safetensors
 
 # What a weight file holds is told by its first bytes, never by its name: names lie (a
 # checkpoint renamed .safetensors), and torch.load picks its reader by the name.
@@ -84,7 +85,7 @@ def read_weights(
             "allow_pickle=True (CLI: --allow-pickle) to read only its tensors, or better, "
             "convert it to .safetensors."
         )
-    return _named_tensors(path, _torch_load(path, kind), resolve_dtype(dtype), device)
+    return _named_tensors(path, _torch_load(path, kind), float_dtype(dtype), device)
 
 
 def _named_tensors(path: Path, obj: object, dtype, device) -> dict[str, torch.Tensor]:

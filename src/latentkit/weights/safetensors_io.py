@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from latentkit.errors import WeightsError
+from latentkit.runtime.device import float_dtype
 
 # The reference implementation refuses headers above 100 MB; a real header is kilobytes.
 _MAX_HEADER = 100_000_000
@@ -45,16 +46,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
-# The dtypes a user may ask weights to be converted to on load or save.
-FLOAT_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -74,17 +65,6 @@ class Header:
     metadata: dict[str, str]
     data_start: int
     file_size: int
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """Accept torch float dtypes or their names; anything else is an error naming the choices."""
-    if dtype is None or dtype in FLOAT_DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in FLOAT_DTYPES:
-        return FLOAT_DTYPES[dtype.lower()]
-    raise WeightsError(
-        f"dtype {dtype!r} is not supported for weights; use float32, float16 or bfloat16."
-    )
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -131,7 +111,7 @@ def read_safetensors(
     """
     path = Path(path)
     header = read_header(path)
-    dtype = resolve_dtype(dtype)
+    dtype = float_dtype(dtype)
     whole = _map_file(path, header.file_size)
     out = {}
     for name, info in header.tensors.items():
@@ -287,7 +267,7 @@ def write_safetensors(
     Larger element types come first, which keeps every tensor aligned to its element size
     (the header is padded to a multiple of 8) and so mappable without a copy.
     """
-    dtype = resolve_dtype(dtype)
+    dtype = float_dtype(dtype)
     tensors = {k: _cast_lazily(t, dtype) for k, t in tensors.items()}
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
     entries: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
