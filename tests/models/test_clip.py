@@ -14,9 +14,9 @@ from latentkit.models.clip import (
     CLIPModel,
     CLIPTextModel,
     CLIPVisionModel,
-    contrastive_loss,
     pooled_positions,
 )
+from latentkit.train.clip import contrastive_loss
 from latentkit.weights.config_json import text_to_json
 
 BOS, EOS = 49406, 49407
@@ -242,7 +242,7 @@ def test_clip_model_matches_transformers():
         close(ours.get_image_features(x), ref.get_image_features(x).pooler_output)
     close(got.logits_per_image, want.logits_per_image)
     close(got.logits_per_text, want.logits_per_text)
-    close(contrastive_loss(got.logits_per_text), want.loss)
+    close(contrastive_loss(got.logits_per_image), want.loss)
 
 
 def test_text_encoder_keys_are_a_subset_of_clip():

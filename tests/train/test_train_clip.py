@@ -14,7 +14,6 @@ from conftest import Stop, losses, stop_at
 from latentkit.config import TINY_CLIP, CLIPConfig, TextConfig
 from latentkit.data.config import DataConfig
 from latentkit.errors import ConfigError
-from latentkit.models.clip import contrastive_loss
 from latentkit.shapes.world import write_dataset
 from latentkit.train import TrainConfig, World, checkpoint, train
 from latentkit.train.clip import (
@@ -22,6 +21,7 @@ from latentkit.train.clip import (
     CLIPRecipe,
     _prefers_true,
     _tells_mirrors_apart,
+    contrastive_loss,
 )
 from latentkit.train.metrics import chance_top1, retrieval_accuracy
 from latentkit.train.plot import read_records
@@ -155,7 +155,7 @@ def test_mirrored_pairs_enter_the_symmetric_loss(shapes):
     ids, pixels, _ = phase._with_mirrored(captions, batch["input_ids"], batch["pixels"], 3)
     assert len(ids) == 5
     logits = phase.clip(ids, pixels).logits_per_text
-    assert torch.equal(loss, contrastive_loss(logits.float()))
+    assert torch.equal(loss, contrastive_loss(logits.float().t()))
     assert 0 <= metrics["mirror_accuracy"] <= 1
 
 
@@ -180,7 +180,7 @@ def test_without_negatives_the_loss_is_clips_symmetric_loss(shapes):
     )
     loss, metrics = phase.loss(batch, 0)
     logits = phase.clip(batch["input_ids"], batch["pixels"]).logits_per_text
-    assert torch.equal(loss, contrastive_loss(logits.float()))
+    assert torch.equal(loss, contrastive_loss(logits.float().t()))
     assert "negative_accuracy" not in metrics
 
 

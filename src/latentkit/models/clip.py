@@ -416,14 +416,6 @@ class CLIPModel(nn.Module):
         self.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
 
 
-def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE: text i should pick image i, and image i text i."""
-    targets = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
-    text_loss = F.cross_entropy(logits_per_text, targets)
-    image_loss = F.cross_entropy(logits_per_text.t(), targets)
-    return (text_loss + image_loss) / 2
-
-
 # --- initialisation ---------------------------------------------------------------------
 
 

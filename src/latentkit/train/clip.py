@@ -189,7 +189,7 @@ class CLIPPhase(LoaderPhase):
         n = len(batch.images)
         per_text = per_image[:, :n].t()
         targets = torch.arange(n, device=per_image.device)
-        loss = (F.cross_entropy(per_text, targets) + F.cross_entropy(per_image, targets)) / 2
+        loss = contrastive_loss(per_image)
         hits = (per_image[:, :n].argmax(dim=1) == targets).float().mean()
         hits = hits + (per_text.argmax(dim=1) == targets).float().mean()
         metrics = {
@@ -393,3 +393,13 @@ def _check_tokenizer(text: TextConfig, tokenizer: CLIPTokenizer) -> None:
             f"eos_token_id {tokenizer.eos_id} to match the CLIP tokenizer (it has "
             f"{text.vocab_size} and {text.eos_token_id})."
         )
+
+
+def contrastive_loss(per_image: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over image-to-text logits [n, n + k]: the batch's n captions
+    first, then k hard negatives. Text i should pick image i among the n images, and image
+    i text i among all n + k texts."""
+    n = per_image.shape[0]
+    targets = torch.arange(n, device=per_image.device)
+    per_text = per_image[:, :n].t()
+    return (F.cross_entropy(per_text, targets) + F.cross_entropy(per_image, targets)) / 2
