@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from latentkit.config import SD15, TINY, UNetConfig
+from latentkit.diffusion.objective import denoising_errors, weighted_loss
 from latentkit.diffusion.schedule import alphas_cumprod
 from latentkit.models.unet import UNet2DConditionModel
 from latentkit.train import Phase, TrainConfig, train
 from latentkit.train.draws import sample_generators
-from latentkit.train.unet import denoising_errors, noise_latents, weighted_loss
+from latentkit.train.unet import noise_latents
 from latentkit.weights.config_json import unet_to_json
 
 PRESETS: dict[str, UNetConfig] = {

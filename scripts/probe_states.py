@@ -29,8 +29,8 @@ from latentkit.diffusion.schedule import alphas_cumprod
 from latentkit.errors import LatentkitError
 from latentkit.models.clip import pooled_positions
 from latentkit.shapes import world as shapes
+from latentkit.train.caption_margin import state_distance
 from latentkit.train.negatives import MirroredCaptions
-from latentkit.train.unet import state_distance
 
 MIRRORS = (
     MirroredCaptions((("left", "right"),), "horizontal"),

@@ -373,7 +373,7 @@ MIRRORED = ["a red circle in the bottom left corner", "a blue star below a green
 
 
 def margin(**changes) -> CaptionMargin:
-    return CaptionMargin(**{**MIRRORS, "margin": 10.0, **changes})
+    return CaptionMargin(**{**MIRRORS, "margin": 10.0, "weight": 0.5, **changes})
 
 
 def test_mirror_shortfall_is_the_mean_gap_below_the_margin():
@@ -459,7 +459,18 @@ def margin_encodes(world, step: int = 0, **changes) -> tuple[int, float]:
     pixels = torch.rand(len(captions), 3, SIZE, SIZE) * 2 - 1
     keys = [str(i) for i in range(4)]
     batch = {"pixels": pixels, "captions": captions, "keys": keys, "epoch": 0, "batch": 0}
-    _, metrics = phase.loss(batch, step=step)
+    loss, metrics = phase.loss(batch, step=step)
+    # The logged shortfall is the term's own, and the loss adds it weighted once to the
+    # denoising loss (a plain mean without min_snr_gamma).
+    rewrites = phase.margin.rewrites(captions, step)
+    with torch.no_grad():
+        texts = captions + [text for _, text in rewrites]
+        states = phase.text_encoder(phase.tokenizer(texts)["input_ids"]).last_hidden_state
+    rows = torch.tensor([i for i, _ in rewrites], dtype=torch.long)
+    alone = mirror_shortfall(states[rows], states[len(captions) :], 10.0) if rewrites else 0.0
+    assert metrics["mirror_shortfall"] == pytest.approx(float(alone), rel=1e-4, abs=1e-6)
+    weight = phase.recipe.caption_margin.weight
+    assert float(loss) == pytest.approx(metrics["mse"] + weight * metrics["mirror_shortfall"])
     return seen[0] - len(captions), metrics["mirror_shortfall"]
 
 

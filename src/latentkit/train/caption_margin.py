@@ -85,13 +85,13 @@ class MarginTerm:
     def __call__(
         self, states: torch.Tensor, rows: list[int], rewritten_states: torch.Tensor
     ) -> torch.Tensor:
-        """The weighted term: ``states`` [B, tokens, dim] are the batch's text states,
-        ``rewritten_states`` those of the rewrites of batch ``rows``; zero without rows."""
+        """The shortfall (unweighted; the loss adds ``config.weight`` times it):
+        ``states`` [B, tokens, dim] are the batch's text states, ``rewritten_states`` those
+        of the rewrites of batch ``rows``; zero without rows."""
         if not rows:
             return states.new_zeros((), dtype=torch.float32)
         owners = torch.tensor(rows, device=states.device)
-        shortfall = mirror_shortfall(states[owners], rewritten_states, self.config.margin)
-        return self.config.weight * shortfall
+        return mirror_shortfall(states[owners], rewritten_states, self.config.margin)
 
 
 def mirror_shortfall(states: torch.Tensor, mirrored: torch.Tensor, margin: float) -> torch.Tensor:
@@ -105,8 +105,15 @@ def mirror_shortfall(states: torch.Tensor, mirrored: torch.Tensor, margin: float
     return (1 - state_distance(states, mirrored) / margin).clamp(min=0).mean()
 
 
-def state_distance(states: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+def state_distance(
+    states: torch.Tensor, other: torch.Tensor, tokens: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per caption, the distance between two sets of text states [N, tokens, dim]: summed
-    over the tokens, in units of ``states``' mean norm over all of them."""
+    over the tokens (those ``tokens`` [N, tokens] marks, else all; ``scripts/probe_states.py``
+    splits a caption's own states from its padding so), in units of ``states``' mean norm
+    over all of them."""
     states, other = states.float(), other.float()
-    return (states - other).norm(dim=-1).sum(-1) / states.norm(dim=-1).mean(-1)
+    apart = (states - other).norm(dim=-1)
+    if tokens is not None:
+        apart = apart * tokens
+    return apart.sum(-1) / states.norm(dim=-1).mean(-1)
