@@ -1,6 +1,7 @@
 """Time SD 1.5's six upsamplers (nearest 2x, then a 3x3 conv) in bf16, channels-last, three ways:
 diffusers' ``Upsample2D`` (the reference), ours packed with the plain 3x3 conv, and ours packed
-in the sub-pixel form that ``latentkit.load`` generation lays out on a CPU (``latentkit.runtime.layout``, ``latentkit.runtime.packing``).
+in the sub-pixel form that generation lays out on a CPU (``latentkit.runtime.layout``,
+``latentkit.runtime.packing``).
 
     python benchmarks/bench_upsample.py                # 2 threads, 9 alternating repeats
     python benchmarks/bench_upsample.py --repeats 21
