@@ -24,7 +24,7 @@ from latentkit.errors import LatentkitError
 from latentkit.generation.img2img import image_to_tensor, tensor_to_images
 from latentkit.shapes import world as shapes
 from latentkit.shapes.judge.read import canonical, load_judge, read_attributes
-from latentkit.train.unet import load_vae_from
+from latentkit.weights import load_vae_from
 from latentkit.weights.shipped import resolve
 
 

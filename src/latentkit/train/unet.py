@@ -73,13 +73,12 @@ from latentkit.train import draws
 from latentkit.train.caption_margin import CaptionMargin, MarginTerm
 from latentkit.train.draws import rank_positions, sample_generators
 from latentkit.train.loop import LoaderPhase
-from latentkit.weights import load
+from latentkit.weights import component_folder, load, load_vae_from
 from latentkit.weights.config_json import text_from_json, vae_from_json
 from latentkit.weights.diffusers_folder import (
     load_text_encoder,
     load_tokenizer,
     load_unet,
-    load_vae,
     read_json,
     save_diffusers,
 )
@@ -383,41 +382,6 @@ def noise_latents(
 
 
 # --- building the models ------------------------------------------------------------------
-
-
-def component_folder(path: str, name: str, key: str | None = None) -> Path | None:
-    """The ``name/`` folder ``path`` means (None: ``path`` is a single-file model).
-
-    ``path`` may be the component folder itself (it holds config.json) or a folder with
-    a ``name/`` subfolder: a diffusers model folder or another phase's ``weights/``.
-    ``key`` names what gave ``path``, for the error (default: the recipe setting ``name``).
-    """
-    key = key or f"recipe: {name}"
-    where = Path(path)
-    if where.is_file():
-        return None
-    if (where / name / "config.json").is_file():
-        return where / name
-    if (where / "config.json").is_file():
-        return where
-    if not where.exists():
-        raise ConfigError(f"{key} path {where} does not exist.")
-    raise ConfigError(
-        f"{key} path {where} holds neither config.json nor a {name}/ folder with "
-        "one; give a component folder, a model folder or a single-file model."
-    )
-
-
-def load_vae_from(path: str, single_file=None, key: str = "recipe: vae") -> nn.Module:
-    """The fp32 VAE that ``path`` names (``key``: what gave it, for errors): a ``vae/``
-    component folder, a folder holding one, or a single-file model (read by
-    ``single_file(path)``, default ``weights.load``)."""
-    folder = component_folder(path, "vae", key)
-    if folder is not None:
-        return load_vae(folder, dtype=torch.float32)
-    if single_file is None:
-        return load(path, dtype=torch.float32).vae
-    return single_file(path).vae
 
 
 def load_frozen(recipe: UNetRecipe) -> tuple[nn.Module, nn.Module, CLIPTokenizer]:

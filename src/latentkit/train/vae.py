@@ -49,7 +49,7 @@ from latentkit.generation.img2img import tensor_to_images
 from latentkit.models.vae import AutoencoderKL
 from latentkit.train.loop import LoaderPhase
 from latentkit.train.metrics import fixed_batches, psnr, ssim, to_unit_range
-from latentkit.train.unet import load_vae_from
+from latentkit.weights import load_vae_from
 
 # The diffusers VAE folder layout (config.json + diffusion_pytorch_model.safetensors) is
 # written by diffusers_folder's own helper, so load_vae reads exactly what it writes. It

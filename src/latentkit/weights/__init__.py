@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from latentkit.config import ModelConfig, from_dict, to_dict
 from latentkit.errors import ConfigError, WeightsError
@@ -63,11 +64,13 @@ from latentkit.weights.shipped import resolve as resolve_model
 
 __all__ = [
     "Components",
+    "component_folder",
     "load",
     "load_diffusers",
     "load_single_file",
     "load_unet",
     "load_vae",
+    "load_vae_from",
     "load_text_encoder",
     "load_tokenizer",
     "load_schedule",
@@ -290,3 +293,41 @@ def holds_ema(path: str | Path) -> bool:
     from its header alone; a pickle, a folder or a shipped name says False)."""
     path = Path(path)
     return path.is_file() and sniff(path) == "safetensors" and has_ema(read_header(path).tensors)
+
+
+# --- which component a path means (the frozen parts of training) --------------------------
+
+
+def component_folder(path: str, name: str, key: str | None = None) -> Path | None:
+    """The ``name/`` folder ``path`` means (None: ``path`` is a single-file model).
+
+    ``path`` may be the component folder itself (it holds config.json) or a folder with
+    a ``name/`` subfolder: a diffusers model folder or another phase's ``weights/``.
+    ``key`` names what gave ``path``, for the error (default: the recipe setting ``name``).
+    """
+    key = key or f"recipe: {name}"
+    where = Path(path)
+    if where.is_file():
+        return None
+    if (where / name / "config.json").is_file():
+        return where / name
+    if (where / "config.json").is_file():
+        return where
+    if not where.exists():
+        raise ConfigError(f"{key} path {where} does not exist.")
+    raise ConfigError(
+        f"{key} path {where} holds neither config.json nor a {name}/ folder with "
+        "one; give a component folder, a model folder or a single-file model."
+    )
+
+
+def load_vae_from(path: str, single_file=None, key: str = "recipe: vae") -> nn.Module:
+    """The fp32 VAE that ``path`` names (``key``: what gave it, for errors): a ``vae/``
+    component folder, a folder holding one, or a single-file model (read by
+    ``single_file(path)``, default ``weights.load``)."""
+    folder = component_folder(path, "vae", key)
+    if folder is not None:
+        return load_vae(folder, dtype=torch.float32)
+    if single_file is None:
+        return load(path, dtype=torch.float32).vae
+    return single_file(path).vae
