@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from latentkit.config import TINY, TINY_SD2, VisionConfig, to_dict
+from latentkit.config import TINY, TINY_SD2
 from latentkit.errors import LatentkitError
 from latentkit.models.tokenizer import _BYTE_TO_CHAR, CLIPTokenizer
 from latentkit.weights.config_json import (
@@ -26,7 +26,6 @@ from latentkit.weights.config_json import (
     unet_to_json,
     vae_from_json,
     vae_to_json,
-    vision_from_json,
 )
 from latentkit.weights.module_io import read_weights, sniff
 from latentkit.weights.safetensors_io import DTYPES, read_header, read_safetensors
@@ -161,7 +160,6 @@ READERS = {
     "vae": (vae_from_json, vae_to_json(TINY.vae)),
     "unet": (unet_from_json, unet_to_json(TINY_SD2.unet)),
     "text": (text_from_json, text_to_json(TINY.text)),
-    "vision": (vision_from_json, to_dict(VisionConfig())),
     "scheduler": (schedule_from_json, schedule_to_json(TINY_SD2.schedule)),
 }
 

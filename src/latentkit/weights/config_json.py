@@ -15,7 +15,6 @@ from latentkit.config import (
     TextConfig,
     UNetConfig,
     VAEConfig,
-    VisionConfig,
     brief_repr,
     from_dict,
     to_dict,
@@ -295,13 +294,6 @@ def text_to_json(config: TextConfig) -> dict[str, Any]:
         "torch_dtype": "float32",
         **body,
     }
-
-
-def vision_from_json(data: dict[str, Any]) -> VisionConfig:
-    rest = _split(data, "vision encoder", _CLIP_FIXED, _fields(VisionConfig) | _CLIP_IGNORED)
-    for key in _CLIP_IGNORED:
-        rest.pop(key, None)
-    return from_dict(VisionConfig, rest, where="vision encoder config")
 
 
 # --- scheduler --------------------------------------------------------------------------
