@@ -9,7 +9,7 @@ Packing each weight once, when the model is loaded, and calling oneDNN's kernels
 (the bias fused into the product) gives the same numbers: bit for bit for convolutions and
 for linear layers on contiguous inputs, and on strided inputs a result at least as close to
 fp32. On SD 1.5's U-Net (2 threads, channels-last) packing took 14-33% off a step in our
-runs (the range is the machine's drift; the README's benchmark section has the numbers).
+runs (the range is the machine's drift; docs/benchmarks.md has the numbers).
 A residual or time code added to a packed layer's output (:func:`latentkit.nn.add_output`)
 goes into the kernel too, onto the fp32 sums before they are rounded: one pass fewer over
 the output (3.5% of an SD 1.5 U-Net step at 64x64 latents, 5.6% of a 512 px VAE decode, 2

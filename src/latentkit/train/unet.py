@@ -16,8 +16,8 @@ starts those layers afresh first (as GLIDE trains its text transformer with its 
 for a text encoder whose own training taught its layers to drop words the U-Net needs.
 Neither is a sure cure: in the shapes world both still let place words fade from the
 states during training. Frozen fresh layers (``fresh_text_layers`` alone) keep them, and a
-U-Net learns to read them, at the cost of blurrier colour and shape (the README's "shipped
-model" section has the measurements).
+U-Net learns to read them, at the cost of blurrier colour and shape (measurements in
+docs/shipped-model.md and docs/shapes-experiments.md).
 
 Captions come from the data layer with its caption dropout already applied: a dropped
 caption is "", whose context is the unconditional branch classifier-free guidance needs.
