@@ -33,8 +33,8 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY:  # torch loads here, on first use, not at `import latentkit`
-        from importlib import import_module
+    if name in _LAZY:
+        from importlib import import_module  # torch loads on first use, not at import
 
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
