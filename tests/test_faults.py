@@ -304,6 +304,7 @@ def lock_holder(run: Path) -> dict | None:
         return None
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_held_folder_is_refused_and_a_killed_ones_lock_is_taken_over(
     capsys, tmp_path, forkserver, world
 ):

@@ -124,6 +124,7 @@ def test_data_shapes_refusal_is_the_common_sentence(tmp_path, capsys):
 # --- the export script ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_script_refuses_with_the_common_sentence(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "export_shapes.py"
     kept = tmp_path / "kept"

@@ -161,6 +161,7 @@ def test_bench_train_times_our_loop_against_a_diffusers_loop():
     assert_ratio(ours, theirs, ratio, decimals=2)
 
 
+@pytest.mark.slow
 @smoke_run_of("benchmarks/bench_upsample.py")
 def test_bench_upsample_times_both_packings_against_the_reference():
     if not prepack.cpu_packs_bf16():  # no packed bf16 layers here: it says so, in one line
@@ -211,6 +212,7 @@ def test_probe_shapes_prints_a_confusion_table_whose_rows_add_up():
         assert right == f"{100 * counts[shape_column] / per_row:.0f}%"
 
 
+@pytest.mark.slow
 @smoke_run_of("scripts/probe_vae_shapes.py")
 def test_probe_vae_shapes_prints_what_the_judge_reads_through_the_vae():
     out = run("scripts/probe_vae_shapes.py", "--smoke")

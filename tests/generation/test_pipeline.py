@@ -62,11 +62,11 @@ def reference_images(pipe, sampler, schedule, seed=7, **kwargs):
 @pytest.mark.parametrize(
     "family,sampler,schedule",
     [
-        ("sd1", "euler", "default"),
-        ("sd1", "ddim", "default"),
-        ("sd1", "dpmpp_2m", "karras"),
-        ("sd2", "euler", "default"),
-        ("sd2", "dpmpp_2m", "karras"),
+        ("sd1", "euler", "default"),  # one parity case in the quick lane, the rest slow
+        pytest.param("sd1", "ddim", "default", marks=pytest.mark.slow),
+        pytest.param("sd1", "dpmpp_2m", "karras", marks=pytest.mark.slow),
+        pytest.param("sd2", "euler", "default", marks=pytest.mark.slow),
+        pytest.param("sd2", "dpmpp_2m", "karras", marks=pytest.mark.slow),
     ],
 )
 def test_text_to_image_matches_reference(tiny_model_dir, family, sampler, schedule):
@@ -116,8 +116,15 @@ def inpainting_difference(folder, sampler: str, strength: float) -> int:
     return np.abs(pixels(result.images[0]) - pixels(expected[0])).max()
 
 
-@pytest.mark.parametrize("sampler", ["euler", "euler_a"])
-@pytest.mark.parametrize("strength", [1.0, 0.6])
+@pytest.mark.parametrize(
+    "sampler, strength",
+    [
+        ("euler_a", 1.0),  # one parity case in the quick lane, the rest slow
+        pytest.param("euler", 1.0, marks=pytest.mark.slow),
+        pytest.param("euler", 0.6, marks=pytest.mark.slow),
+        pytest.param("euler_a", 0.6, marks=pytest.mark.slow),
+    ],
+)
 def test_inpainting_unet_matches_reference(sd1_inpaint_dir, sampler, strength):
     # euler_a draws its step noise from the seed's generator after the VAE's posterior
     # samples and the initial noise, so it also checks the order of those draws

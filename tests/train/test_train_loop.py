@@ -312,6 +312,7 @@ def _train_until_killed(run_dir: str) -> None:
     train(ToyPhase(noise=True), settings, run_dir, resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_sigkill_never_leaves_a_checkpoint_resume_cannot_load(tmp_path, forkserver):
     chance = random.Random(0)
     reached = [0]
