@@ -82,6 +82,7 @@ def test_text_to_image_matches_reference(tiny_model_dir, family, sampler, schedu
     assert diff <= 2, f"max pixel difference {diff} / 255"
 
 
+@pytest.mark.slow
 def test_image_to_image_matches_reference(sd1_dir):
     import diffusers
     from conftest import load_reference_pipeline

@@ -189,8 +189,11 @@ def test_without_negatives_the_loss_is_clips_symmetric_loss(shapes):
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"hard_negative_groups": GROUPS}, MIRRORS],
-    ids=["plain", "hard-negatives", "mirrored"],
+    [
+        pytest.param({}, id="plain"),
+        pytest.param({"hard_negative_groups": GROUPS}, id="hard-negatives", marks=pytest.mark.slow),
+        pytest.param(MIRRORS, id="mirrored", marks=pytest.mark.slow),
+    ],
 )
 def test_resume_is_bit_exact(shapes, tmp_path, extra):
     settings = TrainConfig(steps=6, lr=1e-3, log_every=1, checkpoint_every=2, seed=5)

@@ -395,6 +395,7 @@ def mirror_distance(phase: UNetPhase) -> float:
     return float(state_distance(states[:2], states[2:]).mean())
 
 
+@pytest.mark.slow
 def test_caption_margin_keeps_the_text_layers_telling_captions_from_their_mirrors(world, tmp_path):
     distances = {}
     for size in (0.0, 1000.0):

@@ -159,6 +159,7 @@ def test_decoder_only_fine_tuning_keeps_the_latent_space(shapes, tmp_path):
 # --- exact resume with the discriminator on -----------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_with_gan_is_bit_exact(shapes, tmp_path):
     gan = recipe(shapes, disc_weight=0.5, disc_start=2, disc_channels=8, disc_layers=2)
     settings = TrainConfig(steps=6, lr=1e-3, log_every=1, checkpoint_every=2, keep_checkpoints=3)

@@ -46,7 +46,7 @@ def _convert(capsys, *argv) -> str:
 # --- round trips --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("family", ["sd1", pytest.param("sd2", marks=pytest.mark.slow)])
 def test_tiny_model_to_a_single_file_and_back(tiny_model_dir, tmp_path, capsys, family):
     source = tiny_model_dir(family)
     single, folder = tmp_path / "model.safetensors", tmp_path / "model"
@@ -59,7 +59,10 @@ def test_tiny_model_to_a_single_file_and_back(tiny_model_dir, tmp_path, capsys, 
     _assert_same_weights(_load(folder), original)
 
 
-@pytest.mark.parametrize("name,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "name,dtype",
+    [("fp16", torch.float16), pytest.param("bf16", torch.bfloat16, marks=pytest.mark.slow)],
+)
 def test_dtype_casts_once(sd1_dir, tmp_path, capsys, name, dtype):
     single = tmp_path / f"model-{name}.safetensors"
     _convert(capsys, sd1_dir, single, "--dtype", name)
@@ -69,6 +72,7 @@ def test_dtype_casts_once(sd1_dir, tmp_path, capsys, name, dtype):
     _assert_same_weights(_load(tmp_path / "back"), _load(single), torch.float32)
 
 
+@pytest.mark.slow
 def test_the_shipped_model_to_a_single_file_and_back(tmp_path, capsys):
     shipped = _load("shapes")
     as_stored, fp32 = tmp_path / "shapes.safetensors", tmp_path / "shapes-fp32.safetensors"
@@ -128,6 +132,7 @@ def test_ema_picks_the_emas_u_net(sd1_dir, tmp_path, capsys):
         assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_without_ema_the_main_weights_are_kept_and_the_ema_is_named(sd1_dir, tmp_path, capsys):
     source = tmp_path / "ema.safetensors"
     _with_ema(sd1_dir, source)
