@@ -417,6 +417,8 @@ SYNTAX = st.text(st.sampled_from(list("()[]:\\.,-+ 0123456789aBREAK\n")) | st.ch
 
 @PROPERTY
 @given(st.text() | SYNTAX)
+@example("\ud800")  # a lone surrogate (a non-UTF-8 byte of a command line): CI found it
+@example("a (red:1.2) \udcff circle")
 def test_any_prompt_parses_to_finite_weights_or_one_sentence(text):
     from latentkit.generation.prompts import chunk_prompt, chunk_rows, parse_weighted
 

@@ -21,6 +21,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from latentkit.config import brief_repr, is_unicode
 from latentkit.errors import ConfigError
 from latentkit.models.tokenizer import CLIPTokenizer
 
@@ -158,11 +159,17 @@ def parse_weighted(text: str) -> list[tuple[str, float]]:
     Two places where A1111 has no sensible answer differ on purpose: a weight that is not a
     finite number, like ``(a:1.2.3)``, is kept as text (A1111 raises), and ``BREAK`` inside
     brackets still breaks (A1111 turns it into the word "break" with weight -1.1). Brackets
-    nested so deep that a weight overflows are refused (ConfigError).
+    nested so deep that a weight overflows are refused (ConfigError), and so is text that is
+    not Unicode (lone surrogates: bytes of a command line that were not UTF-8).
 
     >>> parse_weighted("a (very beautiful:1.3) [[girl]]")
     [('a ', 1.0), ('very beautiful', 1.3), (' ', 1.0), ('girl', 0.8264462809917354)]
     """
+    if not is_unicode(text):
+        raise ConfigError(
+            f"the prompt {brief_repr(text)} holds characters that are not Unicode text (lone "
+            "surrogates, from bytes that were not UTF-8); give it as UTF-8 text."
+        )
     parser = _AttentionParser()
     for match in _SYNTAX_RE.finditer(text):
         parser.feed(match)
