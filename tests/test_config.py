@@ -229,6 +229,7 @@ def loads_or_says_why(load) -> RunConfig | None:
     return run
 
 
+@pytest.mark.slow
 @RUN_FILE
 @given(run_data())
 def test_any_parsed_run_file_builds_or_says_why(phase_and_data):

@@ -209,6 +209,7 @@ def test_eval_with_a_clip_gives_a_clip_score(sd1_dir, tmp_path, capsys):
     assert json.loads((again / "report.json").read_text())["clip_score"] == score
 
 
+@pytest.mark.slow
 def test_inverse_phrasing_says_the_same_pairs_the_other_way_round(sd1_dir, tmp_path, capsys):
     reports = {}
     for phrasing in ("canonical", "inverse"):

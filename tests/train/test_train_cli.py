@@ -243,6 +243,7 @@ def test_out_is_required_without_dry_run(capsys, tiny):
     assert code == 2 and "--out" in error_line(err)
 
 
+@pytest.mark.slow
 def test_train_then_plot(capsys, tiny):
     out = tiny["root"] / "run"
     code, stdout, err = run_cli(

@@ -110,6 +110,7 @@ def _with_ema(source, path, scale: float = 0.5) -> dict[str, torch.Tensor]:
     return state | ema
 
 
+@pytest.mark.slow
 def test_ema_picks_the_emas_u_net(sd1_dir, tmp_path, capsys):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 

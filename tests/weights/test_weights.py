@@ -203,7 +203,9 @@ def test_single_file_without_stored_config_uses_hint(sd1_dir, tmp_path):
     assert v.schedule.prediction_type == "v_prediction"
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.slow)]
+)
 def test_half_precision_save_and_load(sd1_dir, tmp_path, dtype):
     ours = latentkit.load(sd1_dir)
     folder = weights.save_diffusers(ours, tmp_path / "half", dtype=dtype)
