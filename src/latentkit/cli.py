@@ -35,6 +35,7 @@ from latentkit.images import image_grid
 from latentkit.outputs import output_paths, replace_atomically
 from latentkit.runtime.device import Progress, resolve_device, resolve_dtype
 from latentkit.runtime.layout import optimize
+from latentkit.server import cli as server_cli
 from latentkit.shapes import cli as shapes_cli
 from latentkit.shapes import world as shapes
 from latentkit.train import cli as train_cli
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(commands)
     _add_train(commands)
     _add_eval(commands)
+    _add_serve(commands)
     return parser
 
 
@@ -96,6 +98,10 @@ DEVICE_HELP = "where to run; auto: CUDA when present, else the CPU"
 
 def _add_eval(commands) -> None:
     shapes_cli.add_cli(commands)
+
+
+def _add_serve(commands) -> None:
+    server_cli.add_cli(commands)  # "serve": fastapi is imported only when it runs
 
 
 def _add_train(commands) -> None:

@@ -1,0 +1,128 @@
+"""``latentkit serve``: load the models once, then serve the API until interrupted.
+
+Safe by default: loopback only; any other address needs ``--token``, refused in one
+sentence before anything is loaded or bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import socket
+from pathlib import Path
+
+from latentkit.errors import ConfigError, LatentkitError
+from latentkit.runtime.device import resolve_device, resolve_dtype
+from latentkit.server.jobs import JobQueue
+from latentkit.weights import load
+from latentkit.weights.shipped import DEFAULT_MODEL, SHIPPED
+
+DEFAULT_PORT = 7860
+
+
+def add_cli(commands) -> None:
+    p = commands.add_parser(
+        "serve",
+        help="serve an HTTP API (jobs, progress events, result PNGs) on a local port",
+        description="Load the models once and serve the native API under /api/v1 "
+        "(its documentation at /docs). Loopback only unless --token is given.",
+    )
+    p.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help="a model to serve: a shipped name, a diffusers folder or a .safetensors file; "
+        "repeatable, the first is the default; clients choose by name (a path's stem) "
+        f"(default: {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; not loopback needs --token"
+    )
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="require Authorization: Bearer TOKEN on every API call (default: none, loopback only)",
+    )
+    p.add_argument(
+        "--outputs", type=Path, default=Path("outputs"), help="folder the result PNGs go to"
+    )
+    p.add_argument(
+        "--queue-size", type=int, default=16, help="most jobs queued and running at once"
+    )
+    p.set_defaults(run=run_serve)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) binds to this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in found)
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """Everything about the flags that can be refused before loading or binding."""
+    if not is_loopback(args.host) and not args.token:
+        raise ConfigError(
+            f"binding {args.host} exposes the server beyond this machine; give --token TOKEN "
+            "(clients then send Authorization: Bearer TOKEN) or bind 127.0.0.1."
+        )
+    if args.token is not None and not args.token.strip():
+        raise ConfigError("--token must not be empty.")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be from 0 to 65535, got {args.port}.")
+    if args.queue_size < 1:
+        raise ConfigError(f"--queue-size must be at least 1, got {args.queue_size}.")
+
+
+def model_name(given: str) -> str:
+    """What clients call a model: a shipped name as is, a path by its stem."""
+    path = Path(given)
+    return given if given in SHIPPED and not path.exists() else path.stem
+
+
+def load_models(given: list[str]) -> dict:
+    """name -> loaded components, in the order given (the first is the default)."""
+    device = resolve_device("auto")
+    dtype = resolve_dtype("auto", device)
+    models = {}
+    for model in given:
+        name = model_name(model)
+        if name in models:
+            raise ConfigError(
+                f"two models would both be called {name!r}; clients choose by name, so "
+                "rename one folder or file."
+            )
+        models[name] = load(model, dtype=dtype, device=device)
+    return models
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    check_serve_args(args)
+    try:
+        # optional extra: fastapi/uvicorn (pip install latentkit[serve])
+        import uvicorn
+
+        from latentkit.server.app import create_app
+    except ImportError as err:
+        raise LatentkitError(
+            f"latentkit serve needs FastAPI and uvicorn ({err.name} is missing); "
+            "install them with pip install 'latentkit[serve]'."
+        ) from None
+    queue = JobQueue(load_models(args.models or [DEFAULT_MODEL]), args.outputs, args.queue_size)
+    queue.start()
+    try:
+        print(f"latentkit: serving {', '.join(queue.models)} on http://{args.host}:{args.port}")
+        uvicorn.run(create_app(queue, token=args.token), host=args.host, port=args.port)
+    finally:
+        queue.close()

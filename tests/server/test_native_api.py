@@ -1,0 +1,230 @@
+"""The native API through a real server and a real HTTP client: a job followed to its
+end, cancel, a full queue, and hostile requests that must each get their 4xx and start
+no work. The server is uvicorn in a thread on a free loopback port, with the shipped
+"shapes" model loaded once per session."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from latentkit.generation.pngmeta import read_png_record
+from latentkit.server.app import create_app
+from latentkit.server.jobs import MAX_STEPS, JobQueue
+from latentkit.weights import load
+from latentkit.weights.shipped import DEFAULT_MODEL
+
+JOBS = "/api/v1/jobs"
+
+
+@pytest.fixture(scope="session")
+def shapes_models():
+    return {DEFAULT_MODEL: load(DEFAULT_MODEL)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(models, outputs, *, queue_size=4, token=None):
+    """(base URL, the queue) of a server that runs until the block ends."""
+    queue = JobQueue(models, outputs, queue_size)
+    queue.start()
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(queue, token=token), host="127.0.0.1", port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", queue
+    finally:
+        server.should_exit = True
+        queue.close()
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def server(shapes_models, tmp_path):
+    with running_server(shapes_models, tmp_path / "outputs") as (url, queue):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield client, queue
+
+
+def events(client: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
+    """Every server-sent event of a job, read to its end: (name, data)."""
+    found, name = [], None
+    with client.stream("GET", f"/api/v1/jobs/{job_id}/events") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                found.append((name, json.loads(line.removeprefix("data: "))))
+    return found
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def submit(client, **fields):
+    return client.post(JOBS, json={"prompt": "a red circle", **fields})
+
+
+@pytest.mark.slow
+def test_a_job_runs_to_done_and_its_png_holds_its_parameters(server, tmp_path):
+    client, queue = server
+    answer = submit(client, steps=3, seed=7, cfg=2.0)
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["id"]
+    seen = events(client, job_id)
+    steps = [data for name, data in seen if name == "step"]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert all(s["total"] == 3 and s["its"] > 0 and s["eta"] >= 0 for s in steps)
+    assert steps[-1]["eta"] == 0
+    name, done = seen[-1]
+    assert name == "done" and len(done["image_urls"]) == 1
+    png = client.get(done["image_urls"][0])
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+    saved = tmp_path / "got.png"
+    saved.write_bytes(png.content)
+    record = read_png_record(saved)
+    assert (record["prompt"], record["steps"], record["seed"], record["cfg"]) == (
+        "a red circle", 3, 7, 2.0,
+    )  # fmt: skip
+    assert record["model"] == "shapes"  # the name clients know, not the server's path
+    assert (queue.outputs / done["images"][0]).is_file()
+    job = client.get(f"{JOBS}/{job_id}").json()
+    assert (job["state"], job["step"], job["total"]) == ("done", 3, 3)
+    listed = client.get(JOBS).json()["jobs"]
+    assert [j["id"] for j in listed] == [job_id]
+    # A second job is numbered past the first: nothing is overwritten.
+    second = submit(client, steps=2).json()["id"]
+    (_, last), *_ = reversed(events(client, second))
+    assert last["images"] != done["images"]
+    assert [j["id"] for j in client.get(JOBS).json()["jobs"]] == [second, job_id]
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_running_job_and_frees_the_worker(server):
+    client, queue = server
+    long = submit(client, steps=MAX_STEPS).json()["id"]
+    wait_for(lambda: client.get(f"{JOBS}/{long}").json()["step"] >= 1)
+    assert client.post(f"{JOBS}/{long}/cancel").status_code == 200
+    assert events(client, long)[-1][0] == "cancelled"
+    job = client.get(f"{JOBS}/{long}").json()
+    assert job["state"] == "cancelled" and job["step"] < MAX_STEPS and job["images"] == []
+    after = submit(client, steps=2).json()["id"]
+    assert events(client, after)[-1][0] == "done"
+
+
+@pytest.mark.slow
+def test_a_full_queue_answers_429_with_retry_after(shapes_models, tmp_path):
+    with running_server(shapes_models, tmp_path / "out", queue_size=1) as (url, queue):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            long = submit(client, steps=MAX_STEPS).json()["id"]
+            wait_for(lambda: client.get(f"{JOBS}/{long}").json()["state"] == "running")
+            refused = submit(client, steps=2)
+            assert refused.status_code == 429, refused.text
+            assert int(refused.headers["Retry-After"]) >= 1
+            assert "queue is full" in refused.json()["error"]
+            assert len(client.get(JOBS).json()["jobs"]) == 1  # the refused one is not listed
+            client.post(f"{JOBS}/{long}/cancel")
+            wait_for(lambda: queue.running is None)
+            assert submit(client, steps=2).status_code == 202
+
+
+HOSTILE = [
+    ({"steps": 10**6}, 422, "steps must be at most"),
+    ({"width": 100000}, 422, "at most 2048 pixels"),
+    ({"cfg": float("nan")}, 422, "cfg (guidance scale) must be a finite number"),
+    ({"cfg": "NaN"}, 422, "cfg (guidance scale) must be a finite number"),
+    ({"model": "/etc/passwd"}, 422, "by name, not by path; valid: shapes"),
+    ({"model": "../models/x.safetensors"}, 422, "by name, not by path"),
+    ({"model": "nope"}, 404, "no model is named 'nope'; valid: shapes"),
+    ({"init_image": "aGk="}, 422, "not supported by this server yet"),
+    ({"stepz": 3}, 422, "'stepz' is not a generation setting"),
+]
+
+
+@pytest.mark.parametrize("fields, status, message", HOSTILE, ids=lambda x: str(x)[:30])
+def test_hostile_fields_are_refused_and_start_no_work(server, fields, status, message):
+    client, queue = server
+    body = json.dumps({"prompt": "x", **fields}).encode()  # NaN as the literal NaN
+    answer = client.post(JOBS, content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == status, answer.text
+    assert message in answer.json()["error"]
+    assert client.get(JOBS).json()["jobs"] == [] and not any(queue.outputs.iterdir())
+
+
+def test_a_nan_literal_in_the_body_is_refused(server):
+    client, _ = server
+    answer = client.post(JOBS, content=b'{"prompt": "x", "cfg": NaN}')
+    assert answer.status_code == 422 and "finite" in answer.json()["error"]
+
+
+def test_a_50_mb_body_is_refused_before_parsing(server):
+    client, queue = server
+    answer = client.post(JOBS, content=b"{" + b" " * (50 << 20) + b"}")
+    assert answer.status_code == 413 and "at most" in answer.json()["error"]
+    streamed = client.post(JOBS, content=iter([b" " * (1 << 20)] * 3))  # no length given
+    assert streamed.status_code == 413
+    assert queue.recent() == []
+
+
+@pytest.mark.slow
+def test_unknown_jobs_and_foreign_image_names_are_404(server):
+    client, queue = server
+    (queue.outputs / "secret.png").write_bytes(b"\x89PNG not yours")
+    assert client.get(f"{JOBS}/nope").status_code == 404
+    assert client.post(f"{JOBS}/nope/cancel").status_code == 404
+    assert client.get(f"{JOBS}/nope/events").status_code == 404
+    job = submit(client, steps=1).json()["id"]
+    wait_for(lambda: client.get(f"{JOBS}/{job}").json()["state"] == "done")
+    for name in ("secret.png", "..%2Fsecret.png", "%2E%2E%2F%2E%2E%2Fetc%2Fpasswd"):
+        answer = client.get(f"{JOBS}/{job}/images/{name}")
+        assert answer.status_code == 404, name
+        assert b"not yours" not in answer.content
+
+
+def test_with_a_token_every_api_call_needs_it(shapes_models, tmp_path):
+    with running_server(shapes_models, tmp_path / "out", token="s3cret") as (url, queue):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                for method, path in (("GET", JOBS), ("POST", JOBS), ("GET", f"{JOBS}/x")):
+                    answer = client.request(method, path, headers=headers, json={"prompt": "x"})
+                    assert answer.status_code == 401, (headers, path)
+                    assert "Bearer" in answer.json()["error"]
+            assert queue.recent() == []
+            good = {"Authorization": "Bearer s3cret"}
+            assert client.get(JOBS, headers=good).status_code == 200
+            assert client.get("/api/v1/models", headers=good).json()["default"] == "shapes"
+
+
+def test_the_openapi_page_documents_the_native_api(server):
+    client, _ = server
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/v1/jobs", "/api/v1/jobs/{job_id}/events", "/api/v1/jobs/{job_id}/cancel"} <= set(
+        paths
+    )
+    assert client.get("/docs").status_code == 200
