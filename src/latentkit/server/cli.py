@@ -110,10 +110,9 @@ def load_models(given: list[str]) -> dict:
 def run_serve(args: argparse.Namespace) -> None:
     check_serve_args(args)
     try:
-        # optional extra: fastapi/uvicorn (pip install latentkit[serve])
-        import uvicorn
+        import uvicorn  # optional extra: fastapi/uvicorn (pip install latentkit[serve])
 
-        from latentkit.server.app import create_app
+        from latentkit.server.app import create_app  # optional extra: it imports fastapi
     except ImportError as err:
         raise LatentkitError(
             f"latentkit serve needs FastAPI and uvicorn ({err.name} is missing); "
