@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from conftest import run_cli
 
@@ -36,3 +38,11 @@ def test_model_names_are_shipped_names_or_stems(tmp_path):
 
 def _must_not_load(*args, **kwargs):
     raise AssertionError("models were loaded before the flags were checked")
+
+
+def test_without_the_serve_extra_it_says_how_to_install_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    monkeypatch.setattr(server_cli, "load_models", _must_not_load)
+    code, _, err = run_cli(capsys, "serve")
+    assert code == 2 and err.count("\n") == 1
+    assert "pip install 'latentkit[serve]'" in err
