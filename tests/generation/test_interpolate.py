@@ -27,6 +27,7 @@ def pixels(image):
     return np.asarray(image, dtype=np.int16)
 
 
+@pytest.mark.slow
 def test_frames_start_and_end_at_the_plain_pictures(sd1_dir):
     model = latentkit.load(sd1_dir)
     options = GenerateOptions("a cat", steps=3, seed=1)

@@ -188,6 +188,7 @@ def test_eval_writes_report_and_grid(sd1_dir, tmp_path, capsys):
     assert code == 2 and "--overwrite" in err
 
 
+@pytest.mark.slow
 def test_eval_with_a_clip_gives_a_clip_score(sd1_dir, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(sd1_dir, model)
