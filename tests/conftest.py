@@ -162,6 +162,16 @@ class Stop(Exception):
     """Raised part-way through a training run, as if the process had died."""
 
 
+def shapes_splits(root: Path, train: int, held_out: int, size: int = 32) -> Path:
+    """``root`` with a shapes-world ``train/`` split (seed 0) and a held-out ``eval/`` split
+    (seed 1) of ``size`` px images: the data of the phases' learning tests."""
+    from latentkit.shapes.world import write_dataset  # test data only; conftest stays light
+
+    write_dataset(root / "train", train, seed=0, size=size)
+    write_dataset(root / "eval", held_out, seed=1, size=size)
+    return root
+
+
 def losses(run_dir) -> list[float]:
     """The logged training losses of a run, in step order."""
     from latentkit.train import read_records

@@ -9,12 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import Stop, losses, stop_at
+from conftest import Stop, losses, shapes_splits, stop_at
 
 from latentkit.config import TINY_CLIP, CLIPConfig, TextConfig
 from latentkit.data.config import DataConfig
 from latentkit.errors import ConfigError
-from latentkit.shapes.world import write_dataset
 from latentkit.train import TrainConfig, World, checkpoint, train
 from latentkit.train.clip import (
     CLIPPhase,
@@ -34,10 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    write_dataset(root / "train", 512, seed=0, size=32)
-    write_dataset(root / "eval", 64, seed=1, size=32)
-    return root
+    return shapes_splits(tmp_path_factory.mktemp("shapes"), train=512, held_out=64)
 
 
 def recipe(shapes, **changes) -> CLIPRecipe:

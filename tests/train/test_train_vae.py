@@ -8,14 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import Stop, losses, stop_at
+from conftest import Stop, losses, shapes_splits, stop_at
 from PIL import Image
 from scipy.signal import correlate2d
 
 from latentkit.config import TINY, VAEConfig
 from latentkit.data.config import DataConfig
 from latentkit.errors import ConfigError, LatentkitError
-from latentkit.shapes.world import write_dataset
 from latentkit.train import TrainConfig, World, checkpoint, read_records, train
 from latentkit.train.metrics import fixed_batches, gaussian_window, psnr, ssim
 from latentkit.train.vae import (
@@ -33,10 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    write_dataset(root / "train", 192, seed=0, size=32)
-    write_dataset(root / "eval", 32, seed=1, size=32)
-    return root
+    return shapes_splits(tmp_path_factory.mktemp("shapes"), train=192, held_out=32)
 
 
 def recipe(shapes, **changes) -> VAERecipe:
