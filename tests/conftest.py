@@ -199,3 +199,23 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.fixture(scope="session")
+def shapes_models():
+    """The shipped "shapes" model, loaded once, as a server's model table."""
+    from latentkit.weights import load  # only the server's tests need it
+    from latentkit.weights.shipped import DEFAULT_MODEL
+
+    return {DEFAULT_MODEL: load(DEFAULT_MODEL)}
+
+
+@pytest.fixture
+def server(shapes_models, tmp_path):
+    """(an HTTP client, the queue) of a live server over the shapes model (server.live)."""
+    import httpx  # the serve extra: only the server's tests need it
+    from server.live import running_server
+
+    with running_server(shapes_models, tmp_path / "outputs") as (url, queue):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield client, queue

@@ -5,86 +5,16 @@ no work. The server is uvicorn in a thread on a free loopback port, with the shi
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
+from server.live import events, running_server, wait_for
 
 from latentkit.generation.pngmeta import read_png_record
-from latentkit.server.app import create_app
-from latentkit.server.jobs import MAX_STEPS, JobQueue
-from latentkit.weights import load
-from latentkit.weights.shipped import DEFAULT_MODEL
+from latentkit.server.jobs import MAX_STEPS
 
 JOBS = "/api/v1/jobs"
-
-
-@pytest.fixture(scope="session")
-def shapes_models():
-    return {DEFAULT_MODEL: load(DEFAULT_MODEL)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(models, outputs, *, queue_size=4, token=None):
-    """(base URL, the queue) of a server that runs until the block ends."""
-    queue = JobQueue(models, outputs, queue_size)
-    queue.start()
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(queue, token=token), host="127.0.0.1", port=port, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", queue
-    finally:
-        server.should_exit = True
-        queue.close()
-        thread.join(timeout=30)
-
-
-@pytest.fixture
-def server(shapes_models, tmp_path):
-    with running_server(shapes_models, tmp_path / "outputs") as (url, queue):
-        with httpx.Client(base_url=url, timeout=60) as client:
-            yield client, queue
-
-
-def events(client: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
-    """Every server-sent event of a job, read to its end: (name, data)."""
-    found, name = [], None
-    with client.stream("GET", f"/api/v1/jobs/{job_id}/events") as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                found.append((name, json.loads(line.removeprefix("data: "))))
-    return found
-
-
-def wait_for(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
 
 
 def submit(client, **fields):
