@@ -109,6 +109,9 @@ def create_app(
         return _error(err.status_code, str(err.detail), getattr(err, "headers", None))
 
     app.include_router(native_api(queue, token), prefix="/api/v1")
+    from latentkit.server.openai_images import openai_api  # it imports this module's helpers
+
+    app.include_router(openai_api(queue, token), prefix="/v1")
     return app
 
 
