@@ -144,7 +144,7 @@ async def read_settings(request: Request) -> Any:
         return await read_json(request)
     try:
         form = await request.form(max_files=len(PICTURE_FIELDS), max_fields=8)
-    except HTTPException:
+    except (ApiError, HTTPException):  # too large (BodyLimit), or Starlette's own limits
         raise
     except Exception:  # the multipart parser's own errors
         raise ApiError(422, "the multipart form could not be read.") from None
