@@ -24,6 +24,7 @@ from latentkit.diffusion.samplers import SAMPLERS
 from latentkit.errors import LatentkitError
 from latentkit.generation.options import FIELD_NAMES, MAX_IMAGES, SCHEDULES, GenerateOptions
 from latentkit.generation.pipeline import image_size
+from latentkit.server.a1111 import a1111_api
 from latentkit.server.common import (
     ApiError,
     bearer_check,
@@ -105,6 +106,7 @@ def create_app(
         return error_response(err.status_code, str(err.detail), getattr(err, "headers", None))
 
     app.include_router(native_api(queue, token), prefix="/api/v1")
+    app.include_router(a1111_api(queue, token), prefix="/sdapi/v1")
     return app
 
 
