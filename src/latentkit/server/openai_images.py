@@ -53,7 +53,7 @@ from latentkit.config import brief_repr
 from latentkit.errors import ConfigError, LatentkitError
 from latentkit.generation.options import FIELD_NAMES
 from latentkit.generation.pipeline import image_size
-from latentkit.server.app import ApiError, bearer_check, read_json
+from latentkit.server.common import ApiError, bearer_check, read_json
 from latentkit.server.jobs import JobQueue, QueueFull, wait_finished
 from latentkit.server.requests import UnknownName, decode_picture
 
