@@ -20,6 +20,7 @@ from latentkit.config import VERSION
 from latentkit.errors import ConfigError, LatentkitError
 from latentkit.generation.options import FIELD_NAMES
 from latentkit.server.jobs import FINISHED, JobQueue, QueueFull, UnknownName
+from latentkit.server.page import page_routes
 
 MAX_JSON_BYTES = 1 << 20
 EVENT_POLL_S = 0.05
@@ -57,6 +58,7 @@ def create_app(queue: JobQueue, *, token: str | None = None) -> FastAPI:
         return _error(err.status_code, str(err.detail), getattr(err, "headers", None))
 
     app.include_router(native_api(queue, token), prefix="/api/v1")
+    app.include_router(page_routes())
     return app
 
 
