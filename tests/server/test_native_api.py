@@ -5,10 +5,13 @@ no work. The server is uvicorn in a thread on a free loopback port, with the shi
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import httpx
 import pytest
+from PIL import Image
 from server.live import events, running_server, wait_for
 
 from latentkit.generation.pngmeta import read_png_record
@@ -84,6 +87,21 @@ def test_a_full_queue_answers_429_with_retry_after(shapes_models, tmp_path):
             assert submit(client, steps=2).status_code == 202
 
 
+def png_base64(width: int, height: int, colour="white") -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def bomb_base64() -> str:
+    """A small PNG whose header claims 5000x5000 pixels (a 1-bit picture: a few KB)."""
+    buffer = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+TINY_PNG = png_base64(8, 8)
+BOMB_PNG = bomb_base64()
 HOSTILE = [
     ({"steps": 10**6}, 422, "steps must be at most"),
     ({"width": 100000}, 422, "at most 2048 pixels"),
@@ -92,7 +110,10 @@ HOSTILE = [
     ({"model": "/etc/passwd"}, 422, "by name, not by path; valid: shapes"),
     ({"model": "../models/x.safetensors"}, 422, "by name, not by path"),
     ({"model": "nope"}, 404, "no model is named 'nope'; valid: shapes"),
-    ({"init_image": "aGk="}, 422, "not supported by this server yet"),
+    ({"init_image": "aGk="}, 422, "init_image is not a readable picture"),
+    ({"init_image": "not base64!"}, 422, "init_image must be a PNG or JPEG picture as base64"),
+    ({"mask": TINY_PNG}, 422, "a mask needs an init_image"),
+    ({"init_image": BOMB_PNG}, 422, "more than the limit of 16,777,216"),
     ({"stepz": 3}, 422, "'stepz' is not a generation setting"),
 ]
 
@@ -117,7 +138,7 @@ def test_a_50_mb_body_is_refused_before_parsing(server):
     client, queue = server
     answer = client.post(JOBS, content=b"{" + b" " * (50 << 20) + b"}")
     assert answer.status_code == 413 and "at most" in answer.json()["error"]
-    streamed = client.post(JOBS, content=iter([b" " * (1 << 20)] * 3))  # no length given
+    streamed = client.post(JOBS, content=iter([b" " * (1 << 20)] * 17))  # no length given
     assert streamed.status_code == 413
     assert queue.recent() == []
 

@@ -288,6 +288,17 @@ SPACING_FAMILY = {
 }
 
 
+# Samplers that draw fresh noise at every step (DDIM only with eta > 0). They draw it for the
+# whole batch from the first image's generator, so a picture of theirs depends on what else
+# is in its batch; the deterministic ones give each picture alone the same.
+STOCHASTIC = frozenset({"ddpm", "dpmpp_2m_sde", "euler_a"})
+
+
+def draws_noise(sampler: str, eta: float | None = None) -> bool:
+    """Whether ``sampler`` (with DDIM's ``eta``) adds fresh noise at its steps."""
+    return sampler in STOCHASTIC or (sampler == "ddim" and bool(eta))
+
+
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     """The sampler function called ``name``."""
     if name not in SAMPLERS:

@@ -1,34 +1,45 @@
 """The FastAPI application: the native API under ``/api/v1`` over a :class:`JobQueue`.
 
 Every answer that is not a success is JSON ``{"error": "<one sentence>"}``. Bodies are
-read here, not by FastAPI's models, so that the size limit holds before parsing and the
-one shared validator (``jobs.check_request``) says what is wrong, as it does for the CLI.
+read here, not by FastAPI's models, so that the size limit holds before parsing (for every
+route: :class:`BodyLimit`) and the one shared validator (``requests.check_request``) says
+what is wrong, as it does for the CLI. Cross-origin calls are refused by browsers unless
+the server is started with ``cors`` origins.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import HTTPException
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from latentkit.config import VERSION
+from latentkit.diffusion.samplers import SAMPLERS
 from latentkit.errors import ConfigError, LatentkitError
-from latentkit.generation.options import FIELD_NAMES
-from latentkit.server.jobs import FINISHED, JobQueue, QueueFull, UnknownName
+from latentkit.generation.options import FIELD_NAMES, MAX_IMAGES, SCHEDULES, GenerateOptions
+from latentkit.generation.pipeline import image_size
+from latentkit.server.jobs import FINISHED, JobQueue, QueueFull
 from latentkit.server.page import page_routes
+from latentkit.server.requests import MAX_SIDE, MAX_STEPS, PICTURE_FIELDS, UnknownName
 
-MAX_JSON_BYTES = 1 << 20
+MAX_BODY_BYTES = 16 << 20  # a few init pictures as base64; 50 MB is refused unread
 EVENT_POLL_S = 0.05
 _FIELDS_SCHEMA = {  # for the /docs page; the validator is check_request's, not this
     "type": "object",
     "properties": {
         "model": {"type": "string", "description": "a model name (GET /api/v1/models)"},
         **{name: {"description": "as latentkit generate's setting"} for name in FIELD_NAMES},
+        **{
+            name: {"type": "string", "description": "a picture as base64 text or a data: URL"}
+            for name in PICTURE_FIELDS
+        },
     },
     "required": ["prompt"],
 }
@@ -44,10 +55,51 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(queue: JobQueue, *, token: str | None = None) -> FastAPI:
-    """The application over ``queue``; with ``token``, every ``/api`` call needs
-    ``Authorization: Bearer TOKEN``. The caller starts and closes the queue."""
+class BodyLimit:
+    """ASGI middleware: a request body past ``limit`` bytes is refused with 413, by its
+    declared length before any of it is read, else as it arrives (``BodyTooLarge`` in the
+    route that reads it)."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await _error(413, self.message())(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise ApiError(413, self.message())
+            return message
+
+        return await self.app(scope, counted, send)
+
+    def message(self) -> str:
+        return f"the request body must be at most {self.limit:,} bytes."
+
+
+def create_app(
+    queue: JobQueue, *, token: str | None = None, cors: list[str] | None = None
+) -> FastAPI:
+    """The application over ``queue``; with ``token``, every API call needs
+    ``Authorization: Bearer TOKEN``; ``cors`` lists the web origins allowed to call it from
+    a browser (none by default). The caller starts and closes the queue."""
     app = FastAPI(title="latentkit", version=VERSION)
+    app.add_middleware(BodyLimit)
+    if cors:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -80,25 +132,45 @@ def bearer_check(token: str | None):
 
 
 async def read_json(request: Request) -> Any:
-    """The body as JSON, refused with 413 past ``MAX_JSON_BYTES`` before it is parsed
-    (by its declared length, else as it arrives)."""
-    too_big = ApiError(413, f"the request body must be at most {MAX_JSON_BYTES:,} bytes.")
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_JSON_BYTES):
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_JSON_BYTES:
-            raise too_big
-        chunks.append(chunk)
+    """The body as JSON (its size is capped by :class:`BodyLimit`)."""
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(await request.body())
     except (ValueError, RecursionError):
         raise ApiError(422, "the request body must be a JSON object of settings.") from None
 
 
-def _refusal(err: LatentkitError) -> ApiError:
+async def read_settings(request: Request) -> Any:
+    """A native job's fields: a JSON body, or a multipart form whose ``settings`` field is
+    that JSON and whose ``init_image`` and ``mask`` fields are uploaded files."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return await read_json(request)
+    try:
+        form = await request.form(max_files=len(PICTURE_FIELDS), max_fields=8)
+    except HTTPException:
+        raise
+    except Exception:  # the multipart parser's own errors
+        raise ApiError(422, "the multipart form could not be read.") from None
+    unknown = sorted(set(form) - {"settings", *PICTURE_FIELDS})
+    if unknown:
+        raise ApiError(
+            422, f"{unknown[0]!r} is not a form field; valid: settings, init_image, mask."
+        )
+    try:
+        fields = json.loads(form.get("settings") or "{}")
+    except (TypeError, ValueError):
+        raise ApiError(
+            422, "the form's settings field must be a JSON object of settings."
+        ) from None
+    if not isinstance(fields, dict):
+        raise ApiError(422, "the form's settings field must be a JSON object of settings.")
+    for name in PICTURE_FIELDS:
+        upload = form.get(name)
+        if upload is not None:
+            fields[name] = await upload.read() if hasattr(upload, "read") else upload
+    return fields
+
+
+def refusal(err: LatentkitError) -> ApiError:
     if isinstance(err, QueueFull):
         return ApiError(429, str(err), {"Retry-After": str(err.retry_after)})
     if isinstance(err, UnknownName):
@@ -115,7 +187,7 @@ def native_api(queue: JobQueue, token: str | None) -> APIRouter:
         try:
             return queue.get(job_id)
         except LatentkitError as err:
-            raise _refusal(err) from None
+            raise refusal(err) from None
 
     def urls(job_id: str, names: list[str]) -> list[str]:
         return [f"/api/v1/jobs/{job_id}/images/{name}" for name in names]
@@ -124,20 +196,43 @@ def native_api(queue: JobQueue, token: str | None) -> APIRouter:
     async def models() -> dict:
         return {"models": list(queue.models), "default": next(iter(queue.models))}
 
+    @api.get("/capabilities", summary="Models, samplers, schedules, defaults and limits")
+    async def capabilities() -> dict:
+        return {
+            "models": list(queue.models),
+            "default": next(iter(queue.models)),
+            "samplers": list(SAMPLERS),
+            "schedules": list(SCHEDULES),
+            "defaults": {
+                f.name: f.default
+                for f in dataclasses.fields(GenerateOptions)
+                if f.default is not dataclasses.MISSING
+            },
+            "sizes": {name: image_size(c, GenerateOptions("")) for name, c in queue.models.items()},
+            "limits": {
+                "max_steps": MAX_STEPS,
+                "max_side": MAX_SIDE,
+                "max_images": MAX_IMAGES,
+                "batch_limit": queue.batch_limit,
+                "max_body_bytes": MAX_BODY_BYTES,
+            },
+        }
+
     @api.post(
         "/jobs",
         status_code=202,
-        summary="Queue a text-to-image job: generate settings as JSON, plus model",
+        summary="Queue a job: generate settings as JSON plus model, init_image and mask "
+        "(base64), or a multipart form (settings: that JSON; init_image, mask: files)",
         openapi_extra={
             "requestBody": {"content": {"application/json": {"schema": _FIELDS_SCHEMA}}}
         },
     )
     async def submit(request: Request) -> dict:
-        body = await read_json(request)
+        body = await read_settings(request)
         try:
             job = queue.submit(body)
         except LatentkitError as err:
-            raise _refusal(err) from None
+            raise refusal(err) from None
         return {"id": job.id, "state": job.state}
 
     @api.get("/jobs", summary="Recent jobs, newest first")
@@ -156,7 +251,7 @@ def native_api(queue: JobQueue, token: str | None) -> APIRouter:
         try:
             job = queue.cancel(job_id)
         except LatentkitError as err:
-            raise _refusal(err) from None
+            raise refusal(err) from None
         return {"id": job.id, "state": job.state}
 
     @api.get(
@@ -172,7 +267,7 @@ def native_api(queue: JobQueue, token: str | None) -> APIRouter:
         try:
             path = queue.image_path(job_id, name)
         except LatentkitError as err:
-            raise _refusal(err) from None
+            raise refusal(err) from None
         return FileResponse(path, media_type="image/png")
 
     return api

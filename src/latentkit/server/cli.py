@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import re
 import socket
 from pathlib import Path
 
@@ -52,6 +53,26 @@ def add_cli(commands) -> None:
     p.add_argument(
         "--queue-size", type=int, default=16, help="most jobs queued and running at once"
     )
+    p.add_argument(
+        "--batch-limit",
+        type=int,
+        default=4,
+        help="most pictures of waiting jobs run in one U-Net batch (1: no batching)",
+    )
+    p.add_argument(
+        "--job-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a job may run before it is ended as failed",
+    )
+    p.add_argument(
+        "--cors",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="a web origin (e.g. https://example.org) whose pages may call the API; "
+        "repeatable (default: none, no cross-origin access)",
+    )
     p.set_defaults(run=run_serve)
 
 
@@ -83,6 +104,18 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--port must be from 0 to 65535, got {args.port}.")
     if args.queue_size < 1:
         raise ConfigError(f"--queue-size must be at least 1, got {args.queue_size}.")
+    if args.batch_limit < 1:
+        raise ConfigError(f"--batch-limit must be at least 1, got {args.batch_limit}.")
+    if not args.job_timeout > 0:
+        raise ConfigError(
+            f"--job-timeout must be a positive number of seconds, got {args.job_timeout}."
+        )
+    for origin in args.cors or []:
+        if origin == "*" or not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(
+                f"--cors takes an origin such as https://example.org (scheme and host, no "
+                f"path, not *), got {origin!r}."
+            )
 
 
 def model_name(given: str) -> str:
@@ -118,10 +151,17 @@ def run_serve(args: argparse.Namespace) -> None:
             f"latentkit serve needs FastAPI and uvicorn ({err.name} is missing); "
             "install them with pip install 'latentkit[serve]'."
         ) from None
-    queue = JobQueue(load_models(args.models or [DEFAULT_MODEL]), args.outputs, args.queue_size)
+    queue = JobQueue(
+        load_models(args.models or [DEFAULT_MODEL]),
+        args.outputs,
+        args.queue_size,
+        batch_limit=args.batch_limit,
+        timeout=args.job_timeout,
+    )
     queue.start()
     try:
         print(f"latentkit: serving {', '.join(queue.models)} on http://{args.host}:{args.port}")
-        uvicorn.run(create_app(queue, token=args.token), host=args.host, port=args.port)
+        app = create_app(queue, token=args.token, cors=args.cors)
+        uvicorn.run(app, host=args.host, port=args.port)
     finally:
         queue.close()

@@ -1,14 +1,21 @@
 """Jobs and the one worker that runs them, first in first out, off the event loop.
 
-A job is checked whole before it is queued (``check_request``): the shared validator of
-every way in (``options_from_fields`` + ``prepare_for_run``), the server's own limits and
-the memory estimate, so a refused request starts no work. The worker runs ``generate()``
-and stops iterating it when the job is cancelled, at the next step. Results are written to
-the outputs folder under free numbered names (``latentkit.outputs``), never over a file.
+A job is checked whole before it is queued (``requests.check_request``), so a refused
+request starts no work. The worker takes the oldest waiting job and, when its sampler is
+deterministic, the waiting jobs that can share its U-Net batch (``generation.batch``), up
+to ``batch_limit`` pictures; each job's pictures are those it would get alone. A job that
+is cancelled, or runs past ``timeout`` seconds, ends at once and frees its place in the
+queue; the batch stops at its next step when no job of it is left.
+
+Every few steps a job gets a cheap preview of its first picture (``generation.preview``);
+results are written to the outputs folder under free numbered names (``latentkit.outputs``),
+never over a file, and stay there when the client has gone.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import collections
 import dataclasses
 import math
@@ -19,27 +26,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image
+
 from latentkit.config import brief_repr
 from latentkit.errors import ConfigError, LatentkitError
-from latentkit.generation.options import (
-    GenerateOptions,
-    options_from_fields,
-    prepare_for_run,
-    require_settings_object,
-)
-from latentkit.generation.pipeline import Result, generate, image_size
+from latentkit.generation.batch import batch_key, generate_batch
+from latentkit.generation.img2img import image_to_tensor
+from latentkit.generation.options import GenerateOptions
+from latentkit.generation.pipeline import Result, Step, generate
 from latentkit.generation.pngmeta import save_png
+from latentkit.generation.preview import PreviewFit, fit_latent_preview, preview_png
 from latentkit.models.components import Components
 from latentkit.outputs import free_paths
-from latentkit.runtime.memory import check_fits
+from latentkit.server.requests import (  # noqa: F401  (MAX_SIDE, MAX_STEPS, UnknownName: re-exported)
+    MAX_SIDE,
+    MAX_STEPS,
+    Request,
+    UnknownName,
+    check_request,
+)
 
-# What one request may ask of a shared server (the library itself has no upper bounds).
-MAX_STEPS = 500
-MAX_SIDE = 2048
-NOT_YET = ("init_image", "mask")  # img2img and inpainting come in a later slice
 KEPT_JOBS = 200  # finished jobs listed; their files stay in the outputs folder regardless
 STATES = ("queued", "running", "done", "cancelled", "failed")
 FINISHED = ("done", "cancelled", "failed")
+PREVIEWS_PER_JOB = 10  # a preview every total/10 steps (and at the last)
+WAIT_POLL_S = 0.05
 
 
 class QueueFull(LatentkitError):
@@ -50,23 +62,24 @@ class QueueFull(LatentkitError):
         self.retry_after = retry_after
 
 
-class UnknownName(LatentkitError):
-    """A job, model or image name the server does not know (HTTP 404)."""
-
-
-@dataclass
+@dataclass(eq=False)
 class Job:
     id: str
     model: str
     options: GenerateOptions
+    init_image: Image.Image | None = None
+    mask: Image.Image | None = None
     state: str = "queued"
     step: int = 0
     total: int = 0
     images: list[str] = field(default_factory=list)
     error: str | None = None
     created: float = field(default_factory=time.time)
-    events: list[dict[str, Any]] = field(default_factory=list)  # appended, never changed
-    cancel: threading.Event = field(default_factory=threading.Event)
+    started: float | None = None
+    eta: float | None = None
+    preview: bytes | None = None  # PNG of the latest preview of the first picture
+    events: list[dict[str, Any]] = field(default_factory=list)  # appended to while running
+    finished: threading.Event = field(default_factory=threading.Event)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -75,99 +88,95 @@ class Job:
             "state": self.state,
             "step": self.step,
             "total": self.total,
+            "eta": self.eta,
             "images": list(self.images),
             "error": self.error,
             "created": self.created,
+            "started": self.started,
+            "kind": self.kind,
             "options": dataclasses.asdict(self.options),
         }
 
-
-def model_names(models: dict[str, Components]) -> str:
-    return ", ".join(models)
-
-
-def choose_model(models: dict[str, Components], name: Any) -> str:
-    """The model a request names (by name only, never a path); the first when absent."""
-    if name is None:
-        return next(iter(models))
-    if not isinstance(name, str):
-        raise ConfigError(f"model must be a model name, got {brief_repr(name)}.")
-    if name in models:
-        return name
-    if any(sep in name for sep in "/\\") or name.endswith((".safetensors", ".ckpt", ".pt")):
-        raise ConfigError(f"models are chosen by name, not by path; valid: {model_names(models)}.")
-    raise UnknownName(f"no model is named {brief_repr(name)}; valid: {model_names(models)}.")
+    @property
+    def kind(self) -> str:
+        if self.init_image is None:
+            return "txt2img"
+        return "img2img" if self.mask is None else "inpaint"
 
 
-def check_request(models: dict[str, Components], body: Any) -> tuple[str, GenerateOptions]:
-    """(model name, options ready to run) for a request body, or one sentence saying why
-    not (ConfigError, UnknownName). Nothing is run."""
-    fields = dict(require_settings_object(body, "the request body"))
-    for name in NOT_YET:
-        if name in fields:
-            raise ConfigError(
-                f"{name} is not supported by this server yet (text-to-image only for now)."
-            )
-    model = choose_model(models, fields.pop("model", None))
-    options = prepare_for_run(options_from_fields(fields), init_image=False)
-    if options.steps > MAX_STEPS:
-        raise ConfigError(f"steps must be at most {MAX_STEPS} on this server, got {options.steps}.")
-    components = models[model]
-    width, height = image_size(components, options)
-    if max(width, height) > MAX_SIDE:
-        raise ConfigError(
-            f"width and height must be at most {MAX_SIDE} pixels on this server, "
-            f"got {width}x{height}."
-        )
-    device, dtype = components.placement(None, None)
-    check_fits(components, (width, height), options.n, options.cfg, device, dtype)
-    return model, options
+async def wait_finished(job: Job) -> Job:
+    """Wait for ``job`` to end (done, cancelled or failed) without holding a thread."""
+    while not job.finished.is_set():
+        await asyncio.sleep(WAIT_POLL_S)
+    return job
 
 
 class JobQueue:
     """Jobs by id, the FIFO of those waiting, and the worker thread that runs them.
 
-    ``size`` bounds queued + running jobs. Every field of a job is written by the worker
-    under ``lock``; readers take a snapshot under the same lock."""
+    ``size`` bounds waiting + running jobs. A job's fields are written under ``lock``;
+    readers take a snapshot under the same lock."""
 
-    def __init__(self, models: dict[str, Components], outputs: Path, size: int) -> None:
+    def __init__(
+        self,
+        models: dict[str, Components],
+        outputs: Path,
+        size: int,
+        *,
+        batch_limit: int = 4,
+        timeout: float = 600.0,
+    ) -> None:
         if size < 1:
             raise ConfigError(f"the queue size must be at least 1, got {size}.")
+        if batch_limit < 1:
+            raise ConfigError(f"the batch limit must be at least 1, got {batch_limit}.")
         self.models = models
         self.outputs = Path(outputs)
         self.size = size
+        self.batch_limit = batch_limit
+        self.timeout = timeout
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
         self.waiting: collections.deque[Job] = collections.deque()
         self.jobs: dict[str, Job] = {}
-        self.running: Job | None = None
+        self.batch: list[Job] = []  # the jobs the worker is running now
+        self.previews: dict[str, PreviewFit] = {}
+        self.batches_run = 0
         self.closed = False
         self.worker = threading.Thread(target=self._work, name="latentkit-worker", daemon=True)
+
+    # --- what the APIs call ---------------------------------------------------------------
 
     def start(self) -> None:
         self.outputs.mkdir(parents=True, exist_ok=True)
         self.worker.start()
 
     def close(self) -> None:
-        """Stop the worker after the running job's next step; waiting jobs are cancelled."""
+        """Stop the worker after the running batch's next step; every job left is cancelled."""
         with self.lock:
             self.closed = True
-            for job in [*self.waiting, *([self.running] if self.running else [])]:
-                job.cancel.set()
+            for job in [*self.waiting, *self.batch]:
+                self._finish(job, "cancelled", {})
+            self.waiting.clear()
             self.wake.notify_all()
         if self.worker.is_alive():
             self.worker.join(timeout=30)
 
-    def submit(self, body: Any) -> Job:
-        model, options = check_request(self.models, body)
+    @property
+    def running(self) -> Job | None:
+        """The oldest job running now, if any."""
         with self.lock:
-            busy = len(self.waiting) + (self.running is not None)
-            if busy >= self.size:
+            live = [job for job in self.batch if not job.finished.is_set()]
+        return live[0] if live else None
+
+    def submit(self, body: Any) -> Job:
+        request = check_request(self.models, body)
+        with self.lock:
+            if self._busy() >= self.size:
                 raise QueueFull(
-                    f"the queue is full ({self.size} jobs); try again later.",
-                    self._retry_after(),
+                    f"the queue is full ({self.size} jobs); try again later.", self._retry_after()
                 )
-            job = Job(secrets.token_hex(8), model, options, total=options.steps)
+            job = _new_job(request)
             self.jobs[job.id] = job
             self.waiting.append(job)
             self._forget_old()
@@ -186,11 +195,12 @@ class JobQueue:
             return [job.summary() for job in reversed(self.jobs.values())]
 
     def cancel(self, job_id: str) -> Job:
+        """End the job now: it leaves the queue, or its batch goes on without it."""
         job = self.get(job_id)
         with self.lock:
-            job.cancel.set()
             if job in self.waiting:
                 self.waiting.remove(job)
+            if not job.finished.is_set():
                 self._finish(job, "cancelled", {})
         return job
 
@@ -204,21 +214,48 @@ class JobQueue:
             raise UnknownName(f"job {job_id} has no image named {brief_repr(name)}.")
         return path
 
+    # --- bookkeeping, under the lock ------------------------------------------------------
+
+    def _busy(self) -> int:
+        return len(self.waiting) + sum(not job.finished.is_set() for job in self.batch)
+
     def _retry_after(self) -> int:
-        job = self.running
-        if job is None or not job.events:
-            return 5
-        return max(1, math.ceil(job.events[-1].get("eta", 5)))
+        etas = [job.eta for job in self.batch if job.eta is not None]
+        return max(1, math.ceil(max(etas, default=5.0)))
 
     def _forget_old(self) -> None:
-        finished = [j for j in self.jobs.values() if j.state in FINISHED]
+        finished = [j for j in self.jobs.values() if j.finished.is_set()]
         for job in finished[: max(0, len(finished) - KEPT_JOBS)]:
             del self.jobs[job.id]
 
     def _finish(self, job: Job, state: str, extra: dict[str, Any]) -> None:
-        """Under ``lock``: the job's last state and its last event."""
+        """The job's last state and last event; its previews leave the event list."""
         job.state = state
+        job.events = [{k: v for k, v in e.items() if k != "preview"} for e in job.events]
         job.events.append({"event": state, **extra})
+        job.init_image = job.mask = None  # nothing left to run: free the pictures
+        job.finished.set()
+
+    def _take_batch(self) -> list[Job]:
+        """The oldest waiting job and the waiting jobs that may share its batch."""
+        first = self.waiting.popleft()
+        batch = [first]
+        components = self.models[first.model]
+        key = None if first.init_image is not None else batch_key(components, first.options)
+        if key is not None:
+            room = self.batch_limit - first.options.n
+            for job in list(self.waiting):
+                fits = job.options.n <= room and job.model == first.model
+                if fits and job.init_image is None and batch_key(components, job.options) == key:
+                    self.waiting.remove(job)
+                    batch.append(job)
+                    room -= job.options.n
+        now = time.time()
+        for job in batch:
+            job.state, job.started = "running", now
+        return batch
+
+    # --- the worker -----------------------------------------------------------------------
 
     def _work(self) -> None:
         while True:
@@ -227,53 +264,132 @@ class JobQueue:
                     self.wake.wait()
                 if self.closed:
                     return
-                job = self.running = self.waiting.popleft()
-                job.state = "running"
+                self.batch = self._take_batch()
+                self.batches_run += 1
             try:
-                self._run(job)
-            except LatentkitError as err:
+                self._run_batch(self.batch)
+            except Exception as err:  # the worker must outlive any one batch
+                message = str(err) if isinstance(err, LatentkitError) else (
+                    f"generation failed unexpectedly ({type(err).__name__})."
+                )  # fmt: skip
                 with self.lock:
-                    job.error = str(err)
-                    self._finish(job, "failed", {"error": str(err)})
-            except Exception as err:  # the worker must outlive any one job
-                with self.lock:
-                    job.error = f"generation failed unexpectedly ({type(err).__name__})."
-                    self._finish(job, "failed", {"error": job.error})
+                    for job in self.batch:
+                        if not job.finished.is_set():
+                            job.error = message
+                            self._finish(job, "failed", {"error": message})
             finally:
                 with self.lock:
-                    self.running = None
+                    self.batch = []
 
-    def _run(self, job: Job) -> None:
-        components = self.models[job.model]
+    def _run_batch(self, batch: list[Job]) -> None:
+        components = self.models[batch[0].model]
+        if len(batch) == 1:
+            job = batch[0]
+            steps = generate(components, job.options, init_image=job.init_image, mask=job.mask)
+        else:
+            try:
+                steps = generate_batch(components, [job.options for job in batch])
+                first = next(steps)
+            except ConfigError:  # prompts of different lengths: one by one instead
+                for job in batch:
+                    self._run_batch([job])
+                return
+            steps = _chain(first, steps)
         started = time.perf_counter()
-        steps = generate(components, job.options)
         try:
             for item in steps:
-                if job.cancel.is_set():
-                    with self.lock:
-                        self._finish(job, "cancelled", {})
-                    return
-                if isinstance(item, Result):
-                    self._save(job, item)
-                    return
-                self._step(job, item.i + 1, item.total, time.perf_counter() - started)
+                self._end_overdue(batch)
+                if all(job.finished.is_set() for job in batch):
+                    return  # closing the generator stops the sampler where it is
+                if isinstance(item, Step):
+                    self._step(batch, item, time.perf_counter() - started)
+                else:
+                    results = item if isinstance(item, list) else [item]
+                    for job, result in zip(batch, results, strict=True):
+                        self._save(job, result)
         finally:
-            steps.close()  # stops the sampler where it is
+            steps.close()
 
-    def _step(self, job: Job, done: int, total: int, elapsed: float) -> None:
+    def _end_overdue(self, batch: list[Job]) -> None:
+        now = time.time()
+        with self.lock:
+            for job in batch:
+                if not job.finished.is_set() and now - job.started > self.timeout:
+                    job.error = f"the job ran past the server's limit of {self.timeout:g} s."
+                    self._finish(job, "failed", {"error": job.error})
+
+    def _step(self, batch: list[Job], step: Step, elapsed: float) -> None:
+        done, total = step.i + 1, step.total
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else 0.0
-        with self.lock:
-            job.step, job.total = done, total
-            job.events.append(
-                {"event": "step", "step": done, "total": total, "its": rate, "eta": eta}
-            )
+        every = max(1, total // PREVIEWS_PER_JOB)
+        wants_preview = done % every == 0 or done == total
+        offsets = _offsets(batch)
+        for job, start in zip(batch, offsets, strict=True):
+            if job.finished.is_set():
+                continue
+            event = {"event": "step", "step": done, "total": total, "its": rate, "eta": eta}
+            preview = None
+            if wants_preview:
+                preview = self._preview(job.model, step.denoised[start : start + 1])
+                event["preview"] = "data:image/png;base64," + _b64(preview)
+            with self.lock:
+                job.step, job.total, job.eta = done, total, eta
+                if preview is not None:
+                    job.preview = preview
+                job.events.append(event)
+
+    def _preview(self, model: str, latents) -> bytes:
+        fit = self.previews.get(model)
+        if fit is None:
+            fit = self.previews[model] = fit_latent_preview(self.models[model].vae)
+        return preview_png(fit.preview(), latents)
 
     def _save(self, job: Job, result: Result) -> None:
+        if job.finished.is_set():
+            return  # cancelled or overdue while the batch ran: its pictures are not kept
         paths = free_paths(self.outputs / "out.png", len(result.images))
         for image, record, path in zip(result.images, result.records, paths, strict=True):
             # the record names the model as clients know it, not the server's path
             save_png(image, path, {**record, "model": job.model}, overwrite=False)
+        self._learn_colours(job.model, result)
         with self.lock:
             job.images = [p.name for p in paths]
+            job.eta = 0.0
             self._finish(job, "done", {"images": list(job.images)})
+
+    def _learn_colours(self, model: str, result: Result) -> None:
+        """The preview map learns from each finished picture the colours the model makes."""
+        fit = self.previews.get(model)
+        if fit is not None:
+            pixels = [image_to_tensor(image) for image in result.images]
+            fit.add(result.latents, torch.cat(pixels))
+
+
+def _new_job(request: Request) -> Job:
+    return Job(
+        secrets.token_hex(8),
+        request.model,
+        request.options,
+        init_image=request.init_image,
+        mask=request.mask,
+        total=request.options.steps,
+    )
+
+
+def _offsets(batch: list[Job]) -> list[int]:
+    """Where each job's pictures start in the batch."""
+    starts, at = [], 0
+    for job in batch:
+        starts.append(at)
+        at += job.options.n
+    return starts
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
