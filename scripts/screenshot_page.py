@@ -30,6 +30,7 @@ from latentkit.weights.shipped import DEFAULT_MODEL
 PROMPTS = [  # oldest first: the gallery shows the newest first
     ("a yellow star left of a purple hexagon", 4),
     ("a green triangle below a red circle", 8),
+    ("a white square right of an orange star", 2),
     ("a red circle above a blue square", 3),
 ]
 VIEWPORT = {"width": 1200, "height": 760}
@@ -63,7 +64,7 @@ def make_pictures(page, steps: int) -> None:
         page.fill("#seed", str(seed))
         page.click("#generate")
         page.locator("#gallery li", has_text=prompt).first.wait_for(timeout=300_000)
-    page.fill("#prompt", PROMPTS[-1][0])  # the form as it was for the newest picture
+    page.locator("#prompt").blur()
 
 
 def main() -> None:

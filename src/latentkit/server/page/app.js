@@ -9,12 +9,15 @@ const GALLERY_LIMIT = 60; // pictures shown on load; newer ones are added on top
 const NUMBER_FIELDS = ["steps", "cfg", "width", "height", "seed", "n"];
 const TEXT_FIELDS = ["prompt", "negative_prompt", "sampler", "schedule", "model"];
 
+const ONE_COLUMN = window.matchMedia("(max-width: 879px)"); // as style.css lays it out
+
 const $ = (id) => document.getElementById(id);
 
 const state = {
   job: null, // the id of the job this page follows, or null
   initImage: null, // the init image as a PNG data: URL, or null
   maskPainted: false, // whether any stroke is on the mask
+  sizes: {}, // model name -> [width, height] it makes by default (capabilities)
 };
 
 // ---------------------------------------------------------------- messages
@@ -122,11 +125,20 @@ function applyCapabilities(caps) {
   for (const name of ["steps", "cfg", "n", "width", "height"]) {
     if (defaults[name] != null) $(name).value = defaults[name];
   }
+  state.sizes = caps.sizes || {};
+  showModelSize();
   const limits = caps.limits || {};
   if (limits.max_steps) $("steps").max = limits.max_steps;
   if (limits.max_images) $("n").max = limits.max_images;
   if (limits.max_side) for (const side of ["width", "height"]) $(side).max = limits.max_side;
   $("server-status").textContent = `serving ${caps.models.join(", ")}`;
+}
+
+/** Empty width and height mean the model's own size: say which in their placeholders. */
+function showModelSize() {
+  const size = state.sizes[$("model").value];
+  $("width").placeholder = size ? `${size[0]} (model's)` : "model's";
+  $("height").placeholder = size ? `${size[1]} (model's)` : "model's";
 }
 
 function randomSeed() {
@@ -158,6 +170,7 @@ function writeSettings(options, model) {
     if (value !== undefined) $(name).value = value ?? "";
   }
   if (options.strength != null) setStrength(options.strength);
+  showModelSize();
 }
 
 function setStrength(value) {
@@ -182,6 +195,7 @@ async function generate() {
     state.job = id;
     showProgress({ step: 0, total: Number($("steps").value) || 0 });
     $("preview").hidden = true;
+    if (ONE_COLUMN.matches) $("job").scrollIntoView({ block: "nearest" }); // phones
     await followJob(id);
   } catch (err) {
     showError(err.message);
@@ -207,7 +221,8 @@ async function followJob(id) {
       showProgress(data);
     } else if (event === "done") {
       showProgress({ step: 1, total: 1, eta: 0, done: true });
-      await addJob(await apiJson(`/jobs/${id}`), { top: true });
+      const [first] = await addJob(await apiJson(`/jobs/${id}`), { top: true });
+      if (first) showPreview(first.querySelector("img").src); // the picture itself
       return;
     } else if (event === "cancelled") {
       $("progress-text").textContent = "Cancelled.";
@@ -216,6 +231,7 @@ async function followJob(id) {
       throw new ApiError(data.error || "the job failed.");
     }
   }
+  throw new ApiError("the job's event stream ended early; reload to see how it ended.");
 }
 
 /**
@@ -226,16 +242,20 @@ async function* readEvents(path) {
   const response = await api(path, { headers: { Accept: "text/event-stream" } });
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += value.replace(/\r\n?/g, "\n");
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const message = parseEvent(buffer.slice(0, end));
-      buffer = buffer.slice(end + 2);
-      if (message) yield message;
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value.replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const message = parseEvent(buffer.slice(0, end));
+        buffer = buffer.slice(end + 2);
+        if (message) yield message;
+      }
     }
+  } finally {
+    reader.cancel().catch(() => {}); // the caller stopped early: close the stream
   }
 }
 
@@ -259,10 +279,12 @@ function showProgress({ step, total, eta, its, preview, done }) {
   if (!done && its) parts.push(`${its.toFixed(1)} it/s`);
   if (!done && eta != null) parts.push(`ETA ${formatSeconds(eta)}`);
   $("progress-text").textContent = parts.join(" · ");
-  if (preview) {
-    $("preview").src = preview;
-    $("preview").hidden = false;
-  }
+  if (preview) showPreview(preview);
+}
+
+function showPreview(url) {
+  $("preview").src = url;
+  $("preview").hidden = false;
 }
 
 function formatSeconds(seconds) {
@@ -272,13 +294,15 @@ function formatSeconds(seconds) {
 
 // ---------------------------------------------------------------- the gallery
 
-/** Add a finished job's pictures: on top (a new job) or at the end (listing on load). */
+/** Add a finished job's pictures: on top (a new job) or at the end (listing on load);
+ * returns their gallery items. */
 async function addJob(job, { top }) {
   const items = await Promise.all(job.images.map((name, i) => galleryItem(job, name, i)));
   const gallery = $("gallery");
   if (top) gallery.prepend(...items);
   else gallery.append(...items);
   $("gallery-empty").hidden = gallery.children.length > 0;
+  return items;
 }
 
 /** One picture: a button that reuses its settings, its prompt and settings below. */
@@ -322,6 +346,7 @@ function describe(job, index) {
     `${o.sampler}${o.schedule && o.schedule !== "default" ? `/${o.schedule}` : ""}`,
     o.width && o.height ? `${o.width}×${o.height}` : null,
     job.model,
+    job.kind && job.kind !== "txt2img" ? job.kind : null,
     o.strength != null ? `strength ${o.strength}` : null,
     o.negative_prompt ? `not: ${o.negative_prompt}` : null,
   ];
@@ -448,6 +473,7 @@ function wireControls() {
     }
   });
   $("cancel").addEventListener("click", cancel);
+  $("model").addEventListener("change", showModelSize);
   $("dice").addEventListener("click", () => ($("seed").value = randomSeed()));
   $("strength").addEventListener("input", (e) => setStrength(e.target.value));
   $("brush").addEventListener("input", (e) => ($("brush-value").textContent = e.target.value));
