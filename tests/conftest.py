@@ -203,11 +203,12 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="session")
 def shapes_models():
-    """The shipped "shapes" model, loaded once, as a server's model table."""
-    from latentkit.weights import load  # only the server's tests need it
+    """The shipped "shapes" model, loaded once as ``latentkit serve`` loads it (float32 on a
+    CPU: its stored float16 runs several times slower there), as a server's model table."""
+    from latentkit.server.cli import load_models  # only the server's tests need it
     from latentkit.weights.shipped import DEFAULT_MODEL
 
-    return {DEFAULT_MODEL: load(DEFAULT_MODEL)}
+    return load_models([DEFAULT_MODEL])
 
 
 @pytest.fixture

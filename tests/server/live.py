@@ -23,13 +23,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(models, outputs, *, queue_size=4, token=None):
-    """(base URL, the queue) of a server that runs until the block ends."""
-    queue = JobQueue(models, outputs, queue_size)
+def running_server(models, outputs, *, queue_size=8, token=None, cors=None, **queue_options):
+    """(base URL, the queue) of a server that runs until the block ends; ``queue_options``
+    go to the JobQueue (batch_limit, timeout)."""
+    queue = JobQueue(models, outputs, queue_size, **queue_options)
     queue.start()
     port = free_port()
     config = uvicorn.Config(
-        create_app(queue, token=token), host="127.0.0.1", port=port, log_level="warning"
+        create_app(queue, token=token, cors=cors),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -8,12 +8,17 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
+import time
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 from server.live import events, running_server, wait_for
 
+from latentkit.generation.options import GenerateOptions
+from latentkit.generation.pipeline import generate, run_to_result
 from latentkit.generation.pngmeta import read_png_record
 from latentkit.server.jobs import MAX_STEPS
 
@@ -179,3 +184,168 @@ def test_the_openapi_page_documents_the_native_api(server):
         paths
     )
     assert client.get("/docs").status_code == 200
+
+
+def busy_worker(client) -> str:
+    """A long job that keeps the worker busy until cancelled, so that the jobs submitted
+    next wait in the queue together."""
+    long = submit(client, steps=MAX_STEPS, sampler="euler_a").json()["id"]
+    wait_for(lambda: client.get(f"{JOBS}/{long}").json()["step"] >= 1)
+    return long
+
+
+def job_record(client, queue, job_id, tmp_path) -> dict:
+    done = client.get(f"{JOBS}/{job_id}").json()
+    assert done["state"] == "done", done
+    return read_png_record(queue.outputs / done["images"][0])
+
+
+@pytest.mark.slow
+def test_img2img_and_inpainting_as_base64_json_and_as_multipart(server, tmp_path):
+    client, queue = server
+    source = png_base64(96, 80, "red")
+    img2img = submit(client, steps=4, init_image="data:image/png;base64," + source).json()["id"]
+    assert events(client, img2img)[-1][0] == "done"
+    job = client.get(f"{JOBS}/{img2img}").json()
+    assert job["kind"] == "img2img"
+    record = job_record(client, queue, img2img, tmp_path)
+    assert (record["width"], record["height"], record["strength"]) == (96, 80, 0.75)
+    mask = io.BytesIO()
+    Image.new("L", (96, 80), 0).save(mask, format="PNG")  # all black: keep everything
+    form = {"settings": json.dumps({"prompt": "a blue square", "steps": 4, "strength": 1.0})}
+    files = {
+        "init_image": ("red.png", base64.b64decode(source), "image/png"),
+        "mask": ("mask.png", mask.getvalue(), "image/png"),
+    }
+    answer = client.post(JOBS, data=form, files=files)
+    assert answer.status_code == 202, answer.text
+    inpaint = answer.json()["id"]
+    assert events(client, inpaint)[-1][0] == "done"
+    assert client.get(f"{JOBS}/{inpaint}").json()["kind"] == "inpaint"
+    name = client.get(f"{JOBS}/{inpaint}").json()["images"][0]
+    with Image.open(queue.outputs / name) as served:
+        got = np.asarray(served.convert("RGB"), dtype=np.int16)
+    with Image.open(io.BytesIO(base64.b64decode(source))) as red, Image.open(mask) as keep:
+        alone = run_to_result(
+            generate(
+                queue.models["shapes"],
+                GenerateOptions("a blue square", steps=4, strength=1.0, width=96, height=80),
+                init_image=red.copy(),
+                mask=keep.copy(),
+            )
+        )
+    assert np.abs(got - np.asarray(alone.images[0], dtype=np.int16)).max() <= 1
+
+
+def test_multipart_forms_are_checked_like_json(server):
+    client, queue = server
+    bad = [
+        ({"settings": (None, "[1]")}, "settings field must be a JSON object"),
+        ({"settings": (None, '{"prompt": "x", "steps": 0}')}, "steps must be a positive"),
+        ({"settings": (None, '{"prompt": "x"}'), "other": (None, "1")},
+         "'other' is not a form field"),
+        ({"settings": (None, '{"prompt": "x"}'), "init_image": ("a.png", b"junk", "image/png")},
+         "init_image is not a readable picture"),
+    ]  # fmt: skip
+    for files, message in bad:
+        answer = client.post(JOBS, files=files)  # multipart/form-data
+        assert answer.status_code == 422, answer.text
+        assert message in answer.json()["error"]
+    assert queue.recent() == []
+
+
+@pytest.mark.slow
+def test_step_events_carry_previews_while_the_job_runs(server):
+    client, queue = server
+    long = busy_worker(client)
+    job = submit(client, steps=10, seed=4).json()["id"]
+    found = []
+
+    def follow():
+        found.extend(events(client, job))
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    time.sleep(0.3)  # the stream is open before the job starts
+    client.post(f"{JOBS}/{long}/cancel")
+    reader.join(timeout=120)
+    previews = [data["preview"] for name, data in found if name == "step" and "preview" in data]
+    assert len(previews) >= 5
+    for preview in previews:
+        assert preview.startswith("data:image/png;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(preview.split(",", 1)[1]))) as image:
+            assert image.size == (64, 64)
+    assert queue.get(job).preview.startswith(b"\x89PNG")
+    # once finished, the job's stored events no longer hold the previews (memory)
+    assert all("preview" not in event for event in queue.get(job).events)
+
+
+@pytest.mark.slow
+def test_waiting_jobs_that_agree_share_one_batch_and_each_gets_its_own_pictures(server):
+    client, queue = server
+    long = busy_worker(client)
+    settings = {"steps": 3, "cfg": 3.0, "sampler": "euler"}
+    asked = (("a red circle", 1), ("a blue square", 2), ("a green triangle", 3))
+    ids = [submit(client, prompt=p, seed=seed, **settings).json()["id"] for p, seed in asked]
+    odd = submit(client, steps=2).json()["id"]  # other steps: a batch of its own
+    before = queue.batches_run
+    client.post(f"{JOBS}/{long}/cancel")
+    for job_id in [*ids, odd]:
+        assert events(client, job_id)[-1][0] == "done"
+    assert queue.batches_run - before == 2
+    model = queue.models["shapes"]
+    for job_id, (prompt, seed) in zip(ids, asked, strict=True):
+        name = client.get(f"{JOBS}/{job_id}").json()["images"][0]
+        with Image.open(queue.outputs / name) as served:
+            got = np.asarray(served.convert("RGB"), dtype=np.int16)
+        alone = run_to_result(generate(model, GenerateOptions(prompt, seed=seed, **settings)))
+        assert np.abs(got - np.asarray(alone.images[0], dtype=np.int16)).max() <= 2
+
+
+@pytest.mark.slow
+def test_a_job_cancelled_inside_a_batch_frees_its_place_and_the_others_finish(server):
+    client, queue = server
+    long = busy_worker(client)
+    ids = [submit(client, steps=40, seed=s).json()["id"] for s in range(3)]
+    client.post(f"{JOBS}/{long}/cancel")
+    wait_for(lambda: client.get(f"{JOBS}/{ids[0]}").json()["step"] >= 1)
+    assert len(queue.batch) == 3
+    client.post(f"{JOBS}/{ids[1]}/cancel")
+    assert client.get(f"{JOBS}/{ids[1]}").json()["state"] == "cancelled"  # at once
+    assert queue._busy() == 2
+    for job_id in (ids[0], ids[2]):
+        assert events(client, job_id)[-1][0] == "done"
+    assert client.get(f"{JOBS}/{ids[1]}").json()["images"] == []
+
+
+@pytest.mark.slow
+def test_a_job_past_the_time_limit_fails_and_frees_the_worker(shapes_models, tmp_path):
+    with running_server(shapes_models, tmp_path / "out", timeout=0.5) as (url, queue):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            long = submit(client, steps=MAX_STEPS).json()["id"]
+            name, data = events(client, long)[-1]
+            assert name == "failed" and "limit of 0.5 s" in data["error"]
+            assert events(client, submit(client, steps=1).json()["id"])[-1][0] == "done"
+
+
+def test_capabilities_list_what_a_client_may_choose(server):
+    client, _ = server
+    found = client.get("/api/v1/capabilities").json()
+    assert found["models"] == ["shapes"] and "dpmpp_2m" in found["samplers"]
+    assert found["schedules"] == ["default", "karras", "exponential"]
+    assert found["defaults"]["steps"] == 20 and found["sizes"]["shapes"] == [64, 64]
+    assert found["limits"]["max_steps"] == MAX_STEPS
+
+
+def test_cross_origin_calls_need_cors(shapes_models, tmp_path):
+    preflight = {"Origin": "https://example.org", "Access-Control-Request-Method": "POST"}
+    with running_server(shapes_models, tmp_path / "a") as (url, _):
+        answer = httpx.options(f"{url}{JOBS}", headers=preflight)
+        assert "access-control-allow-origin" not in answer.headers
+        answer = httpx.get(f"{url}{JOBS}", headers={"Origin": "https://example.org"})
+        assert "access-control-allow-origin" not in answer.headers
+    with running_server(shapes_models, tmp_path / "b", cors=["https://example.org"]) as (url, _):
+        answer = httpx.options(f"{url}{JOBS}", headers=preflight)
+        assert answer.headers["access-control-allow-origin"] == "https://example.org"
+        other = httpx.get(f"{url}{JOBS}", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers

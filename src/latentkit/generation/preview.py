@@ -101,4 +101,3 @@ def preview_png(preview: LatentPreview, latents: torch.Tensor) -> bytes:
     buffer = io.BytesIO()
     preview.images(latents[:1])[0].save(buffer, format="PNG")
     return buffer.getvalue()
-

@@ -11,23 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import HTTPException
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from latentkit.config import VERSION
 from latentkit.diffusion.samplers import SAMPLERS
-from latentkit.errors import ConfigError, LatentkitError
+from latentkit.errors import LatentkitError
 from latentkit.generation.options import FIELD_NAMES, MAX_IMAGES, SCHEDULES, GenerateOptions
 from latentkit.generation.pipeline import image_size
-from latentkit.server.jobs import FINISHED, JobQueue, QueueFull
+from latentkit.server.a1111 import a1111_api
+from latentkit.server.common import (
+    ApiError,
+    bearer_check,
+    error_response,
+    read_json,
+    refusal,
+)
+from latentkit.server.jobs import FINISHED, JobQueue
+from latentkit.server.openai_images import openai_api
 from latentkit.server.page import page_routes
-from latentkit.server.requests import MAX_SIDE, MAX_STEPS, PICTURE_FIELDS, UnknownName
+from latentkit.server.requests import MAX_SIDE, MAX_STEPS, PICTURE_FIELDS
 
 MAX_BODY_BYTES = 16 << 20  # a few init pictures as base64; 50 MB is refused unread
 EVENT_POLL_S = 0.05
@@ -45,16 +53,6 @@ _FIELDS_SCHEMA = {  # for the /docs page; the validator is check_request's, not 
 }
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
 class BodyLimit:
     """ASGI middleware: a request body past ``limit`` bytes is refused with 413, by its
     declared length before any of it is read, else as it arrives (``BodyTooLarge`` in the
@@ -68,7 +66,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await _error(413, self.message())(scope, receive, send)
+            return await error_response(413, self.message())(scope, receive, send)
         seen = 0
 
         async def counted():
@@ -103,40 +101,17 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
-        return _error(err.status, err.message, err.headers)
+        return error_response(err.status, err.message, err.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
-        return _error(err.status_code, str(err.detail), getattr(err, "headers", None))
+        return error_response(err.status_code, str(err.detail), getattr(err, "headers", None))
 
     app.include_router(native_api(queue, token), prefix="/api/v1")
+    app.include_router(a1111_api(queue, token), prefix="/sdapi/v1")
+    app.include_router(openai_api(queue, token), prefix="/v1")
     app.include_router(page_routes())
     return app
-
-
-def bearer_check(token: str | None):
-    """A dependency refusing calls without the token (constant-time compare)."""
-    expected = f"Bearer {token}".encode()
-
-    async def check(request: Request) -> None:
-        if token is None:
-            return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            raise ApiError(
-                401, "a valid token is required: send the header Authorization: Bearer TOKEN.",
-                {"WWW-Authenticate": "Bearer"},
-            )  # fmt: skip
-
-    return check
-
-
-async def read_json(request: Request) -> Any:
-    """The body as JSON (its size is capped by :class:`BodyLimit`)."""
-    try:
-        return json.loads(await request.body())
-    except (ValueError, RecursionError):
-        raise ApiError(422, "the request body must be a JSON object of settings.") from None
 
 
 async def read_settings(request: Request) -> Any:
@@ -146,7 +121,7 @@ async def read_settings(request: Request) -> Any:
         return await read_json(request)
     try:
         form = await request.form(max_files=len(PICTURE_FIELDS), max_fields=8)
-    except HTTPException:
+    except (ApiError, HTTPException):  # too large (BodyLimit), or Starlette's own limits
         raise
     except Exception:  # the multipart parser's own errors
         raise ApiError(422, "the multipart form could not be read.") from None
@@ -168,16 +143,6 @@ async def read_settings(request: Request) -> Any:
         if upload is not None:
             fields[name] = await upload.read() if hasattr(upload, "read") else upload
     return fields
-
-
-def refusal(err: LatentkitError) -> ApiError:
-    if isinstance(err, QueueFull):
-        return ApiError(429, str(err), {"Retry-After": str(err.retry_after)})
-    if isinstance(err, UnknownName):
-        return ApiError(404, str(err))
-    if isinstance(err, ConfigError):
-        return ApiError(422, str(err))
-    return ApiError(500, str(err))
 
 
 def native_api(queue: JobQueue, token: str | None) -> APIRouter:

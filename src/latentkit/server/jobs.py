@@ -97,11 +97,12 @@ class Job:
             "options": dataclasses.asdict(self.options),
         }
 
-    @property
-    def kind(self) -> str:
+    def __post_init__(self) -> None:
+        # what the job is, kept when its pictures are freed at its end
         if self.init_image is None:
-            return "txt2img"
-        return "img2img" if self.mask is None else "inpaint"
+            self.kind = "txt2img"
+        else:
+            self.kind = "img2img" if self.mask is None else "inpaint"
 
 
 async def wait_finished(job: Job) -> Job:
