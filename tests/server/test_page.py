@@ -130,7 +130,6 @@ def set_seed_and_steps(page, seed, steps):
     page.fill("#steps", str(steps))
 
 
-@pytest.mark.slow  # 25 s here on 2 busy cores, the server's first job (warm-up, preview fit)
 @needs_chromium
 def test_generate_shows_progress_then_the_picture_whose_click_reuses_its_settings(page, live):
     _, queue = live
@@ -198,7 +197,6 @@ def decode_data_url(url):
     return Image.open(io.BytesIO(base64.b64decode(data)))
 
 
-@pytest.mark.slow  # 16 s here on 2 busy cores: an inpainting job and a text-to-image one
 @needs_chromium
 def test_a_painted_mask_goes_with_the_job_and_changes_the_picture(page, live, tmp_path):
     url, queue = live
