@@ -193,6 +193,31 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
+class ControlNetConfig:
+    """ControlNet (diffusers' ControlNetModel): a copy of a U-Net's encoder and middle block
+    (``unet``; its decoder settings are unused) plus a hint encoder of
+    ``conditioning_embedding_out_channels`` that takes a ``conditioning_channels`` picture
+    down by 2**(len-1), which must equal the VAE's factor, to the latent grid."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    conditioning_channels: int = 3
+    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+    controlnet_conditioning_channel_order: str = "rgb"
+
+    def __post_init__(self) -> None:
+        _check_sizes(self, "conditioning_channels", "conditioning_embedding_out_channels")
+        check_choice(
+            "ControlNetConfig.controlnet_conditioning_channel_order",
+            self.controlnet_conditioning_channel_order,
+            ("rgb", "bgr"),
+        )
+
+    @property
+    def hint_downscale_factor(self) -> int:
+        return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+
+
+@dataclass(frozen=True)
 class ScheduleConfig:
     """The training noise schedule a U-Net was trained with (a diffusers scheduler_config)."""
 
@@ -518,6 +543,10 @@ TINY_SD2 = ModelConfig(
     schedule=ScheduleConfig(prediction_type="v_prediction"),
     tokenizer=TokenizerConfig(pad_token="!"),
 )
+
+# A tiny ControlNet for TINY's U-Net: its hint encoder halves the picture once, as TINY's
+# two-level VAE does.
+TINY_CONTROLNET = ControlNetConfig(unet=TINY.unet, conditioning_embedding_out_channels=(8, 16))
 
 # A tiny CLIP (both towers) for tests: TINY's text encoder, a vision tower of the same width
 # on 32 px images in 8 px patches.

@@ -168,6 +168,66 @@ class UpBlock(nn.Module):
         return h
 
 
+def build_down_blocks(cfg: UNetConfig, temb_ch: int) -> tuple[nn.ModuleList, list[int]]:
+    """The encoder's levels, and the channels of every skip tensor they leave behind (the
+    first is conv_in's output), in the order the forward pass produces them. The U-Net and
+    ControlNet both build their encoder here."""
+    skip_chs = [cfg.block_out_channels[0]]
+    blocks = []
+    in_ch = cfg.block_out_channels[0]
+    last = len(cfg.block_out_channels) - 1
+    for i, out_ch in enumerate(cfg.block_out_channels):
+        block = DownBlock(
+            cfg,
+            in_ch,
+            out_ch,
+            temb_ch=temb_ch,
+            heads=cfg.heads_per_block[i],
+            depth=cfg.transformer_depth_per_block[i],
+            cross_attention=cfg.down_block_types[i] == "CrossAttnDownBlock2D",
+            downsample=i != last,
+        )
+        blocks.append(block)
+        skip_chs += [out_ch] * (len(block.resnets) + (i != last))
+        in_ch = out_ch
+    return nn.ModuleList(blocks), skip_chs
+
+
+def build_mid_block(cfg: UNetConfig, temb_ch: int) -> MidBlock:
+    """The middle block at the lowest resolution (shared by the U-Net and ControlNet)."""
+    return MidBlock(
+        cfg,
+        cfg.block_out_channels[-1],
+        temb_ch=temb_ch,
+        heads=cfg.heads_per_block[-1],
+        depth=cfg.transformer_depth_per_block[-1],
+    )
+
+
+def timestep_features(
+    cfg: UNetConfig, timestep: torch.Tensor | float | int, sample: torch.Tensor
+) -> torch.Tensor:
+    """The sinusoidal timestep features [batch, block_out_channels[0]] in the sample's dtype,
+    for a number, a 0-d tensor or one timestep per batch item."""
+    batch = sample.shape[0]
+    t = torch.as_tensor(timestep, device=sample.device)
+    if t.ndim == 0:
+        t = t[None]
+    if t.ndim != 1 or t.shape[0] not in (1, batch):
+        raise LatentkitError(
+            f"timestep has shape {tuple(t.shape)}; give a number, a 0-d tensor or a 1-d "
+            f"tensor of 1 or {batch} values (one per batch item)."
+        )
+    emb = timestep_embedding(
+        t.expand(batch),
+        cfg.block_out_channels[0],
+        flip_sin_to_cos=cfg.flip_sin_to_cos,
+        freq_shift=cfg.freq_shift,
+    )
+    # The sinusoid is always fp32; the embedding layers may run in half precision.
+    return emb.to(sample.dtype)
+
+
 class UNet2DConditionModel(nn.Module):
     """Predicts the noise (or v) in a latent, conditioned on a timestep and a text context.
 
@@ -183,43 +243,15 @@ class UNet2DConditionModel(nn.Module):
         temb_ch = ch0 * 4
         self.conv_in = nn.Conv2d(config.in_channels, ch0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch0, temb_ch)
-        skip_chs = self._build_down(config, temb_ch)
+        self.down_blocks, skip_chs = build_down_blocks(config, temb_ch)
         # The skips each level leaves behind, in the order forward() produces them; ControlNet
         # sizes its zero convolutions from this.
         self.skip_channels: tuple[int, ...] = tuple(skip_chs)
-        self.mid_block = MidBlock(
-            config,
-            config.block_out_channels[-1],
-            temb_ch=temb_ch,
-            heads=config.heads_per_block[-1],
-            depth=config.transformer_depth_per_block[-1],
-        )
+        self.mid_block = build_mid_block(config, temb_ch)
         self._build_up(config, temb_ch, skip_chs)
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch0, eps=config.norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(ch0, config.out_channels, 3, padding=1)
-
-    def _build_down(self, cfg: UNetConfig, temb_ch: int) -> list[int]:
-        skip_chs = [cfg.block_out_channels[0]]
-        blocks = []
-        in_ch = cfg.block_out_channels[0]
-        last = len(cfg.block_out_channels) - 1
-        for i, out_ch in enumerate(cfg.block_out_channels):
-            block = DownBlock(
-                cfg,
-                in_ch,
-                out_ch,
-                temb_ch=temb_ch,
-                heads=cfg.heads_per_block[i],
-                depth=cfg.transformer_depth_per_block[i],
-                cross_attention=cfg.down_block_types[i] == "CrossAttnDownBlock2D",
-                downsample=i != last,
-            )
-            blocks.append(block)
-            skip_chs += [out_ch] * (len(block.resnets) + (i != last))
-            in_ch = out_ch
-        self.down_blocks = nn.ModuleList(blocks)
-        return skip_chs
 
     def _build_up(self, cfg: UNetConfig, temb_ch: int, skip_chs: list[int]) -> None:
         # The up path mirrors the down path: block i of the decoder is level (levels-1-i).
@@ -319,23 +351,7 @@ class UNet2DConditionModel(nn.Module):
         return block(*args)
 
     def _embed_timestep(self, timestep: torch.Tensor | float | int, sample: torch.Tensor):
-        batch = sample.shape[0]
-        t = torch.as_tensor(timestep, device=sample.device)
-        if t.ndim == 0:
-            t = t[None]
-        if t.ndim != 1 or t.shape[0] not in (1, batch):
-            raise LatentkitError(
-                f"timestep has shape {tuple(t.shape)}; give a number, a 0-d tensor or a 1-d "
-                f"tensor of 1 or {batch} values (one per batch item)."
-            )
-        emb = timestep_embedding(
-            t.expand(batch),
-            self.config.block_out_channels[0],
-            flip_sin_to_cos=self.config.flip_sin_to_cos,
-            freq_shift=self.config.freq_shift,
-        )
-        # The sinusoid is always fp32; the embedding layers may run in half precision.
-        return emb.to(sample.dtype)
+        return timestep_features(self.config, timestep, sample)
 
     def _check_inputs(self, sample: torch.Tensor, context: torch.Tensor) -> None:
         cfg = self.config
@@ -394,4 +410,10 @@ def _with_list_copies(block: nn.Module, *args):
     return block(*(list(a) if isinstance(a, list) else a for a in args))
 
 
-__all__ = ["CrossAttentionCallback", "UNet2DConditionModel"]
+__all__ = [
+    "CrossAttentionCallback",
+    "UNet2DConditionModel",
+    "build_down_blocks",
+    "build_mid_block",
+    "timestep_features",
+]

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 from latentkit.config import (
+    ControlNetConfig,
     ScheduleConfig,
     TextConfig,
     UNetConfig,
@@ -261,6 +262,55 @@ def unet_to_json(config: UNetConfig) -> dict[str, Any]:
         "center_input_sample": False,
         **body,
     }
+
+
+# --- ControlNet -------------------------------------------------------------------------
+
+# ControlNetModel keys beyond the U-Net's, with our field names; and those fixed at one value.
+_CONTROLNET_OWN = (
+    "conditioning_channels",
+    "conditioning_embedding_out_channels",
+    "controlnet_conditioning_channel_order",
+)
+_CONTROLNET_FIXED = {"global_pool_conditions": False}
+_UP_OF_DOWN = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+
+
+def controlnet_from_json(data: dict[str, Any]) -> ControlNetConfig:
+    """A diffusers ControlNetModel config.json; its U-Net part is read as a U-Net's is (the
+    decoder settings it lacks are mirrored from the encoder's)."""
+    if not isinstance(data, dict):
+        raise ConfigError("the ControlNet config.json must hold a JSON object.")
+    if data.get("_class_name", "ControlNetModel") != "ControlNetModel":
+        raise ConfigError(
+            f"this config.json describes a {brief_repr(data['_class_name'])}, not a "
+            "ControlNetModel; give a ControlNet folder."
+        )
+    unet_part = {k: v for k, v in data.items() if k not in _CONTROLNET_OWN}
+    own = {k: data[k] for k in _CONTROLNET_OWN if k in data}
+    for key, value in _CONTROLNET_FIXED.items():
+        if unet_part.pop(key, value) != value:
+            raise ConfigError(
+                f"ControlNet config key {key!r} = {brief_repr(data[key])} is not supported; "
+                f"latentkit handles ControlNets where it is {value!r}."
+            )
+    unet_part.pop("_class_name", None)
+    down = unet_part.get("down_block_types", UNetConfig.down_block_types)
+    if isinstance(down, (list, tuple)) and all(t in _UP_OF_DOWN for t in down):
+        unet_part.setdefault("up_block_types", [_UP_OF_DOWN[t] for t in reversed(down)])
+    unet = unet_from_json(unet_part)
+    return from_dict(ControlNetConfig, {"unet": to_dict(unet), **own}, where="ControlNet config")
+
+
+def controlnet_to_json(config: ControlNetConfig) -> dict[str, Any]:
+    """What diffusers' ControlNetModel.save_pretrained writes for ``config``."""
+    body = unet_to_json(config.unet)
+    for key in ("up_block_types", "out_channels", "sample_size"):
+        body.pop(key)
+    body["_class_name"] = "ControlNetModel"
+    own = to_dict(config)
+    del own["unet"]
+    return {**body, **own, **_CONTROLNET_FIXED}
 
 
 # --- CLIP -------------------------------------------------------------------------------
