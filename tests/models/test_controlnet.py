@@ -47,6 +47,12 @@ def _inputs(config, batch: int = 2):
     return x, ctx, hint
 
 
+def _same_config(config, expected=TINY_CONTROLNET) -> bool:
+    """Equal but for the U-Net's sample_size, which a ControlNet's config.json does not hold."""
+    unet = dataclasses.replace(config.unet, sample_size=expected.unet.sample_size)
+    return dataclasses.replace(config, unet=unet) == expected
+
+
 def _assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
     assert ours.shape == ref.shape
     diff = (ours - ref).abs().max().item()
@@ -124,3 +130,119 @@ def test_a_control_image_of_the_wrong_size_is_one_sentence():
         LatentkitError, match=r"control image tensor has shape .* must be \[2, 3, 16, 24\]"
     ):
         ours(x, 5, ctx, hint[..., :20])
+
+
+# --- weights: diffusers folders and original single files ---------------------------------
+
+
+def test_a_diffusers_folder_loads_and_matches_its_residuals(tmp_path):
+    from latentkit.weights import load_controlnet
+
+    ref = _reference(TINY_CONTROLNET)
+    ref.save_pretrained(tmp_path / "cn", safe_serialization=True)
+    ours = load_controlnet(tmp_path / "cn", for_unet=TINY.unet)
+    assert _same_config(ours.config)
+    x, ctx, hint = _inputs(TINY_CONTROLNET)
+    with torch.no_grad():
+        expected = ref(x, 300, ctx, hint, return_dict=False)
+        down, mid = ours(x, 300, ctx, hint)
+    for got, want in zip(down, expected[0], strict=True):
+        _assert_close(got, want)
+    _assert_close(mid, expected[1])
+
+
+def test_a_saved_folder_opens_in_diffusers(tmp_path):
+    from latentkit.weights import save_controlnet
+
+    ours = _noisy(ControlNet(TINY_CONTROLNET), 4)
+    save_controlnet(ours, tmp_path / "cn")
+    ref = diffusers.ControlNetModel.from_pretrained(tmp_path / "cn", local_files_only=True)
+    theirs = ref.state_dict()
+    assert sorted(theirs) == sorted(ours.state_dict())
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(theirs[key], value, rtol=0, atol=0)
+    with pytest.raises(LatentkitError, match="exists"):
+        save_controlnet(ours, tmp_path / "cn")
+
+
+def _original_file(controlnet: ControlNet, path, *, prefix: bool = True):
+    """An original-layout file as lllyasviel's are: control_model.* keys, no config."""
+    from latentkit.weights.ldm_keys import join_controlnet
+    from latentkit.weights.safetensors_io import write_safetensors
+
+    state = join_controlnet(controlnet.state_dict(), controlnet.config)
+    if not prefix:
+        state = {k.removeprefix("control_model."): v for k, v in state.items()}
+    write_safetensors(state, path, metadata={"format": "pt"})
+    return state
+
+
+def test_original_keys_are_what_diffusers_converts():
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    # diffusers' converter knows only the default hint encoder (its last conv at index 14).
+    config = dataclasses.replace(
+        TINY_CONTROLNET, conditioning_embedding_out_channels=(16, 32, 96, 256)
+    )
+    ours = _noisy(ControlNet(config), 5)
+    state = _original_file_state(ours)
+    assert "control_model.input_hint_block.14.weight" in state
+    converted = convert_controlnet_checkpoint(state, {"layers_per_block": 1})
+    mine = ours.state_dict()
+    assert sorted(converted) == sorted(mine)
+    for key, value in mine.items():
+        torch.testing.assert_close(converted[key], value, rtol=0, atol=0)
+
+
+def _original_file_state(controlnet):
+    from latentkit.weights.ldm_keys import join_controlnet
+
+    return join_controlnet(controlnet.state_dict(), controlnet.config)
+
+
+@pytest.mark.parametrize("prefix", [True, False], ids=["control_model", "bare"])
+def test_an_original_file_round_trips(tmp_path, prefix):
+    from latentkit.weights import load_controlnet, save_controlnet
+
+    ours = _noisy(ControlNet(TINY_CONTROLNET), 6)
+    # Ours carries its config; an original file does not and needs the U-Net it is for.
+    save_controlnet(ours, tmp_path / "ours.safetensors")
+    again = load_controlnet(tmp_path / "ours.safetensors")
+    _original_file(ours, tmp_path / "original.safetensors", prefix=prefix)
+    with pytest.raises(LatentkitError, match="holds no config"):
+        load_controlnet(tmp_path / "original.safetensors")
+    original = load_controlnet(tmp_path / "original.safetensors", for_unet=TINY.unet)
+    for loaded in (again, original):
+        assert _same_config(loaded.config)
+        for key, value in ours.state_dict().items():
+            torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_controlnets_for_another_unet_are_refused_in_one_sentence(tmp_path):
+    from latentkit.weights import load_controlnet
+
+    wide = dataclasses.replace(TINY.unet, cross_attention_dim=64)
+    _reference(TINY_CONTROLNET).save_pretrained(tmp_path / "cn", safe_serialization=True)
+    _original_file(ControlNet(TINY_CONTROLNET), tmp_path / "original.safetensors")
+    for path in (tmp_path / "cn", tmp_path / "original.safetensors"):
+        with pytest.raises(LatentkitError, match="made for another U-Net.*cross-attention") as err:
+            load_controlnet(path, for_unet=wide)
+        assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")
+
+
+def test_pickles_need_consent_and_foreign_files_are_named(tmp_path):
+    from latentkit.weights import load_controlnet
+
+    state = _original_file_state(ControlNet(TINY_CONTROLNET))
+    torch.save(state, tmp_path / "cn.pth")
+    with pytest.raises(LatentkitError, match="allow_pickle"):
+        load_controlnet(tmp_path / "cn.pth", for_unet=TINY.unet)
+    loaded = load_controlnet(tmp_path / "cn.pth", for_unet=TINY.unet, allow_pickle=True)
+    assert _same_config(loaded.config)
+    unet_folder = tmp_path / "unet"
+    unet_folder.mkdir()
+    (unet_folder / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    with pytest.raises(LatentkitError, match="not a ControlNetModel"):
+        load_controlnet(unet_folder)
+    with pytest.raises(LatentkitError, match="does not exist"):
+        load_controlnet(tmp_path / "nothing")

@@ -27,6 +27,7 @@ from latentkit.models.tokenizer import CLIPTokenizer
 from latentkit.models.unet import UNet2DConditionModel
 from latentkit.models.vae import AutoencoderKL
 from latentkit.outputs import refuse_existing, replace_atomically
+from latentkit.weights.controlnet_files import load_controlnet, save_controlnet
 from latentkit.weights.diffusers_folder import (
     load_diffusers,
     load_schedule,
@@ -66,6 +67,7 @@ __all__ = [
     "Components",
     "component_folder",
     "load",
+    "load_controlnet",
     "load_diffusers",
     "load_single_file",
     "load_unet",
@@ -79,6 +81,7 @@ __all__ = [
     "read_weights",
     "rename_vae_attention",
     "save",
+    "save_controlnet",
     "save_diffusers",
     "save_single_file",
     "save_text_encoder",

@@ -307,6 +307,14 @@ def _component_folder(folder, what: str) -> Path:
     return folder
 
 
+def read_component_weights(
+    folder: Path, stem: str, *, variant=None, allow_pickle=False, dtype=None, device="cpu"
+) -> dict:
+    """The weights of a component folder whose weight files are named ``stem`` (single,
+    sharded or, with ``allow_pickle``, a .bin), for component kinds defined elsewhere."""
+    return _read_component(Path(folder), stem, variant, allow_pickle, dtype, device)
+
+
 def _read_component(folder: Path, stem: str, variant, allow_pickle, dtype, device) -> dict:
     """The weights of one component folder: single file, sharded, or (opt-in) pickle.
 

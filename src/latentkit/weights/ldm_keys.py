@@ -7,7 +7,10 @@ A CompVis / Stability single file holds every component in one state dict:
     cond_stage_model.transformer.text_model.*   SD 1.x text encoder (OpenAI CLIP, HF names)
     cond_stage_model.model.*      SD 2.x text encoder (OpenCLIP layout, fused q/k/v)
 
-plus buffers we never read (the training schedule, ``model_ema.*`` copies). Our components
+plus buffers we never read (the training schedule, ``model_ema.*`` copies). An original
+ControlNet file holds ``control_model.*``: the U-Net's encoder under the U-Net's own ldm names
+(time_embed, input_blocks, middle_block), the hint encoder (``input_hint_block``) and the
+zero convolutions (``zero_convs``, ``middle_block_out``). Our components
 use diffusers / transformers names, so both directions are driven by one table of routes
 built from the config: each route ties a module path in the file to a module path of ours
 and names the kind of renaming and reshaping inside it. ``split_checkpoint`` and
@@ -23,7 +26,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from latentkit.config import ModelConfig, UNetConfig, VAEConfig
+from latentkit.config import ControlNetConfig, ModelConfig, UNetConfig, VAEConfig
 from latentkit.errors import WeightsError
 
 UNET = "model.diffusion_model."
@@ -31,6 +34,7 @@ VAE = "first_stage_model."
 SD1_TEXT = "cond_stage_model.transformer."
 SD2_TEXT = "cond_stage_model.model."
 TEXT = "cond_stage_model."
+CONTROL = "control_model."
 
 # Buffers of the original LatentDiffusion training module: the schedule is rebuilt from
 # ScheduleConfig, so these are known and skipped.
@@ -337,6 +341,69 @@ def skipped_file_keys(config: ModelConfig) -> tuple[set[str], tuple[str, ...]]:
         VAE + "loss.",  # the VAE's training losses (LPIPS, discriminator)
     )
     return exact, prefixes
+
+
+def controlnet_routes(config: ControlNetConfig) -> list[Route]:
+    """A ControlNet's module routes: the U-Net's own routes for the encoder it copies (under
+    ``control_model.`` instead of ``model.diffusion_model.``), plus the hint encoder, whose
+    ldm ``nn.Sequential`` interleaves each conv with a SiLU (so convs sit at even indices),
+    and the zero convolutions (each a one-conv ``nn.Sequential``)."""
+    encoder = ("conv_in", "time_embedding.", "down_blocks.", "mid_block.")
+    routes = [
+        (CONTROL + src.removeprefix(UNET), dst, kind)
+        for src, dst, kind in unet_routes(config.unet)
+        if dst.startswith(encoder)
+    ]
+    n_blocks = 2 * (len(config.conditioning_embedding_out_channels) - 1)
+    hint = CONTROL + "input_hint_block."
+    routes.append((hint + "0", "controlnet_cond_embedding.conv_in", "layer"))
+    routes += [
+        (hint + f"{2 * (k + 1)}", f"controlnet_cond_embedding.blocks.{k}", "layer")
+        for k in range(n_blocks)
+    ]
+    routes.append((hint + f"{2 * (n_blocks + 1)}", "controlnet_cond_embedding.conv_out", "layer"))
+    per, levels = config.unet.layers_per_block, len(config.unet.block_out_channels)
+    n_skips = 1 + levels * per + levels - 1
+    routes += [
+        (CONTROL + f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}", "layer")
+        for i in range(n_skips)
+    ]
+    routes.append((CONTROL + "middle_block_out.0", "controlnet_mid_block", "layer"))
+    return routes
+
+
+def split_controlnet(
+    state_dict: Mapping[str, torch.Tensor], config: ControlNetConfig
+) -> dict[str, torch.Tensor]:
+    """An original ``control_model.*`` state dict in our (diffusers') names; a key the
+    config has no place for, or one it lacks, is an error."""
+    pending = dict(state_dict)
+    unknown: list[str] = []
+    out = _apply(pending, controlnet_routes(config), [], True, unknown, "this ControlNet lacks")
+    unknown += sorted(pending)
+    if unknown:
+        raise WeightsError(
+            f"this ControlNet file has {len(unknown)} keys that the config has no place for, "
+            f"such as {_few(unknown)}; it was made for another kind of U-Net."
+        )
+    return out
+
+
+def join_controlnet(
+    state_dict: Mapping[str, torch.Tensor], config: ControlNetConfig
+) -> dict[str, torch.Tensor]:
+    """The inverse of ``split_controlnet``: our ControlNet's weights under original names."""
+    pending = dict(state_dict)
+    unknown: list[str] = []
+    routes = _flip(controlnet_routes(config))
+    out = _apply(pending, routes, [], False, unknown, "the ControlNet weights lack")
+    unknown += sorted(pending)
+    if unknown:
+        raise WeightsError(
+            f"the ControlNet weights have {len(unknown)} keys with no place in an original "
+            f"ControlNet file, such as {_few(unknown)}."
+        )
+    return out
 
 
 # --- split and join ---------------------------------------------------------------------
