@@ -8,6 +8,7 @@ from latentkit.config import VERSION
 from latentkit.errors import ConfigError, LatentkitError, WeightsError
 
 if TYPE_CHECKING:
+    from latentkit.generation.controlnet import Control
     from latentkit.generation.options import GenerateOptions, options_from_fields
     from latentkit.generation.pipeline import generate
     from latentkit.weights import Components
@@ -15,17 +16,20 @@ if TYPE_CHECKING:
 __version__ = VERSION
 __all__ = [
     "ConfigError",
+    "Control",
     "GenerateOptions",
     "LatentkitError",
     "WeightsError",
     "generate",
     "load",
+    "load_controlnet",
     "options_from_fields",
     "__version__",
 ]
 
 # Imported on first use: they need torch, which `import latentkit` alone does not load.
 _LAZY = {
+    "Control": "generation.controlnet",
     "GenerateOptions": "generation.options",
     "options_from_fields": "generation.options",
     "generate": "generation.pipeline",
@@ -43,5 +47,13 @@ def __getattr__(name: str):
 def load(path, **kwargs) -> Components:
     """Load a model (diffusers folder or single-file checkpoint); see ``weights.load``."""
     from latentkit.weights import load as _load  # torch loads here, not at import
+
+    return _load(path, **kwargs)
+
+
+def load_controlnet(path, **kwargs):
+    """Load a ControlNet (diffusers ControlNet folder or original single file); see
+    ``weights.load_controlnet``."""
+    from latentkit.weights import load_controlnet as _load  # torch loads here, not at import
 
     return _load(path, **kwargs)

@@ -23,6 +23,12 @@ from latentkit.diffusion.guidance import CFGDenoiser
 from latentkit.diffusion.samplers import SAMPLERS, SPACING_FAMILY, sigmas_for
 from latentkit.diffusion.stepping import iterate_sampler
 from latentkit.errors import ConfigError, LatentkitError
+from latentkit.generation.controlnet import (
+    Control,
+    ControlResiduals,
+    control_records,
+    prepare_controls,
+)
 from latentkit.generation.img2img import prepare_source, tensor_to_images
 from latentkit.generation.options import (  # noqa: F401  (PROMPT_MODES, SCHEDULES: re-exported for callers)
     PROMPT_MODES,
@@ -111,15 +117,21 @@ def encode_contexts(components: Components, options: GenerateOptions, device, dt
     return batched(cond), batched(uncond)
 
 
-def unet_model(unet: torch.nn.Module, extra_channels: torch.Tensor | None = None):
+def unet_model(
+    unet: torch.nn.Module,
+    extra_channels: torch.Tensor | None = None,
+    control: ControlResiduals | None = None,
+):
     """The network as the denoiser calls it. Inpainting U-Nets get the mask and the masked
-    picture's latents beside their input (doubled when guidance batches two passes)."""
+    picture's latents beside their input (doubled when guidance batches two passes);
+    ControlNets see the latent alone and add their residuals to the U-Net's."""
 
     def model(x, t, *, context):
+        residuals = control(x, t, context) if control is not None else {}
         if extra_channels is not None:
             extra = extra_channels.repeat(x.shape[0] // extra_channels.shape[0], 1, 1, 1)
             x = torch.cat([x, extra.to(x.dtype)], dim=1)
-        return unet(x, t, context)
+        return unet(x, t, context, **residuals)
 
     return model
 
@@ -134,6 +146,7 @@ def generate(
     dtype: torch.dtype | None = None,
     noise: torch.Tensor | None = None,
     contexts: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    controls: list[Control] | None = None,
 ) -> Iterator[Step | Result]:
     """Yield a :class:`Step` per denoising step, then one :class:`Result` with the images.
 
@@ -142,6 +155,8 @@ def generate(
     Stop iterating to cancel: the sampler stops at its next step. ``noise`` (unit-variance
     initial noise of the latent shape) and ``contexts`` ((cond, uncond) text contexts, already
     batched) replace the seed's noise and the prompts' encoding: interpolation uses them.
+    ``controls`` (:class:`~latentkit.generation.controlnet.Control`) steer the picture with
+    ControlNets; several sum their residuals.
     A model that has no speed layout chosen yet gets the one that is faster here (NHWC and
     packed weights for bf16 on a CPU; ``latentkit.runtime.layout``).
     """
@@ -151,6 +166,7 @@ def generate(
     width, height = image_size(components, options)
     tile = DECODE_TILE if options.vae_tiling else None
     check_fits(components, (width, height), options.n, options.cfg, device, dtype, vae_tile=tile)
+    prepared = prepare_controls(controls, components, (width, height), options.n, device, dtype)
     generators = seeded_generators(options.seed, options.n)
     source, noise = prepare_source(
         components,
@@ -169,8 +185,9 @@ def generate(
     cond, uncond = contexts
 
     family = SPACING_FAMILY[options.sampler]
+    control = ControlResiduals(prepared) if prepared else None
     denoiser = Denoiser(
-        unet_model(components.unet, source.extra_channels if source else None),
+        unet_model(components.unet, source.extra_channels if source else None, control),
         components.schedule,
         quantize=family != "euler",
     )
@@ -178,6 +195,8 @@ def generate(
     sigmas = sigmas_for(denoiser, options.steps, options.schedule, options.sampler)
     if source is not None and options.strength < 1.0:
         sigmas = sigmas[strength_start(options.steps, options.strength) :]
+    if control is not None:
+        control.follow(denoiser.timestep(sigmas[:-1]))
     if source is None or options.strength == 1.0:
         x = noise * initial_scale(
             options.sampler, components.schedule.timestep_spacing, float(sigmas[0])
@@ -214,6 +233,8 @@ def generate(
         latents = source.final_blend(latents)
     images = tensor_to_images(decode_latents(components.vae, latents, tiled=options.vae_tiling))
     record = generation_record(components, options, width, height, dtype)
+    if prepared:
+        record["controls"] = control_records(prepared)
     yield Result(images, latents, [dict(record, seed=options.seed + i) for i in range(options.n)])
 
 
@@ -259,7 +280,7 @@ def _non_finite_latents_message(dtype: torch.dtype) -> str:
 
 
 # What a record holds besides the options' fields.
-RECORD_EXTRAS = ("model", "dtype", "version")
+RECORD_EXTRAS = ("model", "dtype", "version", "controls")
 
 
 def generation_record(components, options: GenerateOptions, width, height, dtype) -> dict:

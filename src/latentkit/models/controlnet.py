@@ -102,6 +102,8 @@ class ControlNet(nn.Module):
     def __init__(self, config: ControlNetConfig):
         super().__init__()
         self.config = config
+        # Where it was loaded from (set by the loader), for the PNG record.
+        self.source: str | None = None
         cfg = config.unet
         ch0 = cfg.block_out_channels[0]
         temb_ch = ch0 * 4

@@ -61,6 +61,7 @@ def load_controlnet(
         controlnet = _load_folder(path, for_unet, dtype, device, allow_pickle)
     else:
         controlnet = _load_single_file(path, for_unet, dtype, device, allow_pickle)
+    controlnet.source = str(path)
     return controlnet
 
 

@@ -1,0 +1,214 @@
+"""ControlNet at generation time: control pictures in, U-Net residuals out at each step.
+
+A :class:`Control` names one ControlNet, its control picture, a scale and the fraction of
+the steps it acts on (``start`` to ``end``). ``prepare_controls`` checks each against the
+model (the U-Net it feeds, the VAE's scale), resizes the picture to the output size (Lanczos,
+as diffusers' control image processor does) and keeps it in [0, 1]. ``ControlResiduals``
+is called by the denoiser's network wrapper before each U-Net call: every active ControlNet
+sees the same input as the U-Net (the latent; with guidance, both halves of the batch, as
+diffusers does without guess mode) and their residuals are summed, as diffusers'
+MultiControlNet does.
+
+Which step a call belongs to is read from its timestep: the number of scheduled timesteps
+above it. A ControlNet acts at step ``i`` of ``N`` unless ``i/N < start`` or
+``(i+1)/N > end`` (diffusers' ``controlnet_keep``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from latentkit.config import brief_repr
+from latentkit.errors import ConfigError
+from latentkit.generation.img2img import DEFAULT_MAX_INPUT_PIXELS, read_input_image
+from latentkit.models.components import Components
+from latentkit.models.controlnet import ControlNet, check_matches_unet
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet steering a generation. ``image`` is a picture or its path (read with
+    the input-image pixel cap); ``scale`` multiplies its residuals; it acts from the
+    fraction ``start`` to ``end`` of the steps."""
+
+    controlnet: ControlNet
+    image: Image.Image | str | Path
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass
+class PreparedControl:
+    """A checked :class:`Control` with its picture as a [n, C, H, W] tensor in [0, 1]."""
+
+    control: Control
+    hint: torch.Tensor
+    image_path: str | None
+    resized_from: tuple[int, int] | None
+
+
+def check_control(control: object, index: int = 0) -> Control:
+    """``control`` if it is a usable :class:`Control`, else one sentence saying why."""
+    label = f"control {index + 1}"
+    if not isinstance(control, Control):
+        raise ConfigError(f"{label} must be a latentkit Control, got {brief_repr(control)}.")
+    if not isinstance(control.controlnet, ControlNet):
+        raise ConfigError(
+            f"{label}'s controlnet must be a loaded ControlNet (latentkit.load_controlnet), "
+            f"got {brief_repr(control.controlnet)}."
+        )
+    for name in ("scale", "start", "end"):
+        value = getattr(control, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{label}'s {name} must be a number, got {brief_repr(value)}.")
+        if not math.isfinite(value):
+            raise ConfigError(f"{label}'s {name} must be a finite number, got {value!r}.")
+    if not 0.0 <= control.start < control.end <= 1.0:
+        raise ConfigError(
+            f"{label} acts from {control.start} to {control.end} of the steps; give "
+            "0 <= start < end <= 1."
+        )
+    return control
+
+
+def check_fits_model(controlnet: ControlNet, components: Components, label: str) -> None:
+    """A ControlNet whose residuals fit the model's U-Net and whose hint encoder brings the
+    picture to the VAE's latent grid; else one sentence naming the difference."""
+    check_matches_unet(controlnet.config, components.config.unet, where=f"of {label}")
+    hint, vae = controlnet.config.hint_downscale_factor, components.config.vae.downscale_factor
+    if hint != vae:
+        raise ConfigError(
+            f"the ControlNet of {label} was made for another model: its hint encoder scales "
+            f"pictures down by {hint} but this model's VAE by {vae}."
+        )
+
+
+def read_control_image(
+    image: Image.Image | str | Path, label: str, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS
+) -> tuple[Image.Image, str | None]:
+    """The control picture and its path (None when given as a picture)."""
+    if isinstance(image, Image.Image):
+        return image, None
+    if not isinstance(image, (str, Path)):
+        raise ConfigError(
+            f"the image of {label} must be a PIL picture or a path, got {brief_repr(image)}."
+        )
+    return read_input_image(image, f"the control image of {label}", max_pixels=max_pixels), str(
+        image
+    )
+
+
+def hint_tensor(image: Image.Image, size: tuple[int, int], channels: int) -> torch.Tensor:
+    """[1, channels, H, W] in [0, 1] at the output ``size`` (RGB, or grey for 1 channel)."""
+    fitted = image.convert("L" if channels == 1 else "RGB")
+    if fitted.size != tuple(size):
+        fitted = fitted.resize(size, Image.LANCZOS)  # what fit_image and diffusers use
+    array = np.asarray(fitted, dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape[-1] != channels:
+        raise ConfigError(
+            f"the ControlNet takes {channels}-channel control pictures; latentkit feeds it "
+            "RGB (3) or grey (1) pictures only."
+        )
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def prepare_controls(
+    controls, components: Components, size: tuple[int, int], n: int, device, dtype
+) -> list[PreparedControl]:
+    """Every control checked, its picture read and fitted; nothing is computed yet."""
+    if controls is None:
+        return []
+    if not isinstance(controls, (list, tuple)):
+        raise ConfigError(f"controls must be a list of Control, got {brief_repr(controls)}.")
+    prepared = []
+    for index, control in enumerate(controls):
+        control = check_control(control, index)
+        label = f"control {index + 1}"
+        check_fits_model(control.controlnet, components, label)
+        image, path = read_control_image(control.image, label)
+        channels = control.controlnet.config.conditioning_channels
+        hint = hint_tensor(image, size, channels).to(device, dtype).repeat(n, 1, 1, 1)
+        resized = image.size if image.size != tuple(size) else None
+        _place(control.controlnet, device, dtype)
+        prepared.append(PreparedControl(control, hint, path, resized))
+    return prepared
+
+
+def _place(controlnet: ControlNet, device, dtype) -> None:
+    """The ControlNet on the U-Net's device and in its dtype (moved in place if not)."""
+    param = next(controlnet.parameters())
+    if param.device != torch.device(device) or param.dtype != dtype:
+        controlnet.to(device=device, dtype=dtype)
+    controlnet.eval()
+
+
+class ControlResiduals:
+    """The summed residuals of the active controls for one U-Net call, or ``{}``."""
+
+    def __init__(self, prepared: list[PreparedControl]):
+        self.prepared = prepared
+        self.timesteps: torch.Tensor | None = None
+
+    def follow(self, timesteps: torch.Tensor) -> None:
+        """The timesteps the sampler walks, one per step (decreasing), for ``start``/``end``."""
+        self.timesteps = timesteps.detach().float().cpu()
+
+    def step_of(self, t: torch.Tensor) -> tuple[int, int]:
+        """(step index, number of steps) of a call at timestep ``t``."""
+        if self.timesteps is None:
+            return 0, 1
+        now = float(t.reshape(-1)[0])
+        return int((self.timesteps > now + 1e-3).sum()), len(self.timesteps)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict:
+        i, total = self.step_of(t)
+        down, mid = None, None
+        for item in self.prepared:
+            control = item.control
+            if i / total < control.start or (i + 1) / total > control.end:
+                continue
+            hint = item.hint.repeat(x.shape[0] // item.hint.shape[0], 1, 1, 1)
+            d, m = control.controlnet(x, t, context, hint, scale=control.scale)
+            down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
+            mid = m if mid is None else mid + m
+        if down is None:
+            return {}
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+def control_records(prepared: list[PreparedControl]) -> list[dict]:
+    """What a PNG record keeps of each control: the ControlNet's and the picture's paths
+    (None when they were given as objects), scale, start and end."""
+    records = []
+    for item in prepared:
+        control = item.control
+        source = getattr(control.controlnet, "source", None)
+        records.append(
+            {
+                "controlnet": str(source) if source is not None else None,
+                "image": item.image_path,
+                "scale": float(control.scale),
+                "start": float(control.start),
+                "end": float(control.end),
+            }
+        )
+    return records
+
+
+__all__ = [
+    "Control",
+    "ControlResiduals",
+    "PreparedControl",
+    "check_control",
+    "control_records",
+    "prepare_controls",
+]

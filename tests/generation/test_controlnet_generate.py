@@ -1,0 +1,169 @@
+"""Controlled generation against diffusers' StableDiffusionControlNetPipeline, pixel for
+pixel, and its refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import latentkit
+from latentkit.config import TINY_CONTROLNET
+from latentkit.errors import LatentkitError
+from latentkit.generation.controlnet import Control
+from latentkit.generation.pipeline import GenerateOptions, generate, run_to_result
+from latentkit.weights import load_controlnet
+from latentkit.weights.config_json import controlnet_to_json
+
+diffusers = pytest.importorskip("diffusers")
+
+PROMPT = "a red circle above a blue square"
+NEGATIVE = "blurry, low quality"
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def control_picture(size=(40, 48), seed: int = 0) -> Image.Image:
+    """Blocks of colour (an edge map's worth of structure), not the output size: it is
+    resized, as diffusers resizes it."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    return Image.fromarray(blocks.repeat(8, 0).repeat(8, 1))
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tmp_path_factory):
+    """A random diffusers ControlNet for the tiny SD 1.x model, every weight (the zero
+    convolutions too) moved off its init so that it changes the picture."""
+    torch.manual_seed(0)
+    ref = diffusers.ControlNetModel.from_config(controlnet_to_json(TINY_CONTROLNET))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    folder = tmp_path_factory.mktemp("controlnet") / "cn"
+    ref.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def reference_images(sd1_dir, controlnet_dir, image, *, scale, start, end):
+    from conftest import load_reference_pipeline
+
+    base = load_reference_pipeline(sd1_dir)
+    controlnet = diffusers.ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True)
+    pipe = diffusers.StableDiffusionControlNetPipeline(
+        **{k: v for k, v in base.components.items() if k != "image_encoder"},
+        controlnet=controlnet,
+        requires_safety_checker=False,
+    )
+    pipe.tokenizer.model_max_length = 77
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    out = pipe(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        image=image,
+        height=32,
+        width=32,
+        num_inference_steps=8,
+        guidance_scale=5.0,
+        controlnet_conditioning_scale=scale,
+        control_guidance_start=start,
+        control_guidance_end=end,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="pil",
+    )
+    return out.images
+
+
+def options() -> GenerateOptions:
+    return GenerateOptions(
+        PROMPT, negative_prompt=NEGATIVE, steps=8, cfg=5.0, sampler="euler", seed=7
+    )
+
+
+@pytest.mark.parametrize(
+    ("scale", "start", "end"), [(0.8, 0.0, 1.0), (1.3, 0.25, 0.75)], ids=["whole", "middle"]
+)
+def test_controlled_generation_matches_reference(sd1_dir, controlnet_dir, scale, start, end):
+    image = control_picture()
+    expected = reference_images(sd1_dir, controlnet_dir, image, scale=scale, start=start, end=end)
+    model = latentkit.load(sd1_dir)
+    controlnet = load_controlnet(controlnet_dir, for_unet=model.config.unet)
+    control = Control(controlnet, image, scale=scale, start=start, end=end)
+    result = run_to_result(generate(model, options(), controls=[control]))
+    diff = np.abs(pixels(result.images[0]) - pixels(expected[0])).max()
+    assert diff <= 2, f"max pixel difference {diff} / 255"
+    plain = run_to_result(generate(model, options()))
+    assert np.abs(pixels(result.images[0]) - pixels(plain.images[0])).max() > 8
+    (record,) = result.records
+    assert record["controls"] == [
+        {
+            "controlnet": str(controlnet_dir),
+            "image": None,
+            "scale": scale,
+            "start": start,
+            "end": end,
+        }
+    ]
+
+
+def test_two_controlnets_sum_their_residuals(sd1_dir, controlnet_dir, tmp_path):
+    model = latentkit.load(sd1_dir)
+    controlnet = load_controlnet(controlnet_dir, for_unet=model.config.unet)
+    path = tmp_path / "hint.png"
+    control_picture().save(path)
+    # Two halves of one ControlNet add up to the whole one (its residuals are linear in scale).
+    halves = [Control(controlnet, path, scale=0.4), Control(controlnet, path, scale=0.4)]
+    whole = run_to_result(generate(model, options(), controls=[Control(controlnet, path, 0.8)]))
+    summed = run_to_result(generate(model, options(), controls=halves))
+    assert np.abs(pixels(whole.images[0]) - pixels(summed.images[0])).max() <= 1
+    assert [c["image"] for c in summed.records[0]["controls"]] == [str(path)] * 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"scale": float("nan")}, r"control 1's scale must be a finite number, got nan\."),
+        ({"scale": float("inf")}, r"control 1's scale must be a finite number, got inf\."),
+        ({"scale": "1"}, r"control 1's scale must be a number, got '1'\."),
+        ({"start": 0.8, "end": 0.2}, r"acts from 0.8 to 0.2 of the steps; give 0 <= start"),
+        ({"image": 3}, r"must be a PIL picture or a path, got 3\."),
+    ],
+)
+def test_bad_controls_are_one_sentence_before_any_work(sd1_dir, controlnet_dir, change, message):
+    model = latentkit.load(sd1_dir)
+    controlnet = load_controlnet(controlnet_dir)
+    fields = {"controlnet": controlnet, "image": control_picture(), **change}
+    steps = []
+    with pytest.raises(LatentkitError, match=message):
+        for item in generate(model, options(), controls=[Control(**fields)]):
+            steps.append(item)
+    assert steps == []
+
+
+def test_a_control_image_that_is_not_an_image_is_refused(sd1_dir, controlnet_dir, tmp_path):
+    model = latentkit.load(sd1_dir)
+    controlnet = load_controlnet(controlnet_dir)
+    (tmp_path / "hint.png").write_text("not a picture")
+    with pytest.raises(LatentkitError, match=r"control image of control 1 .* is not a readable"):
+        run_to_result(
+            generate(model, options(), controls=[Control(controlnet, tmp_path / "hint.png")])
+        )
+
+
+def test_a_controlnet_for_another_model_is_refused(sd1_dir):
+    import dataclasses
+
+    from latentkit.models.controlnet import ControlNet
+
+    model = latentkit.load(sd1_dir)
+    unet = dataclasses.replace(TINY_CONTROLNET.unet, cross_attention_dim=64)
+    other = ControlNet(dataclasses.replace(TINY_CONTROLNET, unet=unet))
+    with pytest.raises(LatentkitError, match="made for another U-Net: its cross-attention width"):
+        run_to_result(generate(model, options(), controls=[Control(other, control_picture())]))
+    coarse = ControlNet(TINY_CONTROLNET.__class__(unet=TINY_CONTROLNET.unet))
+    with pytest.raises(LatentkitError, match="hint encoder scales pictures down by 8 but this"):
+        run_to_result(generate(model, options(), controls=[Control(coarse, control_picture())]))
