@@ -11,6 +11,13 @@ from pathlib import Path
 from latentkit import __version__
 from latentkit.diffusion.samplers import SAMPLERS
 from latentkit.errors import ConfigError, LatentkitError
+from latentkit.generation.controlnet import (
+    ControlRequest,
+    controls_for,
+    read_control_images,
+    requests_from_lists,
+    requests_from_record,
+)
 from latentkit.generation.img2img import DEFAULT_MAX_INPUT_PIXELS, read_input_image
 from latentkit.generation.interpolate import interpolation_frames
 from latentkit.generation.options import (
@@ -39,7 +46,7 @@ from latentkit.server import cli as server_cli
 from latentkit.shapes import cli as shapes_cli
 from latentkit.shapes import world as shapes
 from latentkit.train import cli as train_cli
-from latentkit.weights import check_save_path, holds_ema, load, save
+from latentkit.weights import check_save_path, holds_ema, load, load_controlnet, save
 from latentkit.weights.shipped import DEFAULT_MODEL, resolve
 
 
@@ -211,10 +218,39 @@ def _add_generate(commands) -> None:
         help="inpainting mask, white = repaint (default: none, the whole picture)",
     )
     p.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="steer the picture with this ControlNet (a diffusers ControlNet folder or an "
+        "original control_model file); repeat for several, whose effects add up "
+        "(default: none, or the --from record's)",
+    )
+    p.add_argument(
+        "--control",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="the control picture (edges, a mask, ...) of each --controlnet, in order; "
+        "resized to the output size (default: none, or the --from record's)",
+    )
+    for flag, default, what in (
+        ("--control-scale", 1.0, "how strongly each ControlNet steers"),
+        ("--control-start", 0.0, "the fraction of the steps where each ControlNet starts"),
+        ("--control-end", 1.0, "the fraction of the steps where each ControlNet stops"),
+    ):
+        p.add_argument(
+            flag,
+            type=float,
+            action="append",
+            default=[],
+            help=f"{what}: once for all or once per --controlnet (default: {default})",
+        )
+    p.add_argument(
         "--max-pixels",
         type=int,
         default=DEFAULT_MAX_INPUT_PIXELS,
-        help="refuse larger init images and masks, before decoding them",
+        help="refuse larger init images, masks and control pictures, before decoding them",
     )
     p.add_argument(
         "--from",
@@ -367,12 +403,15 @@ _OPTION_FLAGS = {"negative": "negative_prompt", "rescale": "guidance_rescale"}
 
 
 def generate_options(args: argparse.Namespace):
-    """(GenerateOptions, the record's model or None): the flags, on top of a replayed record
-    when ``--from`` is given. Every setting is checked by ``options_from_fields``."""
+    """(GenerateOptions, the record's model or None, the record's controls or None): the
+    flags, on top of a replayed record when ``--from`` is given. Every setting is checked
+    by ``options_from_fields``."""
 
-    replayed, model = {}, None
+    replayed, model, controls = {}, None, None
     if args.from_png is not None:
-        replayed, model = split_record(read_record(args.from_png), str(args.from_png))
+        record = read_record(args.from_png)
+        replayed, model = split_record(record, str(args.from_png))
+        controls = record.get("controls")
     flags = {}
     for flag, value in vars(args).items():
         name = _OPTION_FLAGS.get(flag, flag)
@@ -386,7 +425,21 @@ def generate_options(args: argparse.Namespace):
     # Given as flags they are refused (prepare_for_run).
     ignored = settings_without_effect(options, init_image=args.init_image is not None)
     stale = {name: None for name in ignored if name not in flags}
-    return dataclasses.replace(options, **stale), model
+    return dataclasses.replace(options, **stale), model, controls
+
+
+def control_requests(args: argparse.Namespace, stored) -> list[ControlRequest]:
+    """The controls the flags give, else those of the ``--from`` record (if any)."""
+    if args.controlnet or args.control:
+        return requests_from_lists(
+            args.controlnet, args.control, args.control_scale, args.control_start, args.control_end
+        )
+    if args.control_scale or args.control_start or args.control_end:
+        raise ConfigError(
+            "--control-scale, --control-start and --control-end need a --controlnet and its "
+            "--control picture."
+        )
+    return [] if stored is None else requests_from_record(stored, str(args.from_png))
 
 
 def png_paths(out: Path | None, default: str, n: int, overwrite: bool) -> list[Path]:
@@ -404,11 +457,13 @@ def _read_image(path: Path | None, what: str, max_pixels: int):
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    options, record_model = generate_options(args)
+    options, record_model, stored_controls = generate_options(args)
     options = prepare_for_run(options, init_image=args.init_image is not None)
     paths = png_paths(args.out, "out.png", options.n, args.overwrite)
     init_image = _read_image(args.init_image, "init image", args.max_pixels)
     mask = _read_image(args.mask, "mask", args.max_pixels)
+    requests = control_requests(args, stored_controls)
+    control_images = read_control_images(requests, args.max_pixels)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model_path = args.model or record_model or DEFAULT_MODEL  # DEFAULT_MODEL: shipped inside
@@ -419,10 +474,25 @@ def run_generate(args: argparse.Namespace) -> None:
         compile=args.compile,
         attention_slice=args.attention_slice,
     )
+    controls = controls_for(
+        requests,
+        control_images,
+        components,
+        lambda path, for_unet: load_controlnet(
+            path, for_unet=for_unet, allow_pickle=args.allow_pickle, dtype=dtype, device=device
+        ),
+    )
     width, height = image_size(components, options)
+    _note_resized(requests, control_images, (width, height))
     progress = Progress(options.steps, f"{width}x{height}", enabled=not args.quiet)
     for item in generate(
-        components, options, init_image=init_image, mask=mask, device=device, dtype=dtype
+        components,
+        options,
+        init_image=init_image,
+        mask=mask,
+        device=device,
+        dtype=dtype,
+        controls=controls,
     ):
         if isinstance(item, Result):
             progress.close()
@@ -431,6 +501,16 @@ def run_generate(args: argparse.Namespace) -> None:
                 print(path)
         else:
             progress.update(item.i + 1)
+
+
+def _note_resized(requests, images, size: tuple[int, int]) -> None:
+    for i, (request, image) in enumerate(zip(requests, images, strict=True)):
+        if image.size != size:
+            print(
+                f"latentkit: control {i + 1}: {request.image} is {image.size[0]}x"
+                f"{image.size[1]}, resized to {size[0]}x{size[1]}",
+                file=sys.stderr,
+            )
 
 
 def run_info(args: argparse.Namespace) -> None:

@@ -167,3 +167,93 @@ def test_a_controlnet_for_another_model_is_refused(sd1_dir):
     coarse = ControlNet(TINY_CONTROLNET.__class__(unet=TINY_CONTROLNET.unet))
     with pytest.raises(LatentkitError, match="hint encoder scales pictures down by 8 but this"):
         run_to_result(generate(model, options(), controls=[Control(coarse, control_picture())]))
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def test_cli_generates_records_and_replays_a_controlled_picture(
+    sd1_dir, controlnet_dir, tmp_path, capsys
+):
+    from conftest import run_cli
+
+    from latentkit.generation.pngmeta import read_png_record
+
+    hint = tmp_path / "hint.png"
+    control_picture().save(hint)
+    out = tmp_path / "cn.png"
+    common = ["--steps", "3", "--seed", "5", "--dtype", "fp32", "--sampler", "euler"]
+    code, printed, err = run_cli(
+        capsys, "generate", "a cat", "--model", sd1_dir, *common,
+        "--controlnet", controlnet_dir, "--control", hint, "--control-scale", "0.7",
+        "--control-start", "0.1", "-o", out,
+    )  # fmt: skip
+    assert code == 0 and printed.strip() == str(out)
+    assert f"control 1: {hint} is 40x48, resized to 32x32" in err
+    record = read_png_record(out)
+    assert record["controls"] == [
+        {
+            "controlnet": str(controlnet_dir),
+            "image": str(hint),
+            "scale": 0.7,
+            "start": 0.1,
+            "end": 1.0,
+        }
+    ]
+    again = tmp_path / "again.png"
+    code, _, _ = run_cli(capsys, "generate", "--from", out, "--dtype", "fp32", "-o", again)
+    assert code == 0
+    assert np.array_equal(pixels(Image.open(out)), pixels(Image.open(again)))
+    assert read_png_record(again)["controls"] == record["controls"]
+    plain = tmp_path / "plain.png"
+    code, _, _ = run_cli(capsys, "generate", "a cat", "--model", sd1_dir, *common, "-o", plain)
+    assert not np.array_equal(pixels(Image.open(out)), pixels(Image.open(plain)))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--control-scale", "nan"], "control 1's scale must be a finite number, got nan."),
+        (["--control-scale", "inf"], "control 1's scale must be a finite number, got inf."),
+        (["--control-end", "0"], "control 1 acts from 0.0 to 0.0 of the steps"),
+        (["--control-scale", "1", "--control-scale", "2"], "got 2 --control-scale for 1"),
+        (["--control", "hint.png"], "got 1 --controlnet and 2 --control"),
+        (["--controlnet", "OTHER"], "made for another U-Net: its cross-attention width"),
+    ],
+)
+def test_cli_bad_controls_are_one_line_and_write_nothing(
+    sd1_dir, controlnet_dir, tmp_path, capsys, monkeypatch, extra, message
+):
+    import dataclasses
+
+    from conftest import run_cli
+
+    from latentkit.models.controlnet import ControlNet
+    from latentkit.weights import save_controlnet
+
+    monkeypatch.chdir(tmp_path)
+    control_picture().save("hint.png")
+    unet = dataclasses.replace(TINY_CONTROLNET.unet, cross_attention_dim=64)
+    save_controlnet(ControlNet(dataclasses.replace(TINY_CONTROLNET, unet=unet)), tmp_path / "OTHER")
+    if extra[0] == "--controlnet":
+        args = ["--controlnet", "OTHER", "--control", "hint.png"]
+    else:
+        args = ["--controlnet", controlnet_dir, "--control", "hint.png", *extra]
+    code, _, err = run_cli(
+        capsys, "generate", "a cat", "--model", sd1_dir, "--steps", "2", "-o", "out.png", *args
+    )
+    assert code == 2, err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_cli_a_control_that_is_not_an_image_is_one_line(sd1_dir, controlnet_dir, tmp_path, capsys):
+    from conftest import run_cli
+
+    (tmp_path / "hint.png").write_text("not a picture")
+    code, _, err = run_cli(
+        capsys, "generate", "a cat", "--model", sd1_dir, "--steps", "2", "-o", tmp_path / "o.png",
+        "--controlnet", controlnet_dir, "--control", tmp_path / "hint.png",
+    )  # fmt: skip
+    assert code == 2 and "is not a readable image" in err and err.count("\n") == 1
+    assert not (tmp_path / "o.png").exists()

@@ -64,18 +64,21 @@ def check_control(control: object, index: int = 0) -> Control:
             f"{label}'s controlnet must be a loaded ControlNet (latentkit.load_controlnet), "
             f"got {brief_repr(control.controlnet)}."
         )
-    for name in ("scale", "start", "end"):
-        value = getattr(control, name)
+    check_control_numbers(control.scale, control.start, control.end, label)
+    return control
+
+
+def check_control_numbers(scale: object, start: object, end: object, label: str) -> None:
+    """A finite scale and 0 <= start < end <= 1, else one sentence naming ``label``."""
+    for name, value in (("scale", scale), ("start", start), ("end", end)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{label}'s {name} must be a number, got {brief_repr(value)}.")
         if not math.isfinite(value):
             raise ConfigError(f"{label}'s {name} must be a finite number, got {value!r}.")
-    if not 0.0 <= control.start < control.end <= 1.0:
+    if not 0.0 <= start < end <= 1.0:
         raise ConfigError(
-            f"{label} acts from {control.start} to {control.end} of the steps; give "
-            "0 <= start < end <= 1."
+            f"{label} acts from {start} to {end} of the steps; give 0 <= start < end <= 1."
         )
-    return control
 
 
 def check_fits_model(controlnet: ControlNet, components: Components, label: str) -> None:
@@ -95,7 +98,7 @@ def read_control_image(
 ) -> tuple[Image.Image, str | None]:
     """The control picture and its path (None when given as a picture)."""
     if isinstance(image, Image.Image):
-        return image, None
+        return image, getattr(image, "filename", None) or None
     if not isinstance(image, (str, Path)):
         raise ConfigError(
             f"the image of {label} must be a PIL picture or a path, got {brief_repr(image)}."
@@ -183,6 +186,103 @@ class ControlResiduals:
         if down is None:
             return {}
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """A control as files name it (the command line, a PNG record): the ControlNet's path,
+    the control picture's path and the numbers of :class:`Control`."""
+
+    controlnet: str
+    image: str
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+def requests_from_lists(
+    controlnets: list[str],
+    images: list[str],
+    scales: list[float],
+    starts: list[float],
+    ends: list[float],
+) -> list[ControlRequest]:
+    """One request per ControlNet, paired in order with the control pictures; each number
+    list gives one value for all or one per ControlNet (none: the default)."""
+    if len(images) != len(controlnets):
+        raise ConfigError(
+            f"got {len(controlnets)} --controlnet and {len(images)} --control; give one "
+            "control picture per ControlNet, in the same order."
+        )
+    columns = {}
+    for flag, values, default in (
+        ("--control-scale", scales, 1.0),
+        ("--control-start", starts, 0.0),
+        ("--control-end", ends, 1.0),
+    ):
+        if len(values) not in (0, 1, len(controlnets)):
+            raise ConfigError(
+                f"got {len(values)} {flag} for {len(controlnets)} --controlnet; give one "
+                "for all of them or one for each."
+            )
+        columns[flag] = values * len(controlnets) if len(values) == 1 else values
+        columns[flag] = columns[flag] or [default] * len(controlnets)
+    requests = []
+    for i, (net, image) in enumerate(zip(controlnets, images, strict=True)):
+        scale, start, end = (columns[f][i] for f in columns)
+        check_control_numbers(scale, start, end, f"control {i + 1}")
+        requests.append(ControlRequest(str(net), str(image), scale, start, end))
+    return requests
+
+
+def requests_from_record(stored: object, where: str) -> list[ControlRequest]:
+    """The controls a PNG record names, for ``--from`` to replay them."""
+    if not isinstance(stored, list):
+        raise ConfigError(
+            f"the record's controls in {where} must be a list, not {brief_repr(stored)}."
+        )
+    requests = []
+    for i, entry in enumerate(stored):
+        label = f"the record's control {i + 1} in {where}"
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(key), str) for key in ("controlnet", "image")
+        ):
+            raise ConfigError(
+                f"{label} names no ControlNet file and control picture (it was given as "
+                "objects); give --controlnet and --control to replay it."
+            )
+        numbers = [entry.get(key, default) for key, default in _NUMBER_DEFAULTS]
+        check_control_numbers(*numbers, label)
+        requests.append(ControlRequest(entry["controlnet"], entry["image"], *numbers))
+    return requests
+
+
+_NUMBER_DEFAULTS = (("scale", 1.0), ("start", 0.0), ("end", 1.0))
+
+
+def read_control_images(requests: list[ControlRequest], max_pixels: int) -> list[Image.Image]:
+    """Each request's control picture, read (with the pixel cap) before any model is."""
+    return [
+        read_control_image(r.image, f"control {i + 1}", max_pixels)[0]
+        for i, r in enumerate(requests)
+    ]
+
+
+def controls_for(
+    requests: list[ControlRequest],
+    images: list[Image.Image],
+    components: Components,
+    load_controlnet,
+) -> list[Control]:
+    """The :class:`Control` of each request: its ControlNet loaded by ``load_controlnet(path,
+    for_unet=...)`` (checked against the model's U-Net) and its picture, which keeps its path
+    for the record."""
+    controls = []
+    for request, image in zip(requests, images, strict=True):
+        controlnet = load_controlnet(request.controlnet, for_unet=components.config.unet)
+        image.filename = request.image  # the record names the picture by its path
+        controls.append(Control(controlnet, image, request.scale, request.start, request.end))
+    return controls
 
 
 def control_records(prepared: list[PreparedControl]) -> list[dict]:
