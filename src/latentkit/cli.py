@@ -11,6 +11,7 @@ from pathlib import Path
 from latentkit import __version__
 from latentkit.diffusion.samplers import SAMPLERS
 from latentkit.errors import ConfigError, LatentkitError
+from latentkit.explain import cli as explain_cli
 from latentkit.generation.img2img import DEFAULT_MAX_INPUT_PIXELS, read_input_image
 from latentkit.generation.interpolate import interpolation_frames
 from latentkit.generation.options import (
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_eval(commands)
     _add_serve(commands)
+    explain_cli.add_cli(commands)  # "explain KIND": pictures of the model's insides
     return parser
 
 
