@@ -17,14 +17,22 @@ from pathlib import Path
 from latentkit.diffusion.samplers import SAMPLERS
 from latentkit.errors import ConfigError
 from latentkit.explain import attention as attention_maps
-from latentkit.explain import figures
-from latentkit.explain.render import attention_figure
+from latentkit.explain import embeddings, figures, guidance, steps, vae
+from latentkit.explain.render import (
+    attention_figure,
+    embeddings_figure,
+    guidance_figure,
+    steps_figure,
+    vae_figure,
+)
+from latentkit.generation.img2img import DEFAULT_MAX_INPUT_PIXELS, read_input_image
 from latentkit.generation.options import (
     PROMPT_MODES,
     SCHEDULES,
     GenerateOptions,
     options_from_fields,
 )
+from latentkit.generation.pipeline import image_size
 from latentkit.generation.pngmeta import save_png
 from latentkit.outputs import output_paths, refuse_existing
 from latentkit.runtime.device import resolve_device, resolve_dtype
@@ -56,6 +64,10 @@ def add_cli(commands) -> None:
     )
     kinds = parser.add_subparsers(dest="explain_kind", metavar="KIND", required=True)
     _add_attention(kinds)
+    _add_steps(kinds)
+    _add_vae(kinds)
+    _add_guidance(kinds)
+    _add_embeddings(kinds)
 
 
 # --- shared flags ---------------------------------------------------------------------
@@ -248,4 +260,151 @@ def run_attention(args: argparse.Namespace) -> None:
         save_png(maps.image, picture_path, maps.record, overwrite=args.overwrite)
         print(picture_path)
         numbers = attention_maps.attention_json(maps, str(picture_path))
+    finish(args, figure, path, numbers)
+
+
+# --- steps ----------------------------------------------------------------------------
+
+
+def _add_steps(kinds) -> None:
+    p = kinds.add_parser(
+        "steps", help="the trajectory: latents, predicted clean image and noise, step by step"
+    )
+    p.add_argument("prompt", help="what to draw")
+    add_generate_flags(p)
+    p.add_argument("--every", type=int, default=4, help="show every K-th step (and the last)")
+    add_model_flags(p)
+    add_output_flags(p, "steps")
+    p.set_defaults(run=run_steps)
+
+
+def run_steps(args: argparse.Namespace) -> None:
+    path = output_path(args, "steps")
+    options = generate_options(args, args.prompt)
+    steps.chosen_steps(options.steps, args.every)  # refuse a bad --every before loading
+    components, device, dtype = load_model(args)
+    snapshots, _ = steps.trajectory(components, options, args.every, device=device, dtype=dtype)
+    figure = steps_figure(snapshots, options.prompt, options.steps)
+    finish(args, figure, path, steps.steps_json(snapshots, options.steps))
+
+
+# --- vae ------------------------------------------------------------------------------
+
+
+def _add_vae(kinds) -> None:
+    p = kinds.add_parser(
+        "vae", help="encode and decode a picture, sample around its latents, interpolate two"
+    )
+    p.add_argument("image", type=Path, help="the picture to encode")
+    p.add_argument(
+        "image2",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="a second picture: also interpolate between the two (default: none)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise sampled around the mean")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_INPUT_PIXELS,
+        help="refuse larger pictures, before decoding them",
+    )
+    add_model_flags(p)
+    add_output_flags(p, "vae")
+    p.set_defaults(run=run_vae)
+
+
+def model_sized(components, picture):
+    """The picture resized to the size the model was trained at (the VAE needs multiples of
+    its downscale factor, and its statistics are those of that size)."""
+    size = image_size(components, GenerateOptions(""))
+    return picture.convert("RGB").resize(size) if picture.size != size else picture.convert("RGB")
+
+
+def run_vae(args: argparse.Namespace) -> None:
+    path = output_path(args, "vae")
+    first = read_input_image(args.image, "image", max_pixels=args.max_pixels)
+    second = None
+    if args.image2 is not None:
+        second = read_input_image(args.image2, "second image", max_pixels=args.max_pixels)
+    components, device, _ = load_model(args)
+    first = model_sized(components, first)
+    second = model_sized(components, second) if second is not None else None
+    explained = vae.explain_vae(components.vae, first, second, seed=args.seed, device=device)
+    numbers = vae.vae_json(explained)
+    lines = [
+        f"scaled latents per channel (after scaling factor "
+        f"{components.vae.config.scaling_factor:.4g}) against N(0, 1):",
+        "mean " + ", ".join(f"{v:+.2f}" for v in explained.channel_mean),
+        "std  " + ", ".join(f"{v:.2f}" for v in explained.channel_std),
+        "posterior std " + ", ".join(f"{v:.3f}" for v in explained.posterior_std),
+    ]
+    finish(args, vae_figure(explained, lines), path, numbers)
+
+
+# --- guidance -------------------------------------------------------------------------
+
+
+def _add_guidance(kinds) -> None:
+    p = kinds.add_parser("guidance", help="the same seed at several guidance scales, side by side")
+    p.add_argument("prompt", help="what to draw")
+    add_generate_flags(p, cfg=False)
+    p.add_argument(
+        "--scales", default=guidance.DEFAULT_SCALES, help="guidance scales, comma-separated"
+    )
+    p.add_argument(
+        "--judge",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read each picture with the shapes-world judge (default: on for the shipped "
+        "shapes model, off for others)",
+    )
+    add_model_flags(p)
+    add_output_flags(p, "guidance")
+    p.set_defaults(run=run_guidance)
+
+
+def run_guidance(args: argparse.Namespace) -> None:
+    path = output_path(args, "guidance")
+    scales = guidance.parse_scales(args.scales)
+    options = generate_options(args, args.prompt)
+    components, device, dtype = load_model(args)
+    pictures = guidance.guidance_pictures(components, options, scales, device=device, dtype=dtype)
+    judge = args.judge if args.judge is not None else args.model == DEFAULT_MODEL
+    verdicts = guidance.judge_verdicts(pictures, options.prompt) if judge else None
+    figure = guidance_figure(pictures, scales, options.prompt, options.seed, verdicts)
+    numbers = {
+        "prompt": options.prompt,
+        "seed": options.seed,
+        "scales": scales,
+        "judge": verdicts,
+    }
+    finish(args, figure, path, numbers)
+
+
+# --- embeddings -----------------------------------------------------------------------
+
+
+def _add_embeddings(kinds) -> None:
+    p = kinds.add_parser(
+        "embeddings", help="a word's static embedding and its contextual state, in two sentences"
+    )
+    p.add_argument("sentence_a", help="the first sentence")
+    p.add_argument("sentence_b", help="the second sentence")
+    p.add_argument("--word", required=True, help="a word both sentences contain")
+    add_model_flags(p)
+    add_output_flags(p, "embeddings")
+    p.set_defaults(run=run_embeddings)
+
+
+def run_embeddings(args: argparse.Namespace) -> None:
+    path = output_path(args, "embeddings")
+    components, _, _ = load_model(args)
+    a = embeddings.word_states(components, args.sentence_a, args.word)
+    b = embeddings.word_states(components, args.sentence_b, args.word)
+    numbers = embeddings.embeddings_json(a, b, args.word)
+    figure = embeddings_figure(
+        numbers["cosine_similarity"], numbers["depths"], args.word, numbers["sentences"]
+    )
     finish(args, figure, path, numbers)

@@ -87,6 +87,15 @@ def tile(picture: Image.Image, label: str, size: int) -> Image.Image:
     return canvas
 
 
+def text_lines(lines: list[str], width: int) -> Image.Image:
+    """Lines of text on a white strip ``width`` pixels wide (each cut to fit)."""
+    canvas = Image.new("RGB", (width, LABEL_HEIGHT * len(lines) + 2), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for index, line in enumerate(lines):
+        draw.text((1, 1 + LABEL_HEIGHT * index), fit_text(line, width), fill=INK, font=FONT)
+    return canvas
+
+
 def fit_text(text: str, width: int) -> str:
     """``text``, cut with an ellipsis where it would run past ``width`` pixels."""
     if FONT.getlength(text) <= width:
