@@ -24,10 +24,21 @@ def test_loopback_names_are_loopback():
     assert not server_cli.is_loopback("0.0.0.0")
 
 
-def test_bad_numbers_are_refused(capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--queue-size", "0"], "--queue-size must be at least 1"),
+        (["--batch-limit", "0"], "--batch-limit must be at least 1"),
+        (["--job-timeout", "0"], "--job-timeout must be a positive number of seconds"),
+        (["--job-timeout", "nan"], "--job-timeout must be a positive number of seconds"),
+        (["--cors", "*"], "--cors takes an origin such as https://example.org"),
+        (["--cors", "https://example.org/path"], "(scheme and host, no path, not *)"),
+    ],
+)
+def test_bad_flags_are_refused_before_loading(capsys, monkeypatch, flags, message):
     monkeypatch.setattr(server_cli, "load_models", _must_not_load)
-    code, _, err = run_cli(capsys, "serve", "--queue-size", "0")
-    assert code == 2 and "--queue-size must be at least 1" in err
+    code, _, err = run_cli(capsys, "serve", *flags)
+    assert code == 2 and message in err and err.count("\n") == 1
 
 
 def test_model_names_are_shipped_names_or_stems(tmp_path):

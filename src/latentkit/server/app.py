@@ -34,6 +34,7 @@ from latentkit.server.common import (
 )
 from latentkit.server.jobs import FINISHED, JobQueue
 from latentkit.server.openai_images import openai_api
+from latentkit.server.page import page_routes
 from latentkit.server.requests import MAX_SIDE, MAX_STEPS, PICTURE_FIELDS
 
 MAX_BODY_BYTES = 16 << 20  # a few init pictures as base64; 50 MB is refused unread
@@ -109,6 +110,7 @@ def create_app(
     app.include_router(native_api(queue, token), prefix="/api/v1")
     app.include_router(a1111_api(queue, token), prefix="/sdapi/v1")
     app.include_router(openai_api(queue, token), prefix="/v1")
+    app.include_router(page_routes())
     return app
 
 
