@@ -167,3 +167,44 @@ def test_explain_vae_reports_psnr_and_per_channel_statistics(capsys, tmp_path):
     assert len(data["channel_mean"]) == len(data["channel_std"]) == 4
     assert data["interpolation_frames"] == 5
     assert data["sample_psnr_db"]["10.0"] < data["sample_psnr_db"]["1.0"]
+
+
+# --- every kind: outputs --------------------------------------------------------------
+
+KIND_ARGS = {
+    "attention": [PROMPT],
+    "steps": [PROMPT],
+    "guidance": [PROMPT],
+    "embeddings": ["a red star", "a blue star", "--word", "star"],
+    "vae": ["picture.png"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_ARGS))
+@pytest.mark.parametrize("existing", ["out", "json"])
+def test_every_kind_keeps_existing_outputs_and_refuses_before_loading(
+    capsys, tmp_path, kind, existing
+):
+    Image.new("RGB", (64, 64)).save(tmp_path / "picture.png")
+    paths = {"out": tmp_path / "fig.png", "json": tmp_path / "numbers.json"}
+    paths[existing].write_text("mine")
+    args = [tmp_path / a if a.endswith(".png") else a for a in KIND_ARGS[kind]]
+    code, _, err = run_cli(
+        capsys, "explain", kind, *args, "--model", "no-such-model-folder",
+        "--out", paths["out"], "--json", paths["json"],
+    )  # fmt: skip
+    assert code == 2 and f"{paths[existing]} already exists" in err, err
+    assert paths[existing].read_text() == "mine"
+
+
+def test_explain_steps_writes_the_strip_and_its_numbers(capsys, tmp_path):
+    numbers = tmp_path / "s.json"
+    code, _, err = run_cli(
+        capsys, "explain", "steps", PROMPT, "--steps", "3", "--every", "2",
+        "--out", tmp_path / "s.png", "--json", numbers,
+    )  # fmt: skip
+    assert code == 0, err
+    data = json.loads(numbers.read_text())
+    assert data["total_steps"] == 3 and [s["i"] for s in data["steps"]] == [0, 2]
+    sigmas = [s["sigma"] for s in data["steps"]]
+    assert sigmas == sorted(sigmas, reverse=True) and len(data["steps"][0]["latent_std"]) == 4
