@@ -117,3 +117,12 @@ def test_step_ranges_read_as_python_slices():
 def test_layer_groups_follow_the_block_names():
     assert layer_group("mid_block.attentions.0.transformer_blocks.0.attn2") == "mid"
     assert layer_group("up_blocks.2.attentions.1.transformer_blocks.0.attn2") == "up"
+
+
+def test_a_bad_step_range_is_refused_before_the_model_loads(capsys, tmp_path):
+    code, _, err = run_cli(
+        capsys, "explain", "attention", PROMPT, "--steps", "3", "--step-range", "2:9",
+        "--model", "no-such-model-folder", "--out", tmp_path / "fig.png",
+    )  # fmt: skip
+    assert code == 2 and "step range '2:9' is not valid" in err and "<= 3" in err
+    assert not (tmp_path / "fig.png").exists()

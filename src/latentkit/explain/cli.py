@@ -241,6 +241,7 @@ def image_path_beside(path: Path) -> Path:
 def run_attention(args: argparse.Namespace) -> None:
     path = output_path(args, "attention")
     options = generate_options(args, args.prompt)
+    attention_maps.parse_step_range(args.step_range, options.steps)  # refused before loading
     picture_path = image_path_beside(path)
     if args.json is not None:
         refuse_existing(picture_path, overwrite=args.overwrite)
