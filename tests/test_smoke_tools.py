@@ -10,6 +10,7 @@ torch, diffusers and a model in a fresh process) are marked ``slow``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -194,6 +195,21 @@ def test_bench_render_prints_renders_per_second():
     low, high = max(seconds - 5e-4, 1e-9), seconds + 5e-4
     assert 1000 * low / count - 5e-4 <= each_ms <= 1000 * high / count + 5e-4
     assert count / high - 0.5 <= per_second <= count / low + 0.5
+
+
+@pytest.mark.slow
+@smoke_run_of("benchmarks/explain_localisation.py")
+def test_explain_localisation_prints_fractions_per_layer_group(tmp_path):
+    report = tmp_path / "report.json"
+    out = run(
+        "benchmarks/explain_localisation.py",
+        *("--prompts", "4", "--steps", "2", "--batch", "4", "--json", str(report)),
+    )
+    rows = re.findall(r"^(down|mid|up|all)\s+(\d+\.\d)%\s+(\d+\.\d)%$", out, re.MULTILINE)
+    assert [r[0] for r in rows] == ["down", "mid", "up", "all"], out
+    assert all(0 <= float(peak) <= 100 and 0 <= float(mass) <= 100 for _, peak, mass in rows)
+    data = json.loads(report.read_text())
+    assert data["prompts"] == 4 and len(data["rows"]) == 4 and data["steps"] == 2
 
 
 # --- scripts ------------------------------------------------------------------------------
