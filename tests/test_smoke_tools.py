@@ -10,14 +10,17 @@ torch, diffusers and a model in a fresh process) are marked ``slow``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from latentkit.runtime import packing as prepack
 from latentkit.shapes.text_following import score_clip_folder
@@ -194,6 +197,21 @@ def test_bench_render_prints_renders_per_second():
     assert count / high - 0.5 <= per_second <= count / low + 0.5
 
 
+@pytest.mark.slow
+@smoke_run_of("benchmarks/explain_localisation.py")
+def test_explain_localisation_prints_fractions_per_layer_group(tmp_path):
+    report = tmp_path / "report.json"
+    out = run(
+        "benchmarks/explain_localisation.py",
+        *("--prompts", "4", "--steps", "2", "--batch", "4", "--json", str(report)),
+    )
+    rows = re.findall(r"^(down|mid|up|all)\s+(\d+\.\d)%\s+(\d+\.\d)%$", out, re.MULTILINE)
+    assert [r[0] for r in rows] == ["down", "mid", "up", "all"], out
+    assert all(0 <= float(peak) <= 100 and 0 <= float(mass) <= 100 for _, peak, mass in rows)
+    data = json.loads(report.read_text())
+    assert data["prompts"] == 4 and len(data["rows"]) == 4 and data["steps"] == 2
+
+
 # --- scripts ------------------------------------------------------------------------------
 
 
@@ -253,3 +271,27 @@ def test_export_shapes_reexports_the_shipped_model_unchanged(tmp_path):
             theirs, ours = read_safetensors(original / file), read_safetensors(exported / file)
             assert theirs.keys() == ours.keys()
             assert all(torch.equal(theirs[k], ours[k]) for k in theirs), file
+
+
+@pytest.mark.slow
+@smoke_run_of("benchmarks/bench_serve.py")
+def test_bench_serve_runs_every_client_to_done_at_each_batch_limit():
+    settings = ("--clients", "4", "--steps", "1", "--batch-limits", "1,4")
+    out = run("benchmarks/bench_serve.py", *settings)
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| \d", line)]
+    assert [int(row[0]) for row in rows] == [1, 4], out
+    for row in rows:
+        assert (int(row[1]), int(row[2])) == (4, 0), row  # all done, none refused
+        assert float(row[3]) > 0 and float(row[4]) <= float(row[5]), row  # p50 <= p95
+    assert rows[0][6].strip() == "1.00x"
+
+
+@pytest.mark.slow
+@smoke_run_of("scripts/screenshot_page.py")
+def test_screenshot_page_saves_a_picture_of_the_page(tmp_path):
+    if shutil.which("chromium") is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    out = tmp_path / "page.png"
+    run("scripts/screenshot_page.py", "--out", str(out), "--steps", "1")
+    with Image.open(out) as picture:
+        assert picture.size[0] >= 1000 and picture.getextrema() != ((0, 0),) * 3

@@ -11,6 +11,7 @@ from pathlib import Path
 from latentkit import __version__
 from latentkit.diffusion.samplers import SAMPLERS
 from latentkit.errors import ConfigError, LatentkitError
+from latentkit.explain import cli as explain_cli
 from latentkit.generation.controlnet import (
     ControlRequest,
     controls_for,
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_eval(commands)
     _add_serve(commands)
+    explain_cli.add_cli(commands)  # "explain KIND": pictures of the model's insides
     return parser
 
 

@@ -15,7 +15,6 @@ import threading
 import httpx
 import numpy as np
 import pytest
-import torch
 import webuiapi
 from PIL import Image, ImageOps
 from server.live import running_server, wait_for
@@ -23,16 +22,15 @@ from server.live import running_server, wait_for
 from latentkit.generation.options import GenerateOptions
 from latentkit.generation.pipeline import generate, run_to_result
 from latentkit.server.a1111 import parse_parameters
-from latentkit.weights import load
 from latentkit.weights.shipped import DEFAULT_MODEL
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "cfg_scale": 2.0}
 
 
-@pytest.fixture(scope="module")
-def shapes32():
-    """The shapes model in float32: on a CPU without fast float16, 5 to 10 times faster."""
-    return load(DEFAULT_MODEL, dtype=torch.float32)
+@pytest.fixture
+def shapes32(shapes_models):
+    """The shapes model as the server loads it (float32 on a CPU)."""
+    return shapes_models[DEFAULT_MODEL]
 
 
 @pytest.fixture

@@ -349,3 +349,40 @@ def test_cross_origin_calls_need_cors(shapes_models, tmp_path):
         assert answer.headers["access-control-allow-origin"] == "https://example.org"
         other = httpx.get(f"{url}{JOBS}", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.slow
+def test_an_explain_job_draws_attention_and_steps_of_a_done_picture(server):
+    client, queue = server
+    source = submit(client, prompt="a red circle in the top left corner", steps=6, n=2, seed=5)
+    source = source.json()["id"]
+    assert events(client, source)[-1][0] == "done"
+    answer = client.post(f"{JOBS}/{source}/explain", json={"index": 1})
+    assert answer.status_code == 202, answer.text
+    explain = answer.json()["id"]
+    name, done = events(client, explain)[-1]
+    assert name == "done" and len(done["image_urls"]) == 2
+    job = client.get(f"{JOBS}/{explain}").json()
+    assert (job["kind"], job["explains"]) == ("explain", source)
+    assert job["options"]["seed"] == 6 and job["options"]["n"] == 1  # the second picture
+    assert "circle" in job["tokens"] and "<|startoftext|>" not in job["tokens"]
+    sizes = []
+    for url in done["image_urls"]:
+        with Image.open(io.BytesIO(client.get(url).content)) as figure:
+            sizes.append(figure.size)
+    assert all(width > 128 and height > 128 for width, height in sizes)  # figures, not pictures
+
+
+def test_only_a_done_text_to_image_job_can_be_explained(server):
+    client, queue = server
+    assert client.post(f"{JOBS}/nope/explain").status_code == 404
+    long = submit(client, steps=MAX_STEPS).json()["id"]
+    running = client.post(f"{JOBS}/{long}/explain")
+    assert running.status_code == 422 and "only a done text-to-image job" in running.text
+    client.post(f"{JOBS}/{long}/cancel")
+    done = submit(client, steps=1).json()["id"]
+    wait_for(lambda: client.get(f"{JOBS}/{done}").json()["state"] == "done")
+    for body, words in (({"index": 1}, "from 0 to 0"), ({"idx": 0}, "empty or {")):
+        refused = client.post(f"{JOBS}/{done}/explain", json=body)
+        assert refused.status_code == 422 and words in refused.json()["error"], refused.text
+    assert [j["kind"] for j in client.get(JOBS).json()["jobs"]] == ["txt2img", "txt2img"]

@@ -16,18 +16,15 @@ from PIL import Image
 from server.live import running_server, wait_for
 
 from latentkit.generation.pngmeta import read_png_record
-from latentkit.server.cli import load_models
 from latentkit.server.jobs import MAX_STEPS
-from latentkit.weights.shipped import DEFAULT_MODEL
 
 FEW = {"steps": 3}  # the shapes model at 64x64: a fraction of a second
 
 
 @pytest.fixture(scope="module")
-def served_models():
-    """The shipped model loaded as ``latentkit serve`` loads it (float32 on a CPU, where the
-    stored float16 runs several times slower)."""
-    return load_models([DEFAULT_MODEL])
+def served_models(shapes_models):
+    """The shipped model as ``latentkit serve`` loads it (the session's shared copy)."""
+    return shapes_models
 
 
 @pytest.fixture(scope="module")

@@ -307,3 +307,35 @@ def test_with_a_token_the_page_asks_for_it_once_and_sends_it(browser, shapes_mod
             assert page.is_hidden("#token-form") and page.input_value("#model") == "shapes"
         finally:
             context.close()
+
+
+@needs_chromium
+def test_explain_shows_attention_per_token_and_the_steps_of_a_picture(page, live):
+    url, queue = live
+    page.fill("#prompt", "a blue star in the bottom right corner")
+    set_seed_and_steps(page, 21, 6)
+    page.click("#generate")
+    item = wait_for_card(page, "a blue star in the bottom right corner")
+    item.locator(".explain-button").click()
+    figures = page.locator("#explain-figures img")
+    figures.nth(1).or_(page.locator("#message:not([hidden])")).first.wait_for(timeout=120_000)
+    assert page.is_hidden("#message"), page.inner_text("#message")
+    widths = [figures.nth(i).evaluate("img => img.naturalWidth") for i in range(2)]
+    assert all(width > 128 for width in widths), widths  # figures, wider than the picture
+    status = page.inner_text("#explain-status")
+    assert "Seed 21" in status and "star" in status
+    (explained,) = [j for j in queue.recent() if j["kind"] == "explain"]
+    assert explained["options"]["prompt"] == "a blue star in the bottom right corner"
+    again = open_page(page.context.browser, url)  # the figures stay out of the gallery
+    try:
+        pictures = [
+            name
+            for job in queue.recent()
+            if job["kind"] != "explain" and job["state"] == "done"
+            for name in job["images"]
+        ]
+        assert again.locator("#gallery li").count() == len(pictures)
+    finally:
+        again.context.close()
+    page.click("#explain-close")
+    assert page.is_hidden("#explain")

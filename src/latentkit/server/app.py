@@ -200,6 +200,22 @@ def native_api(queue: JobQueue, token: str | None) -> APIRouter:
             raise refusal(err) from None
         return {"id": job.id, "state": job.state}
 
+    @api.post(
+        "/jobs/{job_id}/explain",
+        status_code=202,
+        summary="Queue an explain job for a done text-to-image job: its attention maps per "
+        'token and its denoising steps, as two figures (body: optional {"index": picture})',
+    )
+    async def explain(job_id: str, request: Request) -> dict:
+        body = await read_json(request) if await request.body() else {}
+        if not isinstance(body, dict) or set(body) - {"index"}:
+            raise ApiError(422, 'the body must be empty or {"index": N}, N a picture of the job.')
+        try:
+            job = queue.explain(job_id, body.get("index", 0))
+        except LatentkitError as err:
+            raise refusal(err) from None
+        return {"id": job.id, "state": job.state}
+
     @api.get("/jobs", summary="Recent jobs, newest first")
     async def recent() -> dict:
         return {"jobs": queue.recent()}

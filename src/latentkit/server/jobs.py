@@ -7,6 +7,10 @@ to ``batch_limit`` pictures; each job's pictures are those it would get alone. A
 is cancelled, or runs past ``timeout`` seconds, ends at once and frees its place in the
 queue; the batch stops at its next step when no job of it is left.
 
+An explain job (``JobQueue.explain``) redraws one picture of a finished text-to-image job with
+``latentkit.explain``: its attention maps per token and its denoising steps, as two figures.
+It runs on the worker like any job, since capturing attention hooks the shared U-Net.
+
 Every few steps a job gets a cheap preview of its first picture (``generation.preview``);
 results are written to the outputs folder under free numbered names (``latentkit.outputs``),
 never over a file, and stay there when the client has gone.
@@ -31,6 +35,9 @@ from PIL import Image
 
 from latentkit.config import brief_repr
 from latentkit.errors import ConfigError, LatentkitError
+from latentkit.explain.attention import attention_maps
+from latentkit.explain.render import attention_figure, steps_figure
+from latentkit.explain.steps import trajectory
 from latentkit.generation.batch import batch_key, generate_batch
 from latentkit.generation.img2img import image_to_tensor
 from latentkit.generation.options import GenerateOptions
@@ -51,6 +58,7 @@ KEPT_JOBS = 200  # finished jobs listed; their files stay in the outputs folder 
 STATES = ("queued", "running", "done", "cancelled", "failed")
 FINISHED = ("done", "cancelled", "failed")
 PREVIEWS_PER_JOB = 10  # a preview every total/10 steps (and at the last)
+EXPLAIN_STEP_COLUMNS = 6  # the step strip of an explain job shows about this many steps
 WAIT_POLL_S = 0.05
 
 
@@ -78,6 +86,8 @@ class Job:
     started: float | None = None
     eta: float | None = None
     preview: bytes | None = None  # PNG of the latest preview of the first picture
+    explains: str | None = None  # for an explain job: the id of the job it explains
+    tokens: list[str] | None = None  # for an explain job: the prompt's tokens, as mapped
     events: list[dict[str, Any]] = field(default_factory=list)  # appended to while running
     finished: threading.Event = field(default_factory=threading.Event)
 
@@ -94,12 +104,16 @@ class Job:
             "created": self.created,
             "started": self.started,
             "kind": self.kind,
+            "explains": self.explains,
+            "tokens": self.tokens,
             "options": dataclasses.asdict(self.options),
         }
 
     def __post_init__(self) -> None:
         # what the job is, kept when its pictures are freed at its end
-        if self.init_image is None:
+        if self.explains is not None:
+            self.kind = "explain"
+        elif self.init_image is None:
             self.kind = "txt2img"
         else:
             self.kind = "img2img" if self.mask is None else "inpaint"
@@ -184,6 +198,31 @@ class JobQueue:
             self.wake.notify_all()
         return job
 
+    def explain(self, job_id: str, index: int = 0) -> Job:
+        """Queue an explain job for picture ``index`` of a done text-to-image job."""
+        source = self.get(job_id)
+        with self.lock:
+            state, kind, count = source.state, source.kind, source.options.n
+        if kind != "txt2img" or state != "done":
+            raise ConfigError(
+                f"only a done text-to-image job can be explained; job {job_id} is a {state} "
+                f"{kind} job."
+            )
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+            raise ConfigError(f"index must be a whole number from 0 to {count - 1}, got {index!r}.")
+        options = dataclasses.replace(source.options, n=1, seed=source.options.seed + index)
+        with self.lock:
+            if self._busy() >= self.size:
+                raise QueueFull(
+                    f"the queue is full ({self.size} jobs); try again later.", self._retry_after()
+                )
+            job = Job(secrets.token_hex(8), source.model, options, explains=source.id, total=1)
+            self.jobs[job.id] = job
+            self.waiting.append(job)
+            self._forget_old()
+            self.wake.notify_all()
+        return job
+
     def get(self, job_id: str) -> Job:
         with self.lock:
             job = self.jobs.get(job_id)
@@ -242,12 +281,12 @@ class JobQueue:
         first = self.waiting.popleft()
         batch = [first]
         components = self.models[first.model]
-        key = None if first.init_image is not None else batch_key(components, first.options)
+        key = None if first.kind != "txt2img" else batch_key(components, first.options)
         if key is not None:
             room = self.batch_limit - first.options.n
             for job in list(self.waiting):
                 fits = job.options.n <= room and job.model == first.model
-                if fits and job.init_image is None and batch_key(components, job.options) == key:
+                if fits and job.kind == "txt2img" and batch_key(components, job.options) == key:
                     self.waiting.remove(job)
                     batch.append(job)
                     room -= job.options.n
@@ -284,6 +323,9 @@ class JobQueue:
 
     def _run_batch(self, batch: list[Job]) -> None:
         components = self.models[batch[0].model]
+        if batch[0].kind == "explain":
+            self._explain(batch[0])
+            return
         if len(batch) == 1:
             job = batch[0]
             steps = generate(components, job.options, init_image=job.init_image, mask=job.mask)
@@ -357,6 +399,26 @@ class JobQueue:
         with self.lock:
             job.images = [p.name for p in paths]
             job.eta = 0.0
+            self._finish(job, "done", {"images": list(job.images)})
+
+    def _explain(self, job: Job) -> None:
+        """Two figures of the job's picture: attention per token, and the denoising steps
+        (a sixth of them). Each redraws the picture, so neither hooks the other's run."""
+        components = self.models[job.model]
+        maps = attention_maps(components, job.options)
+        every = max(1, job.options.steps // EXPLAIN_STEP_COLUMNS)
+        snapshots, _ = trajectory(components, job.options, every)
+        figures = [
+            attention_figure(maps, "all"),
+            steps_figure(snapshots, job.options.prompt, job.options.steps),
+        ]
+        paths = free_paths(self.outputs / "explain.png", len(figures))
+        for figure, path in zip(figures, paths, strict=True):
+            figure.save(path)  # a fresh free name: nothing is overwritten
+        with self.lock:
+            if job.finished.is_set():
+                return
+            job.images, job.tokens, job.step = [p.name for p in paths], maps.tokens.names, 1
             self._finish(job, "done", {"images": list(job.images)})
 
     def _learn_colours(self, model: str, result: Result) -> None:

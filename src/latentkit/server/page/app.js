@@ -333,7 +333,67 @@ async function galleryItem(job, name, index) {
 
   reuse.append(image, prompt, details);
   item.append(reuse);
+  if (job.kind === "txt2img") item.append(explainButton(job, index));
   return item;
+}
+
+// ---------------------------------------------------------------- the explain view
+
+/** A button that asks the server to explain this picture (POST /jobs/ID/explain). */
+function explainButton(job, index) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "explain-button";
+  button.textContent = "Explain";
+  button.setAttribute("aria-label", `Explain: ${job.options.prompt || "(empty prompt)"}`);
+  button.addEventListener("click", () => explain(job, index));
+  return button;
+}
+
+/** Queue an explain job, wait for its two figures (attention per token, the steps), show them. */
+async function explain(job, index) {
+  clearError();
+  const panel = $("explain");
+  panel.hidden = false;
+  $("explain-figures").replaceChildren();
+  $("explain-status").textContent = "Explaining… (the picture is drawn again, twice)";
+  panel.scrollIntoView({ block: "nearest" });
+  try {
+    const { id } = await postJson(`/jobs/${job.id}/explain`, { index });
+    for await (const { event, data } of readEvents(`/jobs/${id}/events`)) {
+      if (event === "done") return showExplained(await apiJson(`/jobs/${id}`));
+      if (event === "failed" || event === "cancelled") {
+        throw new ApiError(data.error || `the explain job was ${event}.`);
+      }
+    }
+    throw new ApiError("the explain job's event stream ended early.");
+  } catch (err) {
+    $("explain-status").textContent = "";
+    showError(err.message);
+  }
+}
+
+const EXPLAIN_CAPTIONS = [
+  "Cross-attention per token: where each word of the prompt looks, over all layers and steps.",
+  "The denoising steps: the latents, the predicted clean picture and the predicted noise.",
+];
+
+async function showExplained(job) {
+  const figures = await Promise.all(
+    job.images.map(async (name, i) => {
+      const figure = document.createElement("figure");
+      const image = document.createElement("img");
+      image.src = await imageUrl(job.id, name);
+      image.alt = EXPLAIN_CAPTIONS[i] || name;
+      const caption = document.createElement("figcaption");
+      caption.className = "small muted";
+      caption.textContent = EXPLAIN_CAPTIONS[i] || name;
+      figure.append(image, caption);
+      return figure;
+    }),
+  );
+  $("explain-figures").replaceChildren(...figures);
+  $("explain-status").textContent = `Seed ${job.options.seed}; tokens: ${job.tokens.join(" ")}`;
 }
 
 /** A job's settings in one line, as shown under its picture. */
@@ -363,7 +423,7 @@ async function loadGallery() {
   const { jobs } = await apiJson("/jobs");
   let shown = 0;
   for (const job of jobs) {
-    if (job.state !== "done" || shown >= GALLERY_LIMIT) continue;
+    if (job.state !== "done" || job.kind === "explain" || shown >= GALLERY_LIMIT) continue;
     await addJob(job, { top: false });
     shown += job.images.length;
   }
@@ -473,6 +533,7 @@ function wireControls() {
     }
   });
   $("cancel").addEventListener("click", cancel);
+  $("explain-close").addEventListener("click", () => ($("explain").hidden = true));
   $("model").addEventListener("change", showModelSize);
   $("dice").addEventListener("click", () => ($("seed").value = randomSeed()));
   $("strength").addEventListener("input", (e) => setStrength(e.target.value));
