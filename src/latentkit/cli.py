@@ -249,6 +249,12 @@ def _add_generate(commands) -> None:
             help=f"{what}: once for all or once per --controlnet (default: {default})",
         )
     p.add_argument(
+        "--guess-mode",
+        action="store_true",
+        help="the ControlNets steer without the prompt's help: under guidance they see only "
+        "the conditional half, their residuals ramped from 0.1 to 1 (diffusers' guess mode)",
+    )
+    p.add_argument(
         "--max-pixels",
         type=int,
         default=DEFAULT_MAX_INPUT_PIXELS,
@@ -434,12 +440,17 @@ def control_requests(args: argparse.Namespace, stored) -> list[ControlRequest]:
     """The controls the flags give, else those of the ``--from`` record (if any)."""
     if args.controlnet or args.control:
         return requests_from_lists(
-            args.controlnet, args.control, args.control_scale, args.control_start, args.control_end
+            args.controlnet,
+            args.control,
+            args.control_scale,
+            args.control_start,
+            args.control_end,
+            guess_mode=args.guess_mode,
         )
-    if args.control_scale or args.control_start or args.control_end:
+    if args.control_scale or args.control_start or args.control_end or args.guess_mode:
         raise ConfigError(
-            "--control-scale, --control-start and --control-end need a --controlnet and its "
-            "--control picture."
+            "--control-scale, --control-start, --control-end and --guess-mode need a "
+            "--controlnet and its --control picture."
         )
     return [] if stored is None else requests_from_record(stored, str(args.from_png))
 

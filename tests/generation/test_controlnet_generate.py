@@ -3,6 +3,8 @@ pixel, and its refusals."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -49,7 +51,7 @@ def controlnet_dir(tmp_path_factory):
     return folder
 
 
-def reference_images(sd1_dir, controlnet_dir, image, *, scale, start, end):
+def reference_images(sd1_dir, controlnet_dir, image, *, scale, start, end, guess_mode=False):
     from conftest import load_reference_pipeline
 
     base = load_reference_pipeline(sd1_dir)
@@ -72,6 +74,7 @@ def reference_images(sd1_dir, controlnet_dir, image, *, scale, start, end):
         controlnet_conditioning_scale=scale,
         control_guidance_start=start,
         control_guidance_end=end,
+        guess_mode=guess_mode,
         generator=torch.Generator("cpu").manual_seed(7),
         output_type="pil",
     )
@@ -106,8 +109,25 @@ def test_controlled_generation_matches_reference(sd1_dir, controlnet_dir, scale,
             "scale": scale,
             "start": start,
             "end": end,
+            "guess_mode": False,
         }
     ]
+
+
+def test_guess_mode_matches_reference(sd1_dir, controlnet_dir):
+    image = control_picture()
+    expected = reference_images(
+        sd1_dir, controlnet_dir, image, scale=1.5, start=0.0, end=1.0, guess_mode=True
+    )
+    model = latentkit.load(sd1_dir)
+    controlnet = load_controlnet(controlnet_dir, for_unet=model.config.unet)
+    control = Control(controlnet, image, scale=1.5, guess_mode=True)
+    result = run_to_result(generate(model, options(), controls=[control]))
+    diff = np.abs(pixels(result.images[0]) - pixels(expected[0])).max()
+    assert diff <= 2, f"max pixel difference {diff} / 255"
+    plain = run_to_result(generate(model, options(), controls=[Control(controlnet, image, 1.5)]))
+    assert np.abs(pixels(result.images[0]) - pixels(plain.images[0])).max() > 8
+    assert result.records[0]["controls"][0]["guess_mode"] is True
 
 
 def test_two_controlnets_sum_their_residuals(sd1_dir, controlnet_dir, tmp_path):
@@ -155,8 +175,6 @@ def test_a_control_image_that_is_not_an_image_is_refused(sd1_dir, controlnet_dir
 
 
 def test_a_controlnet_for_another_model_is_refused(sd1_dir):
-    import dataclasses
-
     from latentkit.models.controlnet import ControlNet
 
     model = latentkit.load(sd1_dir)
@@ -198,6 +216,7 @@ def test_cli_generates_records_and_replays_a_controlled_picture(
             "scale": 0.7,
             "start": 0.1,
             "end": 1.0,
+            "guess_mode": False,
         }
     ]
     again = tmp_path / "again.png"
@@ -224,8 +243,6 @@ def test_cli_generates_records_and_replays_a_controlled_picture(
 def test_cli_bad_controls_are_one_line_and_write_nothing(
     sd1_dir, controlnet_dir, tmp_path, capsys, monkeypatch, extra, message
 ):
-    import dataclasses
-
     from conftest import run_cli
 
     from latentkit.models.controlnet import ControlNet
@@ -257,3 +274,50 @@ def test_cli_a_control_that_is_not_an_image_is_one_line(sd1_dir, controlnet_dir,
     )  # fmt: skip
     assert code == 2 and "is not a readable image" in err and err.count("\n") == 1
     assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_control_numbers_without_a_controlnet_are_refused(sd1_dir, tmp_path, capsys):
+    from conftest import run_cli
+
+    for flag in (["--guess-mode"], ["--control-scale", "0.5"]):
+        code, _, err = run_cli(
+            capsys, "generate", "a cat", "--model", sd1_dir, "-o", tmp_path / "o.png", *flag
+        )
+        assert code == 2 and "need a --controlnet and its --control picture" in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_image_to_image_with_a_controlnet_matches_reference(sd1_dir, controlnet_dir):
+    from conftest import load_reference_pipeline
+
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    base = load_reference_pipeline(sd1_dir)
+    pipe = diffusers.StableDiffusionControlNetImg2ImgPipeline(
+        **{k: v for k, v in base.components.items() if k != "image_encoder"},
+        controlnet=diffusers.ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True),
+        requires_safety_checker=False,
+    )
+    pipe.tokenizer.model_max_length = 77
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    expected = pipe(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        image=init,
+        control_image=control_picture(),
+        strength=0.6,
+        height=32,
+        width=32,
+        num_inference_steps=8,
+        guidance_scale=5.0,
+        controlnet_conditioning_scale=0.9,
+        control_guidance_start=0.2,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="pil",
+    ).images
+    model = latentkit.load(sd1_dir)
+    controlnet = load_controlnet(controlnet_dir, for_unet=model.config.unet)
+    control = Control(controlnet, control_picture(), scale=0.9, start=0.2)
+    opts = dataclasses.replace(options(), strength=0.6)
+    result = run_to_result(generate(model, opts, init_image=init, controls=[control]))
+    diff = np.abs(pixels(result.images[0]) - pixels(expected[0])).max()
+    assert diff <= 2, f"max pixel difference {diff} / 255"

@@ -12,6 +12,11 @@ MultiControlNet does.
 Which step a call belongs to is read from its timestep: the number of scheduled timesteps
 above it. A ControlNet acts at step ``i`` of ``N`` unless ``i/N < start`` or
 ``(i+1)/N > end`` (diffusers' ``controlnet_keep``).
+
+Guess mode (diffusers' ``guess_mode``) lets a ControlNet steer without the prompt's help:
+under guidance it sees only the conditional half and adds nothing to the unconditional one,
+and its residuals are scaled from 0.1 (the first skip) up to 1 (the mid block), times
+``scale``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class Control:
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    guess_mode: bool = False
 
 
 @dataclass
@@ -65,6 +71,10 @@ def check_control(control: object, index: int = 0) -> Control:
             f"got {brief_repr(control.controlnet)}."
         )
     check_control_numbers(control.scale, control.start, control.end, label)
+    if not isinstance(control.guess_mode, bool):
+        raise ConfigError(
+            f"{label}'s guess_mode must be true or false, got {brief_repr(control.guess_mode)}."
+        )
     return control
 
 
@@ -179,13 +189,32 @@ class ControlResiduals:
             control = item.control
             if i / total < control.start or (i + 1) / total > control.end:
                 continue
-            hint = item.hint.repeat(x.shape[0] // item.hint.shape[0], 1, 1, 1)
-            d, m = control.controlnet(x, t, context, hint, scale=control.scale)
+            d, m = self._residuals(control, item.hint, x, t, context)
             down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
             mid = m if mid is None else mid + m
         if down is None:
             return {}
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    @staticmethod
+    def _residuals(control: Control, hint: torch.Tensor, x, t, context):
+        n = hint.shape[0]
+        if not control.guess_mode:
+            hint = hint.repeat(x.shape[0] // n, 1, 1, 1)
+            return control.controlnet(x, t, context, hint, scale=control.scale)
+        # Under guidance the batch is [unconditional, conditional]: only the second half.
+        guided = x.shape[0] == 2 * n
+        half = slice(n, None) if guided else slice(None)
+        t = t.reshape(-1)
+        t = t[half] if t.shape[0] == x.shape[0] else t
+        down, mid = control.controlnet(x[half], t, context[half], hint, scale=control.scale)
+        ramp = torch.logspace(-1, 0, len(down) + 1, device=x.device)
+        down = [r * s.to(r.dtype) for r, s in zip(down, ramp, strict=False)]
+        mid = mid * ramp[-1].to(mid.dtype)
+        if guided:
+            down = [torch.cat([torch.zeros_like(r), r]) for r in down]
+            mid = torch.cat([torch.zeros_like(mid), mid])
+        return down, mid
 
 
 @dataclass(frozen=True)
@@ -198,6 +227,7 @@ class ControlRequest:
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    guess_mode: bool = False
 
 
 def requests_from_lists(
@@ -206,6 +236,7 @@ def requests_from_lists(
     scales: list[float],
     starts: list[float],
     ends: list[float],
+    guess_mode: bool = False,
 ) -> list[ControlRequest]:
     """One request per ControlNet, paired in order with the control pictures; each number
     list gives one value for all or one per ControlNet (none: the default)."""
@@ -231,7 +262,7 @@ def requests_from_lists(
     for i, (net, image) in enumerate(zip(controlnets, images, strict=True)):
         scale, start, end = (columns[f][i] for f in columns)
         check_control_numbers(scale, start, end, f"control {i + 1}")
-        requests.append(ControlRequest(str(net), str(image), scale, start, end))
+        requests.append(ControlRequest(str(net), str(image), scale, start, end, guess_mode))
     return requests
 
 
@@ -253,7 +284,11 @@ def requests_from_record(stored: object, where: str) -> list[ControlRequest]:
             )
         numbers = [entry.get(key, default) for key, default in _NUMBER_DEFAULTS]
         check_control_numbers(*numbers, label)
-        requests.append(ControlRequest(entry["controlnet"], entry["image"], *numbers))
+        guess_mode = entry.get("guess_mode", False)
+        if not isinstance(guess_mode, bool):
+            raise ConfigError(f"{label}'s guess_mode must be true or false.")
+        request = ControlRequest(entry["controlnet"], entry["image"], *numbers, guess_mode)
+        requests.append(request)
     return requests
 
 
@@ -281,7 +316,8 @@ def controls_for(
     for request, image in zip(requests, images, strict=True):
         controlnet = load_controlnet(request.controlnet, for_unet=components.config.unet)
         image.filename = request.image  # the record names the picture by its path
-        controls.append(Control(controlnet, image, request.scale, request.start, request.end))
+        numbers = (request.scale, request.start, request.end, request.guess_mode)
+        controls.append(Control(controlnet, image, *numbers))
     return controls
 
 
@@ -299,6 +335,7 @@ def control_records(prepared: list[PreparedControl]) -> list[dict]:
                 "scale": float(control.scale),
                 "start": float(control.start),
                 "end": float(control.end),
+                "guess_mode": control.guess_mode,
             }
         )
     return records
