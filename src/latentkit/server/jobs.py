@@ -171,7 +171,8 @@ class JobQueue:
         with self.lock:
             self.closed = True
             for job in [*self.waiting, *self.batch]:
-                self._finish(job, "cancelled", {})
+                if not job.finished.is_set():
+                    self._finish(job, "cancelled", {})
             self.waiting.clear()
             self.wake.notify_all()
         if self.worker.is_alive():
