@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
+from latentkit.errors import ConfigError
 from latentkit.explain.attention import (
     LAYER_GROUPS,
     AttentionCollector,
@@ -38,12 +38,9 @@ from latentkit.explain.attention import (
     group_means,
     layer_counts,
     normalised,
-    run_collecting,
 )
-from latentkit.generation.img2img import draw_noise
+from latentkit.generation.batch import generate_batch
 from latentkit.generation.options import GenerateOptions
-from latentkit.generation.pipeline import seeded_generators
-from latentkit.generation.prompts import encode_prompt
 from latentkit.shapes import world
 from latentkit.shapes.judge.read import load_judge, read_attributes
 
@@ -131,25 +128,18 @@ def shape_word_maps(components, batch, collector: AttentionCollector) -> list[di
     return out
 
 
-def generate_batch(components, batch, steps: int, cfg: float):
-    """Generate the batch's prompts together; (pictures, collector with their maps)."""
-    contexts = [
-        encode_prompt(components.tokenizer, components.text_encoder, item.prompt)[0]
-        for item in batch
-    ]
-    uncond = encode_prompt(components.tokenizer, components.text_encoder, "")[0]
+def draw_batch(components, batch, steps: int, cfg: float):
+    """Generate the batch's prompts together (``generation.batch``: each picture as its seed
+    alone gives it); (pictures, collector with their maps)."""
+    requests = [GenerateOptions(i.prompt, steps=steps, cfg=cfg, seed=i.seed) for i in batch]
     latent = components.config.unet.sample_size
-    channels = components.config.unet.in_channels
-    noise = torch.cat(
-        [draw_noise((1, channels, latent, latent), seeded_generators(i.seed, 1)) for i in batch]
-    )
-    options = GenerateOptions("", steps=steps, cfg=cfg, n=len(batch))
     collector = AttentionCollector((latent, latent), range(steps), guided=cfg != 1.0)
-    with torch.inference_mode():
-        cond = torch.cat(contexts)
-        pair = (cond, uncond.repeat(len(batch), 1, 1) if cfg != 1.0 else None)
-        result = run_collecting(components, options, collector, noise=noise, contexts=pair)
-    return result.images, collector
+    with components.unet.capture_cross_attention(collector):
+        for item in generate_batch(components, requests):
+            if isinstance(item, list):
+                return [result.images[0] for result in item], collector
+            collector.step = item.i + 1
+    raise ConfigError("generation ended without a result.")
 
 
 def measure_localisation(
@@ -166,7 +156,7 @@ def measure_localisation(
     rows, pictures = [], []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        images, collector = generate_batch(components, batch, steps, cfg)
+        images, collector = draw_batch(components, batch, steps, cfg)
         for item, image, maps in zip(
             batch, images, shape_word_maps(components, batch, collector), strict=True
         ):
