@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command set-up: PyTorch (CPU build unless a GPU is present), then latentkit with its
-# test and serve extras, into the Python that runs this script (use a virtualenv if you like).
+# test, serve and hint extras, into the Python that runs this script (use a virtualenv if you like).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -17,4 +17,4 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install "${extra[@]}" "${LATENTKIT_TORCH:-torch==2.13.0}"
   fi
 fi
-"$PY" -m pip install -e ".[test,serve]"
+"$PY" -m pip install -e ".[test,serve,hint]"

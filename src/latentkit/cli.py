@@ -12,6 +12,7 @@ from latentkit import __version__
 from latentkit.diffusion.samplers import SAMPLERS
 from latentkit.errors import ConfigError, LatentkitError
 from latentkit.explain import cli as explain_cli
+from latentkit.generation import hints
 from latentkit.generation.controlnet import (
     ControlRequest,
     controls_for,
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_serve(commands)
     explain_cli.add_cli(commands)  # "explain KIND": pictures of the model's insides
+    _add_hint(commands)
     return parser
 
 
@@ -384,6 +386,61 @@ def run_interpolate(args: argparse.Namespace) -> None:
     with replace_atomically(path, overwrite=args.overwrite, folder=False) as partial:
         image_grid(frames).save(partial, format="PNG")
     print(path)
+
+
+def _add_hint(commands) -> None:
+    p = commands.add_parser(
+        "hint", help="make a ControlNet hint from a picture: canny, scribble, mask, segment"
+    )
+    p.add_argument("kind", choices=hints.KINDS, help="the preprocessor (docs/generation.md)")
+    p.add_argument("image", type=Path, help="the picture to make the hint from")
+    p.add_argument("-o", "--out", type=Path, default=None, help="the hint PNG (default: hint.png)")
+    p.add_argument("--low", type=int, default=100, help="canny, scribble: lower Canny threshold")
+    p.add_argument("--high", type=int, default=200, help="canny, scribble: upper Canny threshold")
+    p.add_argument("--width", type=int, default=5, help="scribble: stroke width in pixels")
+    p.add_argument(
+        "--colour",
+        default=None,
+        metavar="R,G,B",
+        help="mask: select this colour (default: select by --threshold on the grey picture)",
+    )
+    p.add_argument("--tolerance", type=int, default=48, help="mask: per-channel tolerance")
+    p.add_argument("--threshold", type=int, default=128, help="mask without --colour: grey cut")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_INPUT_PIXELS,
+        help="refuse larger pictures before decoding them",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(run=run_hint)
+
+
+def parse_colour(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    parts = text.split(",")
+    if len(parts) != 3 or not all(part.strip().isdigit() for part in parts):
+        raise ConfigError(f"--colour must be three numbers R,G,B from 0 to 255, got {text!r}.")
+    return tuple(int(part) for part in parts)
+
+
+def run_hint(args: argparse.Namespace) -> None:
+    (path,) = png_paths(args.out, "hint.png", 1, args.overwrite)
+    colour = parse_colour(args.colour)
+    picture = _read_image(args.image, "picture", args.max_pixels)
+    makers = {
+        "canny": lambda: hints.canny(picture, args.low, args.high),
+        "scribble": lambda: hints.scribble(picture, args.width, args.low, args.high),
+        "mask": lambda: hints.colour_mask(
+            picture, colour, tolerance=args.tolerance, threshold=args.threshold
+        ),
+        "segment": lambda: hints.segment(picture, args.tolerance),
+    }
+    hint = makers[args.kind]()
+    with replace_atomically(path, overwrite=args.overwrite, folder=False) as temporary:
+        hint.save(temporary, format="PNG")
+    print(f"wrote {path} ({args.kind}, {hint.size[0]}x{hint.size[1]})")
 
 
 def _add_info(commands) -> None:

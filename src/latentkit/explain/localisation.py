@@ -40,12 +40,11 @@ from latentkit.explain.attention import (
     normalised,
 )
 from latentkit.generation.batch import generate_batch
+from latentkit.generation.hints import OBJECT_THRESHOLD, object_mask  # noqa: F401  (re-exported)
 from latentkit.generation.options import GenerateOptions
 from latentkit.shapes import world
 from latentkit.shapes.judge.read import load_judge, read_attributes
 
-OBJECT_THRESHOLD = 48  # of 255, per channel: far above a VAE's colour noise, far below any
-# object colour's distance from every background (world.COLOURS vs world.BACKGROUNDS)
 SCORED = (*LAYER_GROUPS, "all")
 CANVAS = 64
 
@@ -88,15 +87,6 @@ def _object_at(shape: str, colour: str, size: str, place: str) -> world.Obj:
         return float(np.clip((cell + 0.5) * CANVAS / 3, reach, CANVAS - reach))
 
     return world.Obj(shape, colour, size, (axis(column), axis(row)), diameter)
-
-
-def object_mask(picture: Image.Image, threshold: int = OBJECT_THRESHOLD) -> np.ndarray:
-    """Pixels that differ from the background (the border's median colour) by more than
-    ``threshold`` in some channel: the drawn object, read from the picture alone."""
-    pixels = np.asarray(picture.convert("RGB"), dtype=np.int16)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = np.median(border, axis=0)
-    return np.abs(pixels - background).max(axis=-1) > threshold
 
 
 def word_positions(ids: list[int], word_ids: list[int]) -> list[int]:
