@@ -164,6 +164,16 @@ def test_bad_controls_are_one_sentence_before_any_work(sd1_dir, controlnet_dir, 
     assert steps == []
 
 
+def test_a_control_picture_of_another_shape_is_refused_not_stretched(sd1_dir, controlnet_dir):
+    model = latentkit.load(sd1_dir)
+    controlnet = load_controlnet(controlnet_dir)
+    wide = control_picture(size=(64, 32))  # 2:1 for a square picture
+    with pytest.raises(LatentkitError, match=r"control 1: the control picture is 64x32 and the"):
+        next(generate(model, options(), controls=[Control(controlnet, wide)]))
+    within = control_picture(size=(40, 48))  # 1.2: stretched, as the CLI test shows
+    assert next(generate(model, options(), controls=[Control(controlnet, within)])).i == 0
+
+
 def test_a_control_image_that_is_not_an_image_is_refused(sd1_dir, controlnet_dir, tmp_path):
     model = latentkit.load(sd1_dir)
     controlnet = load_controlnet(controlnet_dir)

@@ -3,7 +3,8 @@
 A :class:`Control` names one ControlNet, its control picture, a scale and the fraction of
 the steps it acts on (``start`` to ``end``). ``prepare_controls`` checks each against the
 model (the U-Net it feeds, the VAE's scale), resizes the picture to the output size (Lanczos,
-as diffusers' control image processor does) and keeps it in [0, 1]. ``ControlResiduals``
+as diffusers' control image processor does; a picture of another shape beyond
+``MAX_ASPECT_STRETCH`` is refused) and keeps it in [0, 1]. ``ControlResiduals``
 is called by the denoiser's network wrapper before each U-Net call: every active ControlNet
 sees the same input as the U-Net (the latent; with guidance, both halves of the batch, as
 diffusers does without guess mode) and their residuals are summed, as diffusers'
@@ -134,6 +135,24 @@ def hint_tensor(image: Image.Image, size: tuple[int, int], channels: int) -> tor
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
+# A control picture is stretched to the output's shape when the two aspect ratios differ by
+# at most this factor (a 40x48 hint for 32x32: 1.2); beyond it, stretching would move the
+# hint's lines where the user did not draw them, so it is refused.
+MAX_ASPECT_STRETCH = 1.25
+
+
+def check_aspect(picture_size: tuple[int, int], size: tuple[int, int], label: str) -> None:
+    """Refuse a control picture whose shape differs from the output's beyond the tolerance."""
+    theirs, ours = picture_size[0] / picture_size[1], size[0] / size[1]
+    if max(theirs, ours) / min(theirs, ours) > MAX_ASPECT_STRETCH:
+        raise ConfigError(
+            f"{label}: the control picture is {picture_size[0]}x{picture_size[1]} and the "
+            f"picture {size[0]}x{size[1]}; their aspect ratios differ by more than "
+            f"{MAX_ASPECT_STRETCH - 1:.0%}, so resizing would distort the hint; crop it to "
+            "the picture's shape or set --width and --height to match it."
+        )
+
+
 def prepare_controls(
     controls, components: Components, size: tuple[int, int], n: int, device, dtype
 ) -> list[PreparedControl]:
@@ -148,6 +167,7 @@ def prepare_controls(
         label = f"control {index + 1}"
         check_fits_model(control.controlnet, components, label)
         image, path = read_control_image(control.image, label)
+        check_aspect(image.size, tuple(size), label)
         channels = control.controlnet.config.conditioning_channels
         hint = hint_tensor(image, size, channels).to(device, dtype).repeat(n, 1, 1, 1)
         resized = image.size if image.size != tuple(size) else None
