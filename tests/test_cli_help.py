@@ -11,7 +11,8 @@ import dataclasses
 
 import pytest
 
-from latentkit.cli import _OPTION_FLAGS, build_parser
+from latentkit.cli import build_parser
+from latentkit.generation.flags import RENAMED
 from latentkit.generation.options import GenerateOptions
 
 _NOT_OPTIONS = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
@@ -50,7 +51,7 @@ def shown_default(command: str, action: argparse.Action):
     """What ``--help`` must call the default: the parser's own, except for ``generate``'s
     settings, which stay None on the parser (so that a ``--from`` record can fill them)
     and take their defaults from GenerateOptions."""
-    field = _OPTION_FLAGS.get(action.dest, action.dest)
+    field = RENAMED.get(action.dest, action.dest)
     if command == "latentkit generate" and field in _FIELD_DEFAULTS:
         default = _FIELD_DEFAULTS[field]
         return action.default if default is dataclasses.MISSING else default

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from latentkit import __version__
-from latentkit.diffusion.samplers import SAMPLERS
 from latentkit.errors import ConfigError, LatentkitError
 from latentkit.explain import cli as explain_cli
 from latentkit.generation import hints
@@ -20,20 +19,17 @@ from latentkit.generation.controlnet import (
     requests_from_lists,
     requests_from_record,
 )
+from latentkit.generation.flags import add_setting_flags, given_settings
 from latentkit.generation.img2img import DEFAULT_MAX_INPUT_PIXELS, read_input_image
 from latentkit.generation.interpolate import interpolation_frames
 from latentkit.generation.options import (
-    DEFAULT_ETA,
     DEFAULT_STRENGTH,
-    FIELD_NAMES,
     GenerateOptions,
     options_from_fields,
     prepare_for_run,
     settings_without_effect,
 )
 from latentkit.generation.pipeline import (
-    PROMPT_MODES,
-    SCHEDULES,
     Result,
     generate,
     image_size,
@@ -131,71 +127,13 @@ def _add_generate(commands) -> None:
         nargs="?",
         help="what to draw, in AUTOMATIC1111's (word:1.2) syntax (default: the --from record's)",
     )
-    p.add_argument("--negative", default=None, help="what to steer away from (default: nothing)")
     p.add_argument(
         "--model",
         default=None,
         help="a diffusers folder, a .safetensors file or a shipped name "
         "(default: the --from record's model, else shapes)",
     )
-    p.add_argument(
-        "--sampler",
-        choices=sorted(SAMPLERS),
-        default=None,
-        help=_setting("sampler", "sampling algorithm"),
-    )
-    p.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=None,
-        help=_setting("schedule", "spacing of the noise levels; 'default' is the model's own"),
-    )
-    p.add_argument("--steps", type=int, default=None, help=_setting("steps", "denoising steps"))
-    p.add_argument(
-        "--cfg", type=float, default=None, help=_setting("cfg", "guidance scale (1 = none)")
-    )
-    p.add_argument(
-        "--rescale",
-        type=float,
-        default=None,
-        help=_setting("guidance_rescale", "guidance rescale, 0..1"),
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help=_setting("seed", "seed of the initial noise (image i uses seed + i)"),
-    )
-    for side in ("width", "height"):
-        p.add_argument(
-            f"--{side}",
-            type=int,
-            default=None,
-            help=f"picture {side} in pixels (default: the size the model was trained at)",
-        )
-    p.add_argument("--n", type=int, default=None, help=_setting("n", "how many images"))
-    p.add_argument(
-        "--clip-skip",
-        type=int,
-        default=None,
-        help=_setting("clip_skip", "text encoder layer: 1 = last, 2 = penultimate (A1111's)"),
-    )
-    p.add_argument(
-        "--prompt-mode",
-        choices=PROMPT_MODES,
-        default=None,
-        help=_setting(
-            "prompt_mode",
-            "chunks: A1111's 75-token chunks and (word:1.2) weights; "
-            "truncate: diffusers' first 75 tokens, taken literally",
-        ),
-    )
-    p.add_argument(
-        "--eta",
-        type=float,
-        default=None,
-        help=f"DDIM's noise, 0..1, with --sampler ddim only (default: {DEFAULT_ETA} with ddim)",
-    )
+    add_setting_flags(p)
     p.add_argument(
         "--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help=DTYPE_HELP
     )
@@ -306,14 +244,6 @@ def _add_generate(commands) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_generate)
-
-
-def _setting(name: str, meaning: str) -> str:
-    """The help line of a generation setting's flag. The flag itself defaults to None, so
-    that a --from record can fill what is not given; the default shown is GenerateOptions'."""
-
-    default = {f.name: f.default for f in dataclasses.fields(GenerateOptions)}[name]
-    return f"{meaning} (default: {default})"
 
 
 def _add_interpolate(commands) -> None:
@@ -464,9 +394,6 @@ def _add_inspect(commands) -> None:
 
 
 # Command-line flag -> GenerateOptions field, for flags whose names differ.
-_OPTION_FLAGS = {"negative": "negative_prompt", "rescale": "guidance_rescale"}
-
-
 def generate_options(args: argparse.Namespace):
     """(GenerateOptions, the record's model or None, the record's controls or None): the
     flags, on top of a replayed record when ``--from`` is given. Every setting is checked
@@ -477,11 +404,7 @@ def generate_options(args: argparse.Namespace):
         record = read_record(args.from_png)
         replayed, model = split_record(record, str(args.from_png))
         controls = record.get("controls")
-    flags = {}
-    for flag, value in vars(args).items():
-        name = _OPTION_FLAGS.get(flag, flag)
-        if name in FIELD_NAMES and value is not None:
-            flags[name] = value
+    flags = given_settings(args)
     if "prompt" not in replayed and "prompt" not in flags:
         raise ConfigError("give a prompt (or --from IMAGE.png to replay one).")
     options = options_from_fields({**replayed, **flags})

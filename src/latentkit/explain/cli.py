@@ -11,10 +11,8 @@ refuses is refused here in the same words. A flag not given takes GenerateOption
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
-from latentkit.diffusion.samplers import SAMPLERS
 from latentkit.errors import ConfigError
 from latentkit.explain import attention as attention_maps
 from latentkit.explain import embeddings, figures, guidance, steps, vae
@@ -25,10 +23,9 @@ from latentkit.explain.render import (
     steps_figure,
     vae_figure,
 )
+from latentkit.generation.flags import add_setting_flags, given_settings
 from latentkit.generation.img2img import DEFAULT_MAX_INPUT_PIXELS, read_input_image
 from latentkit.generation.options import (
-    PROMPT_MODES,
-    SCHEDULES,
     GenerateOptions,
     options_from_fields,
 )
@@ -38,23 +35,6 @@ from latentkit.outputs import output_paths, refuse_existing
 from latentkit.runtime.device import resolve_device, resolve_dtype
 from latentkit.weights import load
 from latentkit.weights.shipped import DEFAULT_MODEL
-
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerateOptions)}
-# flag destination -> GenerateOptions field, for the generate flags explain shares
-_GENERATE_FLAGS = {
-    "negative": "negative_prompt",
-    "seed": "seed",
-    "steps": "steps",
-    "cfg": "cfg",
-    "rescale": "guidance_rescale",
-    "sampler": "sampler",
-    "schedule": "schedule",
-    "width": "width",
-    "height": "height",
-    "clip_skip": "clip_skip",
-    "prompt_mode": "prompt_mode",
-    "eta": "eta",
-}
 
 
 def add_cli(commands) -> None:
@@ -71,10 +51,6 @@ def add_cli(commands) -> None:
 
 
 # --- shared flags ---------------------------------------------------------------------
-
-
-def _setting(field: str, meaning: str) -> str:
-    return f"{meaning} (default: {_DEFAULTS[field]})"
 
 
 def add_output_flags(p: argparse.ArgumentParser, kind: str) -> None:
@@ -110,67 +86,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def add_generate_flags(p: argparse.ArgumentParser, *, cfg: bool = True) -> None:
     """The flags of ``latentkit generate`` that shape one picture (``cfg``: with --cfg)."""
-    p.add_argument("--negative", default=None, help="what to steer away from (default: nothing)")
-    p.add_argument("--seed", type=int, default=None, help=_setting("seed", "seed of the noise"))
-    p.add_argument("--steps", type=int, default=None, help=_setting("steps", "denoising steps"))
-    if cfg:
-        p.add_argument(
-            "--cfg", type=float, default=None, help=_setting("cfg", "guidance scale (1 = none)")
-        )
-    p.add_argument(
-        "--rescale",
-        type=float,
-        default=None,
-        help=_setting("guidance_rescale", "guidance rescale, 0..1"),
-    )
-    p.add_argument(
-        "--sampler",
-        choices=sorted(SAMPLERS),
-        default=None,
-        help=_setting("sampler", "sampling algorithm"),
-    )
-    p.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=None,
-        help=_setting("schedule", "spacing of the noise levels"),
-    )
-    for side in ("width", "height"):
-        p.add_argument(
-            f"--{side}",
-            type=int,
-            default=None,
-            help=f"picture {side} in pixels (default: the size the model was trained at)",
-        )
-    p.add_argument(
-        "--clip-skip",
-        type=int,
-        default=None,
-        help=_setting("clip_skip", "text encoder layer: 1 = last, 2 = penultimate"),
-    )
-    p.add_argument(
-        "--prompt-mode",
-        choices=PROMPT_MODES,
-        default=None,
-        help=_setting("prompt_mode", "chunks: A1111's syntax; truncate: diffusers' 75 tokens"),
-    )
-    p.add_argument(
-        "--eta",
-        type=float,
-        default=None,
-        help="DDIM's noise, 0..1, with --sampler ddim only (default: the sampler's own)",
-    )
+    add_setting_flags(p, cfg=cfg, n=False)
 
 
 def generate_options(args: argparse.Namespace, prompt: str, **fixed) -> GenerateOptions:
     """The generate flags given, with ``fixed`` settings on top, checked by the one
     validator (``options_from_fields``)."""
-    fields = {"prompt": prompt}
-    for flag, name in _GENERATE_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            fields[name] = value
-    return options_from_fields({**fields, **fixed})
+    return options_from_fields({**given_settings(args), "prompt": prompt, **fixed})
 
 
 def output_path(args: argparse.Namespace, kind: str) -> Path:

@@ -1,0 +1,100 @@
+"""The command-line flags of the generation settings, shared by every command that makes a
+picture (``latentkit generate``, ``latentkit explain``), so that a flag means the same and
+says the same everywhere.
+
+Each flag defaults to ``None`` ("not given"): a replayed record, or a command's own fixed
+settings, fills what is not given, and ``options_from_fields`` (the one validator) checks
+the result. The help line shows ``GenerateOptions``' default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from latentkit.diffusion.samplers import SAMPLERS
+from latentkit.generation.options import DEFAULT_ETA, PROMPT_MODES, SCHEDULES, GenerateOptions
+
+# flag destinations whose setting has another name
+RENAMED = {"negative": "negative_prompt", "rescale": "guidance_rescale"}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerateOptions)}
+
+
+def setting_help(name: str, meaning: str) -> str:
+    """The help line of a generation setting's flag, with the setting's default."""
+    return f"{meaning} (default: {_DEFAULTS[name]})"
+
+
+def add_setting_flags(p: argparse.ArgumentParser, *, cfg: bool = True, n: bool = True) -> None:
+    """The flags of the settings that shape a picture (``cfg``: with --cfg; ``n``: with --n)."""
+    p.add_argument("--negative", default=None, help="what to steer away from (default: nothing)")
+    p.add_argument(
+        "--sampler",
+        choices=sorted(SAMPLERS),
+        default=None,
+        help=setting_help("sampler", "sampling algorithm"),
+    )
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=None,
+        help=setting_help("schedule", "spacing of the noise levels; 'default' is the model's own"),
+    )
+    p.add_argument("--steps", type=int, default=None, help=setting_help("steps", "denoising steps"))
+    if cfg:
+        p.add_argument(
+            "--cfg", type=float, default=None, help=setting_help("cfg", "guidance scale (1 = none)")
+        )
+    p.add_argument(
+        "--rescale",
+        type=float,
+        default=None,
+        help=setting_help("guidance_rescale", "guidance rescale, 0..1"),
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=setting_help("seed", "seed of the initial noise (image i uses seed + i)"),
+    )
+    for side in ("width", "height"):
+        p.add_argument(
+            f"--{side}",
+            type=int,
+            default=None,
+            help=f"picture {side} in pixels (default: the size the model was trained at)",
+        )
+    if n:
+        p.add_argument("--n", type=int, default=None, help=setting_help("n", "how many images"))
+    p.add_argument(
+        "--clip-skip",
+        type=int,
+        default=None,
+        help=setting_help("clip_skip", "text encoder layer: 1 = last, 2 = penultimate (A1111's)"),
+    )
+    p.add_argument(
+        "--prompt-mode",
+        choices=PROMPT_MODES,
+        default=None,
+        help=setting_help(
+            "prompt_mode",
+            "chunks: A1111's 75-token chunks and (word:1.2) weights; "
+            "truncate: diffusers' first 75 tokens, taken literally",
+        ),
+    )
+    p.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help=f"DDIM's noise, 0..1, with --sampler ddim only (default: {DEFAULT_ETA} with ddim)",
+    )
+
+
+def given_settings(args: argparse.Namespace) -> dict:
+    """The generation settings among the parsed flags that were given, by setting name."""
+    found = {}
+    for flag, value in vars(args).items():
+        name = RENAMED.get(flag, flag)
+        if name in _DEFAULTS and value is not None:
+            found[name] = value
+    return found
