@@ -50,6 +50,10 @@ COVERED_ELSEWHERE = {
         "shapes/test_shipped.py",
         "test_train_shapes_exports_over_the_shipped_model_unless_export_is_given",
     ),
+    "scripts/train_shapes_controlnet.sh": (
+        "shapes/test_shipped.py",
+        "test_train_shapes_controlnet_trains_exports_and_measures",
+    ),
 }
 SMOKE_RUNS: dict[str, str] = {}  # tool -> the test below that runs it
 
@@ -210,6 +214,27 @@ def test_explain_localisation_prints_fractions_per_layer_group(tmp_path):
     assert all(0 <= float(peak) <= 100 and 0 <= float(mass) <= 100 for _, peak, mass in rows)
     data = json.loads(report.read_text())
     assert data["prompts"] == 4 and len(data["rows"]) == 4 and data["steps"] == 2
+
+
+@pytest.mark.slow
+@smoke_run_of("benchmarks/controlnet_control.py")
+def test_controlnet_control_prints_iou_and_judge_accuracy_with_and_without(tmp_path):
+    report, figure = tmp_path / "report.json", tmp_path / "figure.png"
+    out = run(
+        "benchmarks/controlnet_control.py",
+        *("--masks", "3", "--steps", "2", "--json", str(report), "--figure", str(figure)),
+        *("--figure-rows", "2"),
+    )
+    rows = re.findall(
+        r"^(with|without) control\s+(\d\.\d{3})\s+(\d+\.\d)%\s+(\d+\.\d)%$", out, re.M
+    )
+    assert [r[0] for r in rows] == ["with", "without"], out
+    data = json.loads(report.read_text())
+    assert data["cases"] == 3 and len(data["rows"]) == 3 and data["controlnet"] == "shapes-mask"
+    assert float(rows[0][1]) == round(data["mean_iou_with"], 3)
+    assert Image.open(figure).size == (4 * 128, 2 * 128)  # picture, hint, with, without
+    done = launch("benchmarks/controlnet_control.py", "--json", str(report))
+    assert done.returncode == 2 and f"{report} exists; give a new path." in done.stderr
 
 
 # --- scripts ------------------------------------------------------------------------------

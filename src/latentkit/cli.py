@@ -45,6 +45,7 @@ from latentkit.shapes import cli as shapes_cli
 from latentkit.shapes import world as shapes
 from latentkit.train import cli as train_cli
 from latentkit.weights import check_save_path, holds_ema, load, load_controlnet, save
+from latentkit.weights.controlnet_files import is_controlnet, save_controlnet
 from latentkit.weights.shipped import DEFAULT_MODEL, resolve
 
 
@@ -164,9 +165,9 @@ def _add_generate(commands) -> None:
         action="append",
         default=[],
         metavar="PATH",
-        help="steer the picture with this ControlNet (a diffusers ControlNet folder or an "
-        "original control_model file); repeat for several, whose effects add up "
-        "(default: none, or the --from record's)",
+        help="steer the picture with this ControlNet (a diffusers ControlNet folder, an "
+        "original control_model file, or shapes-mask, the one shipped for shapes); repeat "
+        "for several, whose effects add up (default: none, or the --from record's)",
     )
     p.add_argument(
         "--control",
@@ -524,10 +525,12 @@ def run_inspect(args: argparse.Namespace) -> None:
 def _add_convert(commands) -> None:
     p = commands.add_parser(
         "convert",
-        help="rewrite a model as a diffusers folder or one .safetensors file",
+        help="rewrite a model or a ControlNet as a diffusers folder or one .safetensors file",
         description="Convert SRC (a diffusers folder, a single file or a shipped name) to "
         "DST: a name ending in .safetensors gets one original-layout SD file (as A1111, "
-        "ComfyUI and diffusers' from_single_file read it), anything else a diffusers folder.",
+        "ComfyUI and diffusers' from_single_file read it), anything else a diffusers folder. "
+        "A ControlNet (a ControlNetModel folder, a file latentkit wrote, shapes-mask) "
+        "becomes a ControlNet folder or an original control_model file the same way.",
     )
     p.add_argument("src", help="a diffusers folder, a single file or a shipped name")
     p.add_argument("dst", type=Path, help="NAME.safetensors for a single file, else a folder")
@@ -551,6 +554,10 @@ def _add_convert(commands) -> None:
 
 def run_convert(args: argparse.Namespace) -> None:
     dst = check_save_path(args.dst, overwrite=args.overwrite)  # before any loading
+    if is_controlnet(args.src):
+        controlnet = load_controlnet(args.src, dtype=args.dtype, allow_pickle=args.allow_pickle)
+        print(save_controlnet(controlnet, dst, dtype=args.dtype, overwrite=args.overwrite))
+        return
     src = resolve(args.src)
     if args.ema is None and holds_ema(src):
         print(

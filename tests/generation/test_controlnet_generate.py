@@ -397,3 +397,23 @@ def test_inpainting_with_a_controlnet_matches_reference(sd1_dir, controlnet_dir,
     assert diff <= 2, f"max pixel difference {diff} / 255"
     plain = run_to_result(generate(model, opts, init_image=init, mask=mask))
     assert np.abs(pixels(plain.images[0]) - pixels(expected[0])).max() > 8
+
+
+def test_cli_converts_a_controlnet_to_an_original_file_and_back(controlnet_dir, tmp_path, capsys):
+    from conftest import run_cli
+
+    from latentkit.weights.controlnet_files import is_controlnet
+
+    single, folder = tmp_path / "cn.safetensors", tmp_path / "again"
+    code, printed, err = run_cli(capsys, "convert", controlnet_dir, single, "--dtype", "fp16")
+    assert code == 0 and printed.strip() == str(single), err
+    assert is_controlnet(single) and is_controlnet(controlnet_dir)
+    code, printed, err = run_cli(capsys, "convert", single, folder)
+    assert code == 0 and printed.strip() == str(folder), err
+    want = load_controlnet(controlnet_dir).state_dict()
+    got = load_controlnet(folder).state_dict()
+    assert set(got) == set(want)
+    assert all(got[k].dtype == torch.float16 for k in got)
+    assert all(torch.equal(got[k], want[k].half()) for k in want)
+    code, _, err = run_cli(capsys, "convert", controlnet_dir, folder)
+    assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1

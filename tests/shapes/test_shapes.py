@@ -354,3 +354,28 @@ def test_cli_subcommand(tmp_path, capsys):
     assert (tmp_path / "d" / "00002.png").read_bytes() == (
         tmp_path / "c" / "00002.png"
     ).read_bytes()
+
+
+def test_where_sometimes_leaves_place_and_size_out_of_half_the_captions(train_scenes):
+    rng = np.random.default_rng(0)
+    texts = [caption(scene, rng, where="sometimes") for scene in train_scenes[:400]]
+    place_words = ("top", "bottom", "left", "right", "centre", "center", "middle", "above",
+                   "below", "under", "beneath", "small", "large")  # fmt: skip
+    bare = [t for t in texts if not any(word in t.split() for word in place_words)]
+    assert 0.4 * len(texts) < len(bare) < 0.6 * len(texts)
+    for scene, text in zip(train_scenes[:400], texts, strict=True):
+        for obj in scene.objects:  # what the objects are is always said
+            assert obj.colour in text, text
+    pairs = [t for t, s in zip(texts, train_scenes, strict=False) if len(s.objects) == 2]
+    assert any(" and " in t for t in pairs)
+
+
+def test_where_always_is_the_default_and_draws_nothing_more(train_scenes):
+    texts = {}
+    for where in (None, "always"):
+        rng = np.random.default_rng(0)
+        extra = {} if where is None else {"where": where}
+        texts[where] = [caption(scene, rng, **extra) for scene in train_scenes[:50]]
+    assert texts[None] == texts["always"]
+    with pytest.raises(ConfigError, match=r"^where is 'never'; valid values are: "):
+        caption(train_scenes[0], np.random.default_rng(0), where="never")

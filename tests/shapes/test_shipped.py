@@ -231,10 +231,10 @@ def test_rebuild_plain_clip_script_puts_the_judge_clip_together_again(tmp_path):
     assert refused.returncode == 2 and "exists; give a new folder" in refused.stderr
 
 
-def _run_train_shapes(tmp_path, **env_vars):
-    """scripts/train_shapes.sh with PY a stub that logs its arguments instead of training:
-    the finished process and the commands it ran, one per line."""
-    script = Path(__file__).resolve().parents[2] / "scripts" / "train_shapes.sh"
+def _run_train_shapes(tmp_path, script="train_shapes.sh", **env_vars):
+    """scripts/``script`` with PY a stub that logs its arguments instead of training: the
+    finished process and the commands it ran, one per line."""
+    path = Path(__file__).resolve().parents[2] / "scripts" / script
     tmp_path.mkdir()
     log = tmp_path / "commands.log"
     log.touch()
@@ -242,7 +242,7 @@ def _run_train_shapes(tmp_path, **env_vars):
     stub.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n')
     stub.chmod(0o755)
     env = {**os.environ, "PY": str(stub), "WORK": str(tmp_path / "work"), **env_vars}
-    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    done = subprocess.run(["bash", str(path)], capture_output=True, text=True, env=env)
     return done, log.read_text().splitlines()
 
 
@@ -333,3 +333,32 @@ def test_export_shapes_refuses_an_existing_out_folder_without_overwrite(tmp_path
         assert refused.returncode == 2
         assert f"{kept} already exists; pass --overwrite" in refused.stderr
     assert (kept / "mine.txt").read_text() == "mine" and not (tmp_path / "new").exists()
+
+
+def _run_train_shapes_controlnet(tmp_path, **env_vars):
+    return _run_train_shapes(tmp_path, "train_shapes_controlnet.sh", **env_vars)
+
+
+def test_train_shapes_controlnet_trains_exports_and_measures(tmp_path):
+    done, commands = _run_train_shapes_controlnet(tmp_path / "a")
+    assert done.returncode == 0, done.stderr
+    data, _, train, convert, measure = commands
+    assert "--where sometimes" in data
+    assert train.startswith("-m latentkit train controlnet --config configs/shapes/controlnet.toml")
+    run = tmp_path / "a" / "work" / "runs" / "shapes-controlnet"
+    shipped = "src/latentkit/assets/controlnets/shapes-mask"
+    assert (
+        convert
+        == f"-m latentkit convert {run}/weights-ema/controlnet {shipped} --dtype fp16 --overwrite"
+    )
+    assert measure.startswith(
+        f"benchmarks/controlnet_control.py --controlnet {shipped} --masks 120"
+    )
+    export = tmp_path / "export"
+    done, commands = _run_train_shapes_controlnet(tmp_path / "b", EXPORT=str(export))
+    assert done.returncode == 0, done.stderr
+    assert commands[3].endswith(f"{export / 'shapes-mask'} --dtype fp16")
+    (export / "shapes-mask").mkdir(parents=True)
+    done, commands = _run_train_shapes_controlnet(tmp_path / "c", EXPORT=str(export))
+    assert done.returncode == 2 and commands == []
+    assert f"EXPORT folder {export} already holds shapes-mask/" in done.stderr

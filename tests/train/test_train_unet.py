@@ -7,21 +7,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train.tiny_model import SIZE, UNET, make_frozen_model
 
-from latentkit.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
 from latentkit.data.config import DataConfig
 from latentkit.diffusion.objective import denoising_errors, min_snr_weight, weighted_loss
 from latentkit.diffusion.schedule import alphas_cumprod
 from latentkit.errors import ConfigError
 from latentkit.generation.pipeline import GenerateOptions, generate, run_to_result
-from latentkit.models.clip import CLIPTextModel
-from latentkit.models.tokenizer import CLIPTokenizer
-from latentkit.models.unet import UNet2DConditionModel
-from latentkit.models.vae import AutoencoderKL
 from latentkit.shapes.world import write_dataset
 from latentkit.train import TrainConfig, World, checkpoint, read_records, train
 from latentkit.train.caption_margin import (
@@ -33,55 +28,11 @@ from latentkit.train.caption_margin import (
 from latentkit.train.draws import rank_positions, sample_generators
 from latentkit.train.recipes import load_run
 from latentkit.train.unet import UNetPhase, UNetRecipe, noise_latents
-from latentkit.weights import Components, load, save_diffusers
+from latentkit.weights import load
 
 REPO = Path(__file__).resolve().parents[2]
-SIZE = 32
-TEXT = TextConfig(
-    hidden_size=16,
-    intermediate_size=32,
-    projection_dim=16,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-)
-# Three levels: 4x down, so 32 px images give 8x8 latents.
-VAE = VAEConfig(
-    block_out_channels=(8, 8, 16), layers_per_block=1, norm_num_groups=4, sample_size=SIZE
-)
-UNET = UNetConfig(
-    sample_size=SIZE // 4,
-    block_out_channels=(16, 32),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=1,
-    num_attention_heads=2,
-    cross_attention_dim=16,
-    norm_num_groups=8,
-)
-
 # Tiny models run many small kernels; see the one_thread fixture in conftest.py.
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_frozen_model(folder: Path, dataset: Path) -> Path:
-    """A random tiny model folder whose VAE scaling factor gives unit-variance latents on
-    ``dataset``, as the VAE phase would measure it."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(VAE).eval()
-    pixels = torch.stack([_pixels(p) for p in sorted(dataset.glob("*.png"))[:16]])
-    with torch.no_grad():
-        std = float(vae.encode(pixels).sample().std())
-    vae.config = dataclasses.replace(VAE, scaling_factor=1.0 / std)
-    config = ModelConfig(vae=vae.config, text=TEXT, unet=UNET)
-    components = Components(
-        config, CLIPTokenizer.default(), CLIPTextModel(TEXT), UNet2DConditionModel(UNET), vae
-    )
-    return save_diffusers(components, folder)
-
-
-def _pixels(path: Path) -> torch.Tensor:
-    image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).float()
-    return image.permute(2, 0, 1) / 127.5 - 1
 
 
 @pytest.fixture(scope="module")

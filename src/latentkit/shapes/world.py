@@ -94,6 +94,11 @@ SPLITS = ("train", "held-out")
 # B" or "A left of B", where the order of the nouns says it on its own; the shipped model
 # learns on these first (docs/shapes-experiments.md).
 CAPTION_PAIR_ORDERS = ("both", "canonical")
+# Whether a caption says where its objects are. "always": a single object's place and size,
+# a pair's relation. "sometimes": half the captions say only what the objects are ("a small
+# red circle" becomes "a red circle", "A above B" becomes "A and B"), for a ControlNet,
+# whose control picture says where: it learns to place objects whatever the words say.
+CAPTION_WHERE = ("always", "sometimes")
 
 HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (
     ("green", "triangle"),
@@ -493,12 +498,21 @@ _PAIR_TEMPLATES = (
 )
 
 
-def caption(scene: Scene, rng: np.random.Generator, pair_order: str = "both") -> str:
+def caption(
+    scene: Scene, rng: np.random.Generator, pair_order: str = "both", where: str = "always"
+) -> str:
     """One of many phrasings of ``scene``: templates, synonyms, either order of a relation
     (or the canonical one only: ``CAPTION_PAIR_ORDERS``), and the background sometimes. Always
-    names every object's colour and shape."""
+    names every object's colour and shape; with ``where = "sometimes"``, half the captions
+    say nothing else of the objects (``CAPTION_WHERE``)."""
     check_choice("pair order", pair_order, CAPTION_PAIR_ORDERS)
+    check_choice("where", where, CAPTION_WHERE)
     with_background = rng.random() < 0.5
+    if where == "sometimes" and rng.random() < 0.5:
+        text = _what_only(scene, rng)
+        if with_background:
+            text += " " + _choice(rng, _BACKGROUND_PHRASES).format(scene.background)
+        return text
     if len(scene.objects) == 1:
         obj = scene.objects[0]
         words = _noun_words(obj, rng, with_size=True)
@@ -528,6 +542,12 @@ def caption(scene: Scene, rng: np.random.Generator, pair_order: str = "both") ->
     if with_background:
         text += " " + _choice(rng, _BACKGROUND_PHRASES).format(scene.background)
     return text
+
+
+def _what_only(scene: Scene, rng: np.random.Generator) -> str:
+    """The objects' colours and shapes alone: "a red circle", "a red circle and a blue star"."""
+    nouns = [_with_article(_noun_words(obj, rng, with_size=False)) for obj in scene.objects]
+    return " and ".join(nouns)
 
 
 def canonical_caption(scene: Scene, inverse: bool = False) -> str:
@@ -569,10 +589,12 @@ def write_dataset(
     size: int = 64,
     overwrite: bool = False,
     pair_order: str = "both",
+    where: str = "always",
 ) -> dict[str, Any]:
     """Write ``n`` scenes as an ordinary captioned-image folder: ``00000.png`` with its
     caption in ``00000.txt``, and ``metadata.jsonl`` (file_name, text, attributes).
-    ``pair_order`` changes only the captions of two-object scenes (``CAPTION_PAIR_ORDERS``).
+    ``pair_order`` changes only the captions of two-object scenes (``CAPTION_PAIR_ORDERS``);
+    ``where`` whether every caption says where the objects are (``CAPTION_WHERE``).
 
     Refuses a non-empty folder unless ``overwrite``; then it deletes only files it would
     itself have written (numbered .png/.txt and metadata.jsonl) and leaves the rest alone.
@@ -583,6 +605,7 @@ def write_dataset(
     check_choice("split", split, SPLITS)
     _check_size(size)
     check_choice("pair order", pair_order, CAPTION_PAIR_ORDERS)
+    check_choice("where", where, CAPTION_WHERE)
     check_seed("seed", seed)
     out = Path(out_dir)
     _prepare_folder(out, overwrite)
@@ -595,7 +618,7 @@ def write_dataset(
     rows, counts = [], {1: 0, 2: 0}
     for i in range(n):
         scene = sample_scene(scene_rng, split, size)
-        text = caption(scene, caption_rng, pair_order)
+        text = caption(scene, caption_rng, pair_order, where)
         stem = f"{i:0{width}d}"
         render(scene).save(out / f"{stem}.png")
         (out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
@@ -609,6 +632,7 @@ def write_dataset(
         "size": size,
         "seed": seed,
         "pair_order": pair_order,
+        "where": where,
         "one_object": counts[1],
         "two_objects": counts[2],
     }
@@ -667,6 +691,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "or 'B below A'), or canonical only ('A above B', 'A left of B')",
     )
     parser.add_argument(
+        "--where",
+        choices=CAPTION_WHERE,
+        default="always",
+        help="always: every caption says where its objects are (a single one's place and "
+        "size, a pair's relation); sometimes: half say only what they are, for training a "
+        "ControlNet, whose control picture says where",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace a previous shapes dataset in --out (other files are kept)",
@@ -676,16 +708,24 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 _PAIR_ORDER_NOTE = {"both": "", "canonical": ", pairs said in canonical order"}
+_WHERE_NOTE = {"always": "", "sometimes": ", half the captions without where"}
 
 
 def run_cli(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     summary = write_dataset(
-        args.out, args.n, args.seed, args.split, args.size, args.overwrite, args.pair_order
+        args.out,
+        args.n,
+        args.seed,
+        args.split,
+        args.size,
+        args.overwrite,
+        args.pair_order,
+        args.where,
     )
     print(
         f"wrote {summary['n']} {summary['split']} images ({summary['one_object']} with one "
         f"object, {summary['two_objects']} with two) at {args.size}x{args.size}, seed "
-        f"{args.seed}{_PAIR_ORDER_NOTE[args.pair_order]}, to {summary['out_dir']} in "
-        f"{time.perf_counter() - start:.1f} s"
+        f"{args.seed}{_PAIR_ORDER_NOTE[args.pair_order]}{_WHERE_NOTE[args.where]}, to "
+        f"{summary['out_dir']} in {time.perf_counter() - start:.1f} s"
     )

@@ -35,6 +35,7 @@ from torch import nn
 
 from latentkit.config import (
     CLIPConfig,
+    ControlNetConfig,
     TextConfig,
     UNetConfig,
     VAEConfig,
@@ -45,9 +46,11 @@ from latentkit.config import (
 from latentkit.config import to_dict as config_to_dict
 from latentkit.errors import ConfigError
 from latentkit.models.clip import CLIPModel, CLIPTextModel, CLIPVisionModel
+from latentkit.models.controlnet import ControlNet
 from latentkit.models.unet import UNet2DConditionModel
 from latentkit.models.vae import AutoencoderKL
 from latentkit.train.clip import CLIPPhase, CLIPRecipe
+from latentkit.train.controlnet import ControlNetPhase, ControlNetRecipe
 from latentkit.train.loop import Phase, TrainConfig
 from latentkit.train.unet import UNetPhase, UNetRecipe
 from latentkit.train.vae import VAEPhase, VAERecipe
@@ -58,6 +61,7 @@ PHASES: dict[str, tuple[type, type[Phase]]] = {
     "vae": (VAERecipe, VAEPhase),
     "clip": (CLIPRecipe, CLIPPhase),
     "unet": (UNetRecipe, UNetPhase),
+    "controlnet": (ControlNetRecipe, ControlNetPhase),
 }
 SECTIONS = ("phase", "train", "recipe")
 
@@ -282,6 +286,7 @@ def _model_class(config: Any) -> type[nn.Module] | None:
         VisionConfig: CLIPVisionModel,
         CLIPConfig: CLIPModel,
         UNetConfig: UNet2DConditionModel,
+        ControlNetConfig: ControlNet,
     }
     return builders.get(type(config))
 
@@ -306,14 +311,16 @@ def parameter_count(config: Any, only: tuple[str, ...] | None = None) -> int | N
 
 
 def model_sizes(recipe: Any) -> list[str]:
-    """One line per network of a recipe: the trained ones (its model-config fields; the
-    parameter-name prefixes ``recipe.frozen_parts()`` returns, when it has that, stay
-    frozen) and the frozen ones it names (``recipe.frozen_configs()``, when it has that;
+    """One line per network of a recipe: the trained ones (its model-config fields, and
+    those ``recipe.trained_configs()`` builds, when it has that; the parameter-name
+    prefixes ``recipe.frozen_parts()`` returns, when it has that, stay frozen) and the
+    frozen ones it names (``recipe.frozen_configs()``, when it has that;
     ``recipe.trained_parts()`` may say which of their parameters train after all)."""
     lines = []
     kept = getattr(recipe, "frozen_parts", lambda: ())()
-    for f in dataclasses.fields(recipe):
-        config = getattr(recipe, f.name)
+    trained = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)}
+    trained.update(getattr(recipe, "trained_configs", dict)())
+    for name, config in trained.items():
         count = parameter_count(config)
         if count is None:
             continue
@@ -321,10 +328,10 @@ def model_sizes(recipe: Any) -> list[str]:
         if frozen:
             parts = ", ".join(p.rstrip(".") for p in kept)
             lines.append(
-                f"{f.name:<13} {count:>14,} parameters, {count - frozen:,} trained ({parts} frozen)"
+                f"{name:<13} {count:>14,} parameters, {count - frozen:,} trained ({parts} frozen)"
             )
         else:
-            lines.append(f"{f.name:<13} {count:>14,} parameters, trained")
+            lines.append(f"{name:<13} {count:>14,} parameters, trained")
     frozen = getattr(recipe, "frozen_configs", None)
     trained_parts = getattr(recipe, "trained_parts", dict)()
     for name, config in (frozen() if frozen else {}).items():

@@ -31,6 +31,7 @@ from latentkit.weights.diffusers_folder import read_component_weights, read_json
 from latentkit.weights.ldm_keys import CONTROL, join_controlnet, split_controlnet
 from latentkit.weights.module_io import build_loaded, read_weights, sniff
 from latentkit.weights.safetensors_io import read_metadata, write_safetensors
+from latentkit.weights.shipped import resolve_controlnet
 
 # Single ControlNet files we write carry their exact config here.
 CONTROLNET_METADATA_KEY = "latentkit.controlnet_config"
@@ -47,11 +48,12 @@ def load_controlnet(
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
 ) -> ControlNet:
-    """A ControlNet from a diffusers ControlNet folder or an original single file
-    (.safetensors; .pth/.ckpt only with ``allow_pickle``). With ``for_unet``, one made for
-    another U-Net is refused naming the difference; a single file without a stored config
-    needs it."""
-    path = Path(path)
+    """A ControlNet from a diffusers ControlNet folder, an original single file
+    (.safetensors; .pth/.ckpt only with ``allow_pickle``) or a shipped ControlNet's name
+    (``"shapes-mask"``). With ``for_unet``, one made for another U-Net is refused naming the
+    difference; a single file without a stored config needs it. Its ``source`` is the
+    argument as given, so a PNG record names a shipped ControlNet by its name."""
+    given, path = str(path), resolve_controlnet(path)
     if not path.exists():
         raise WeightsError(
             f"the ControlNet {path} does not exist; give a diffusers ControlNet folder or an "
@@ -61,7 +63,7 @@ def load_controlnet(
         controlnet = _load_folder(path, for_unet, dtype, device, allow_pickle)
     else:
         controlnet = _load_single_file(path, for_unet, dtype, device, allow_pickle)
-    controlnet.source = str(path)
+    controlnet.source = given
     return controlnet
 
 
@@ -184,6 +186,25 @@ def _check_file_fits(state, config: ControlNetConfig, path: Path) -> None:
             )
 
 
+def is_controlnet(source: str | Path) -> bool:
+    """Whether ``source`` names a ControlNet rather than a whole model: a shipped
+    ControlNet's name, a folder whose config.json is a ControlNetModel's, or a single file
+    latentkit wrote for one (its config in the metadata)."""
+    try:
+        path = resolve_controlnet(source)
+    except WeightsError:
+        return False
+    if path.is_dir():
+        config = path / "config.json"
+        if (path / "model_index.json").exists() or not config.is_file():
+            return False
+        data = read_json(config, "config")
+        return isinstance(data, dict) and data.get("_class_name") == "ControlNetModel"
+    if path.suffix == ".safetensors" and path.is_file():
+        return CONTROLNET_METADATA_KEY in (read_metadata(path) or {})
+    return False
+
+
 # --- saving -----------------------------------------------------------------------------
 
 
@@ -220,4 +241,4 @@ def save_controlnet(
     return path
 
 
-__all__ = ["CONTROLNET_METADATA_KEY", "load_controlnet", "save_controlnet"]
+__all__ = ["CONTROLNET_METADATA_KEY", "is_controlnet", "load_controlnet", "save_controlnet"]

@@ -1,8 +1,9 @@
 """Models that ship inside the package, reachable by name (``latentkit.load("shapes")``).
 
-A shipped model is an ordinary diffusers folder under ``latentkit/assets/models/NAME``. A
-path that exists wins over a name, so a user's own folder called ``shapes`` is never
-shadowed by the packaged one.
+A shipped model is an ordinary diffusers folder under ``latentkit/assets/models/NAME``, a
+shipped ControlNet a diffusers ControlNet folder under ``latentkit/assets/controlnets/NAME``
+(``--controlnet shapes-mask``). A path that exists wins over a name, so a user's own folder
+called ``shapes`` is never shadowed by the packaged one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ DEFAULT_MODEL = "shapes"
 _ASSETS = Path(__file__).parents[1] / "assets"
 _ROOT = _ASSETS / "models"
 SHIPPED = ("shapes",)
+# ControlNets for the shipped models, by name: what each is steered by.
+SHIPPED_CONTROLNETS = {"shapes-mask": "object masks (white objects on black) for shapes"}
 
 
 def shipped_folder(name: str) -> Path:
@@ -37,6 +40,23 @@ def resolve(model: str | Path | None) -> Path:
     if isinstance(model, str) and model in SHIPPED and not path.exists():
         return shipped_folder(model)
     return path
+
+
+def resolve_controlnet(controlnet: str | Path) -> Path:
+    """A ControlNet argument as a path: a shipped ControlNet's name its folder (unless a
+    path of that name exists), anything else is taken as a path."""
+    path = Path(controlnet)
+    if not (isinstance(controlnet, str) and controlnet in SHIPPED_CONTROLNETS):
+        return path
+    if path.exists():
+        return path
+    folder = _ASSETS / "controlnets" / controlnet
+    if not (folder / "config.json").is_file():
+        raise WeightsError(
+            f"the shipped ControlNet {controlnet!r} is not in this installation yet; train "
+            "and export it with scripts/train_shapes_controlnet.sh, or give a path."
+        )
+    return folder
 
 
 def shipped_scoring_clip(folder: str | Path) -> Path | None:
