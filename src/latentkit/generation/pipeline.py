@@ -23,6 +23,7 @@ from latentkit.diffusion.guidance import CFGDenoiser
 from latentkit.diffusion.samplers import SAMPLERS, SPACING_FAMILY, sigmas_for
 from latentkit.diffusion.stepping import iterate_sampler
 from latentkit.errors import ConfigError, LatentkitError
+from latentkit.generation.addons import AddOns, using_addons
 from latentkit.generation.controlnet import (
     Control,
     ControlResiduals,
@@ -140,6 +141,37 @@ def generate(
     components: Components,
     options: GenerateOptions,
     *,
+    addons: AddOns | None = None,
+    **kwargs,
+) -> Iterator[Step | Result]:
+    """Yield a :class:`Step` per denoising step, then one :class:`Result` with the images.
+
+    ``addons`` (:class:`~latentkit.generation.addons.AddOns`) put LoRAs and textual-inversion
+    embeddings on the model for this generation only; ``<lora:NAME:WEIGHT>`` tags in the
+    prompt are read from ``addons.lora_dir``. They come off when the generator ends or is
+    closed. The record stores the prompt without its tags and each add-on's file and sha256.
+    The other keywords are :func:`generate_base`'s.
+    """
+    if addons is None and "<lora:" not in options.prompt:
+        yield from generate_base(components, options, **kwargs)
+        return
+    addons = addons or AddOns()
+    with using_addons(components, addons, [options.prompt], [options.negative_prompt]) as on:
+        given = options
+        options = dataclasses.replace(
+            options, prompt=on.prompts[0], negative_prompt=on.negatives[0]
+        )
+        for item in generate_base(components, options, **kwargs):
+            if isinstance(item, Result):
+                told = {"prompt": on.clean_prompts[0], "negative_prompt": given.negative_prompt}
+                item.records = [dict(r, **told, **on.records()) for r in item.records]
+            yield item
+
+
+def generate_base(
+    components: Components,
+    options: GenerateOptions,
+    *,
     init_image: Image.Image | None = None,
     mask: Image.Image | None = None,
     device: str | torch.device | None = None,
@@ -148,7 +180,8 @@ def generate(
     contexts: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     controls: list[Control] | None = None,
 ) -> Iterator[Step | Result]:
-    """Yield a :class:`Step` per denoising step, then one :class:`Result` with the images.
+    """Yield a :class:`Step` per denoising step, then one :class:`Result` with the images,
+    from the model as it is (no add-ons).
 
     ``device`` and ``dtype`` default to the U-Net's (``components.device``/``.dtype``).
 
@@ -280,7 +313,7 @@ def _non_finite_latents_message(dtype: torch.dtype) -> str:
 
 
 # What a record holds besides the options' fields.
-RECORD_EXTRAS = ("model", "dtype", "version", "controls")
+RECORD_EXTRAS = ("model", "dtype", "version", "controls", "loras", "embeddings")
 
 
 def generation_record(components, options: GenerateOptions, width, height, dtype) -> dict:

@@ -153,6 +153,9 @@ class CLIPTokenizer:
                     f"The {role} token {token!r} is not in the vocabulary, so it has no id."
                 )
         self._vocab = vocab
+        self._merges = merges
+        self._added_tokens = tuple(added_tokens)
+        self._normalized_tokens = tuple(normalized_tokens)
         self._id_to_token = {index: token for token, index in vocab.items()}
         self._ranks = {pair: rank for rank, pair in enumerate(merges)}
         self._max_length = max_length
@@ -226,6 +229,24 @@ class CLIPTokenizer:
             str(assets / "merges.txt"),
             max_length=max_length,
             pad_token=pad_token,
+        )
+
+    def with_tokens(self, tokens: Sequence[str]) -> CLIPTokenizer:
+        """A copy that also knows ``tokens`` (textual-inversion names), given the next ids
+        in order and cut from the text as written, before clean-up, as added tokens are;
+        ConfigError when one is already in the vocabulary."""
+        vocab = dict(self._vocab)
+        for token in tokens:
+            if token in vocab:
+                raise ConfigError(f"the token {token!r} is already in the tokenizer's vocabulary.")
+            vocab[token] = len(vocab)
+        return CLIPTokenizer(
+            vocab,
+            self._merges,
+            max_length=self._max_length,
+            pad_token=self._pad_token,
+            normalized_tokens=self._normalized_tokens,
+            added_tokens=(*self._added_tokens, *tokens),
         )
 
     # ----------------------------------------------------------------- properties
