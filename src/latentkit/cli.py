@@ -12,6 +12,7 @@ from latentkit import __version__
 from latentkit.errors import ConfigError, LatentkitError
 from latentkit.explain import cli as explain_cli
 from latentkit.generation import hints
+from latentkit.generation.addons import using_addons
 from latentkit.generation.controlnet import (
     ControlRequest,
     controls_for,
@@ -19,7 +20,12 @@ from latentkit.generation.controlnet import (
     requests_from_lists,
     requests_from_record,
 )
-from latentkit.generation.flags import add_setting_flags, given_settings
+from latentkit.generation.flags import (
+    add_addon_flags,
+    add_setting_flags,
+    addons_from_flags,
+    given_settings,
+)
 from latentkit.generation.img2img import DEFAULT_MAX_INPUT_PIXELS, read_input_image
 from latentkit.generation.interpolate import interpolation_frames
 from latentkit.generation.options import (
@@ -135,6 +141,7 @@ def _add_generate(commands) -> None:
         "(default: the --from record's model, else shapes)",
     )
     add_setting_flags(p)
+    add_addon_flags(p)
     p.add_argument(
         "--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help=DTYPE_HELP
     )
@@ -270,6 +277,8 @@ def _add_interpolate(commands) -> None:
     p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (1 = none)")
     p.add_argument("--sampler", default="euler", help="sampling algorithm, as generate's --sampler")
     p.add_argument("--negative", default="", help="what to steer away from (default: nothing)")
+    add_addon_flags(p)
+    p.add_argument("--allow-pickle", action="store_true", help="accept .pt LoRAs and embeddings")
     p.add_argument(
         "--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help=DTYPE_HELP
     )
@@ -300,19 +309,25 @@ def run_interpolate(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     components = load(args.model, dtype=dtype, device=device)
+    addons = addons_from_flags(args)
     progress = Progress(args.frames, "frames")
     frames = []
-    for image in interpolation_frames(
-        components,
-        options,
-        frames=args.frames,
-        seed_to=args.to_seed,
-        prompt_to=args.to_prompt,
-        device=device,
-        dtype=dtype,
-    ):
-        frames.append(image)
-        progress.update(len(frames))
+    prompts = [args.prompt, args.to_prompt if args.to_prompt is not None else args.prompt]
+    with using_addons(components, addons, prompts, [args.negative]) as on:
+        options = dataclasses.replace(
+            options, prompt=on.prompts[0], negative_prompt=on.negatives[0]
+        )
+        for image in interpolation_frames(
+            components,
+            options,
+            frames=args.frames,
+            seed_to=args.to_seed,
+            prompt_to=on.prompts[1] if args.to_prompt is not None else None,
+            device=device,
+            dtype=dtype,
+        ):
+            frames.append(image)
+            progress.update(len(frames))
     progress.close()
     with replace_atomically(path, overwrite=args.overwrite, folder=False) as partial:
         image_grid(frames).save(partial, format="PNG")
@@ -396,11 +411,12 @@ def _add_inspect(commands) -> None:
 
 # Command-line flag -> GenerateOptions field, for flags whose names differ.
 def generate_options(args: argparse.Namespace):
-    """(GenerateOptions, the record's model or None, the record's controls or None): the
+    """(GenerateOptions, the record's model or None, the record's controls or None, the
+    record or None): the
     flags, on top of a replayed record when ``--from`` is given. Every setting is checked
     by ``options_from_fields``."""
 
-    replayed, model, controls = {}, None, None
+    replayed, model, controls, record = {}, None, None, None
     if args.from_png is not None:
         record = read_record(args.from_png)
         replayed, model = split_record(record, str(args.from_png))
@@ -414,7 +430,7 @@ def generate_options(args: argparse.Namespace):
     # Given as flags they are refused (prepare_for_run).
     ignored = settings_without_effect(options, init_image=args.init_image is not None)
     stale = {name: None for name in ignored if name not in flags}
-    return dataclasses.replace(options, **stale), model, controls
+    return dataclasses.replace(options, **stale), model, controls, record
 
 
 def control_requests(args: argparse.Namespace, stored) -> list[ControlRequest]:
@@ -451,8 +467,9 @@ def _read_image(path: Path | None, what: str, max_pixels: int):
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    options, record_model, stored_controls = generate_options(args)
+    options, record_model, stored_controls, record = generate_options(args)
     options = prepare_for_run(options, init_image=args.init_image is not None)
+    addons = addons_from_flags(args, record)
     paths = png_paths(args.out, "out.png", options.n, args.overwrite)
     init_image = _read_image(args.init_image, "init image", args.max_pixels)
     mask = _read_image(args.mask, "mask", args.max_pixels)
@@ -487,6 +504,7 @@ def run_generate(args: argparse.Namespace) -> None:
         device=device,
         dtype=dtype,
         controls=controls,
+        addons=addons,
     ):
         if isinstance(item, Result):
             progress.close()

@@ -279,3 +279,47 @@ def test_metadata_alpha_is_read(lora_files):
     assert lora.alphas == {"unet": 8.0, "text_encoder": 8.0}
     meta = latentkit.weights.safetensors_io.read_metadata(lora_files["peft"])
     assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == 8
+
+
+def test_cli_lora_flag_and_replay(sd1_dir, lora_files, tmp_path, capsys):
+    from latentkit.cli import main
+    from latentkit.generation.pngmeta import read_record
+
+    first, again, plain = (tmp_path / f"{n}.png" for n in ("first", "again", "plain"))
+    common = ["--model", str(sd1_dir), "--steps", "2", "--width", "32", "--height", "32"]
+    tag = f"a circle <lora:mylora:{WEIGHT}>"
+    lora_dir = str(lora_files["kohya"].parent)
+    assert main(["generate", tag, *common, "--lora-dir", lora_dir, "-o", str(first)]) == 0
+    record = read_record(first)
+    assert record["prompt"] == "a circle "
+    assert record["loras"][0]["sha256"] == latentkit.load_lora(lora_files["kohya"]).sha256
+    assert main(["generate", "--from", str(first), "-o", str(again)]) == 0
+    assert np.array_equal(pixels(Image.open(first)), pixels(Image.open(again)))
+    assert main(["generate", "a circle ", *common, "-o", str(plain)]) == 0
+    assert not np.array_equal(pixels(Image.open(first)), pixels(Image.open(plain)))
+    flag = f"{lora_files['kohya']}:{WEIGHT}"
+    assert (
+        main(["generate", "a circle ", *common, "--lora", flag, "-o", str(plain), "--overwrite"])
+        == 0
+    )
+    assert np.array_equal(pixels(Image.open(first)), pixels(Image.open(plain)))
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--lora", "x.safetensors:nan"], r"must be a finite number, got nan\.$"),
+        (["a <lora:nothere:1>", "--lora-dir", "."], r"there is no LoRA named 'nothere' in \."),
+        (["a <lora:nothere:1>"], r"no --lora-dir was given\.$"),
+    ],
+)
+def test_cli_bad_lora_input_is_one_line(sd1_dir, tmp_path, capsys, monkeypatch, extra, message):
+    from latentkit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    prompt = [] if extra[0].startswith("a ") else ["a"]
+    argv = ["generate", *prompt, *extra, "--model", str(sd1_dir), "--steps", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.search(message, err), err

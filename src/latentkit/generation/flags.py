@@ -11,9 +11,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from latentkit.diffusion.samplers import SAMPLERS
+from latentkit.generation.addons import (
+    AddOns,
+    embeddings_from_record,
+    loras_from_record,
+    parse_lora_flag,
+)
 from latentkit.generation.options import DEFAULT_ETA, PROMPT_MODES, SCHEDULES, GenerateOptions
+from latentkit.weights.lora_files import read_lora
 
 # flag destinations whose setting has another name
 RENAMED = {"negative": "negative_prompt", "rescale": "guidance_rescale"}
@@ -98,3 +106,58 @@ def given_settings(args: argparse.Namespace) -> dict:
         if name in _DEFAULTS and value is not None:
             found[name] = value
     return found
+
+
+def add_addon_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of LoRAs and textual-inversion embeddings (``latentkit.generation.addons``)."""
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="apply this LoRA (kohya/A1111 or diffusers/PEFT .safetensors) with this weight "
+        "(default weight 1); repeat for several (default: none, or the --from record's)",
+    )
+    p.add_argument(
+        "--lora-dir",
+        type=Path,
+        default=None,
+        help="where AUTOMATIC1111's <lora:NAME:WEIGHT> prompt tags find NAME.safetensors "
+        "(default: none; a tag without it is refused)",
+    )
+    p.add_argument(
+        "--embedding-dir",
+        type=Path,
+        default=None,
+        help="textual-inversion embeddings NAME.safetensors/.pt/.bin, used where the prompt "
+        "says NAME (default: none)",
+    )
+    p.add_argument(
+        "--merge-loras",
+        action="store_true",
+        help="fold the LoRAs into the weights for faster steps (unmerged exactly after) "
+        "instead of side paths",
+    )
+
+
+def addons_from_flags(args: argparse.Namespace, record: dict | None = None) -> AddOns:
+    """The add-ons the flags give; without ``--lora``, the ``--from`` record's LoRAs and
+    embeddings, each file checked against the sha256 the record holds."""
+    allow_pickle = getattr(args, "allow_pickle", False)
+    where = str(getattr(args, "from_png", "the record"))
+    loras, embeddings = [], []
+    for text in args.lora:
+        path, weight = parse_lora_flag(text)
+        loras.append((read_lora(path, allow_pickle=allow_pickle), weight))
+    if record is not None and not args.lora and "loras" in record:
+        loras = loras_from_record(record["loras"], where, allow_pickle)
+    if record is not None and "embeddings" in record:
+        embeddings = embeddings_from_record(record["embeddings"], where, allow_pickle)
+    return AddOns(
+        loras=loras,
+        lora_dir=args.lora_dir,
+        embeddings=embeddings,
+        embedding_dir=args.embedding_dir,
+        merge=args.merge_loras,
+        allow_pickle=allow_pickle,
+    )
