@@ -323,3 +323,32 @@ def test_cli_bad_lora_input_is_one_line(sd1_dir, tmp_path, capsys, monkeypatch, 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and re.search(message, err), err
+
+
+def test_a1111_pt_embedding_needs_the_pickle_opt_in(tmp_path):
+    vectors = torch.randn(2, 8)
+    path = tmp_path / "thing.pt"
+    torch.save({"string_to_param": {"*": vectors}, "name": "thing", "step": 10}, path)
+    with pytest.raises(WeightsError, match="allow_pickle") as err:
+        latentkit.load_embedding(path)
+    one_sentence(err.value)
+    embedding = latentkit.load_embedding(path, allow_pickle=True)
+    assert embedding.tokens == ["thing", "thing_1"]
+    assert torch.equal(embedding.vectors, vectors)
+
+
+def test_lora_tag_and_flag_parsers_only_raise_config_errors():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from latentkit.generation.addons import split_lora_tags
+
+    @given(st.text(alphabet="<lora:x0.5>e-n \\/", max_size=40))
+    def check(text):
+        for parse in (split_lora_tags, parse_lora_flag):
+            try:
+                parse(text)
+            except ConfigError as err:
+                one_sentence(err)
+
+    check()
