@@ -12,7 +12,7 @@ from latentkit import __version__
 from latentkit.errors import ConfigError, LatentkitError
 from latentkit.explain import cli as explain_cli
 from latentkit.generation import hints
-from latentkit.generation.addons import using_addons
+from latentkit.generation.addons import loras_applied, parse_lora_flag, using_addons
 from latentkit.generation.controlnet import (
     ControlRequest,
     controls_for,
@@ -52,6 +52,7 @@ from latentkit.shapes import world as shapes
 from latentkit.train import cli as train_cli
 from latentkit.weights import check_save_path, holds_ema, load, load_controlnet, save
 from latentkit.weights.controlnet_files import is_controlnet, save_controlnet
+from latentkit.weights.lora_files import read_lora
 from latentkit.weights.shipped import DEFAULT_MODEL, resolve
 
 
@@ -565,6 +566,14 @@ def _add_convert(commands) -> None:
         help="take the U-Net from a single file's EMA copy (model_ema.*), not its main "
         "weights; the other copy is not written (default: the main weights)",
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="merge this LoRA (kohya or diffusers file, weight 1 by default) into the "
+        "model's U-Net and text encoder before writing it; repeatable (default: none)",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="accept a .ckpt/.pt SRC")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.set_defaults(run=run_convert)
@@ -572,7 +581,13 @@ def _add_convert(commands) -> None:
 
 def run_convert(args: argparse.Namespace) -> None:
     dst = check_save_path(args.dst, overwrite=args.overwrite)  # before any loading
+    loras = []
+    for text in args.lora:
+        path, weight = parse_lora_flag(text)
+        loras.append((read_lora(path, allow_pickle=args.allow_pickle), weight))
     if is_controlnet(args.src):
+        if loras:
+            raise ConfigError(f"--lora merges into a model, but {args.src} is a ControlNet.")
         controlnet = load_controlnet(args.src, dtype=args.dtype, allow_pickle=args.allow_pickle)
         print(save_controlnet(controlnet, dst, dtype=args.dtype, overwrite=args.overwrite))
         return
@@ -584,7 +599,8 @@ def run_convert(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     components = load(src, dtype=args.dtype, allow_pickle=args.allow_pickle, ema=bool(args.ema))
-    print(save(components, dst, overwrite=args.overwrite))
+    with loras_applied(components, loras, merge=True):  # as generate --merge-loras merges
+        print(save(components, dst, overwrite=args.overwrite))
 
 
 def main(argv: list[str] | None = None) -> int:

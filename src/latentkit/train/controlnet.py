@@ -189,19 +189,7 @@ class ControlNetPhase(UNetPhase):
 
     def __init__(self, recipe: ControlNetRecipe):  # noqa: super().__init__ builds a U-Net
         self.recipe = recipe
-        frozen = load(recipe.model, dtype=torch.float32)
-        for module in (frozen.vae, frozen.text_encoder, frozen.unet):
-            module.eval().requires_grad_(False)
-        self.frozen = frozen
-        self.vae, self.text_encoder, self.tokenizer = (
-            frozen.vae,
-            frozen.text_encoder,
-            frozen.tokenizer,
-        )
-        self.unet = frozen.unet
-        self.model_config = frozen.config
-        check_sizes(self.model_config, recipe.data.size)
-        self.alphas = alphas_cumprod(frozen.config.schedule)
+        frozen = hold_frozen(self, recipe)
         self.controlnet = build_controlnet(recipe, frozen)
         self.caches = open_caches(recipe, self.vae, self.text_encoder, self.tokenizer)
         self.margin = None
@@ -282,6 +270,26 @@ class ControlNetPhase(UNetPhase):
 
 
 # --- building -----------------------------------------------------------------------------
+
+
+def hold_frozen(phase: UNetPhase, recipe) -> Components:
+    """Load ``recipe.model`` in fp32, frozen and in eval mode, into ``phase``'s attributes
+    that the U-Net phase's encoding reads (``vae``, ``text_encoder``, ``tokenizer``, ``unet``,
+    ``model_config``, ``alphas``; ``frozen``: the whole), checked against the data's size."""
+    frozen = load(recipe.model, dtype=torch.float32)
+    for module in (frozen.vae, frozen.text_encoder, frozen.unet):
+        module.eval().requires_grad_(False)
+    phase.frozen = frozen
+    phase.vae, phase.text_encoder, phase.tokenizer = (
+        frozen.vae,
+        frozen.text_encoder,
+        frozen.tokenizer,
+    )
+    phase.unet = frozen.unet
+    phase.model_config = frozen.config
+    check_sizes(phase.model_config, recipe.data.size)
+    phase.alphas = alphas_cumprod(frozen.config.schedule)
+    return frozen
 
 
 def build_controlnet(recipe: ControlNetRecipe, frozen: Components) -> ControlNet:

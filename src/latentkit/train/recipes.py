@@ -52,6 +52,7 @@ from latentkit.models.vae import AutoencoderKL
 from latentkit.train.clip import CLIPPhase, CLIPRecipe
 from latentkit.train.controlnet import ControlNetPhase, ControlNetRecipe
 from latentkit.train.loop import Phase, TrainConfig
+from latentkit.train.lora import LoraPhase, LoraRecipe
 from latentkit.train.unet import UNetPhase, UNetRecipe
 from latentkit.train.vae import VAEPhase, VAERecipe
 
@@ -62,6 +63,7 @@ PHASES: dict[str, tuple[type, type[Phase]]] = {
     "clip": (CLIPRecipe, CLIPPhase),
     "unet": (UNetRecipe, UNetPhase),
     "controlnet": (ControlNetRecipe, ControlNetPhase),
+    "lora": (LoraRecipe, LoraPhase),
 }
 SECTIONS = ("phase", "train", "recipe")
 
@@ -313,7 +315,8 @@ def parameter_count(config: Any, only: tuple[str, ...] | None = None) -> int | N
 def model_sizes(recipe: Any) -> list[str]:
     """One line per network of a recipe: the trained ones (its model-config fields, and
     those ``recipe.trained_configs()`` builds, when it has that; the parameter-name
-    prefixes ``recipe.frozen_parts()`` returns, when it has that, stay frozen) and the
+    prefixes ``recipe.frozen_parts()`` returns, when it has that, stay frozen; trained
+    add-ons without a config, counted by ``recipe.trained_counts()``, when it has that) and the
     frozen ones it names (``recipe.frozen_configs()``, when it has that;
     ``recipe.trained_parts()`` may say which of their parameters train after all)."""
     lines = []
@@ -332,6 +335,8 @@ def model_sizes(recipe: Any) -> list[str]:
             )
         else:
             lines.append(f"{name:<13} {count:>14,} parameters, trained")
+    for name, count in getattr(recipe, "trained_counts", dict)().items():
+        lines.append(f"{name:<13} {count:>14,} parameters, trained")
     frozen = getattr(recipe, "frozen_configs", None)
     trained_parts = getattr(recipe, "trained_parts", dict)()
     for name, config in (frozen() if frozen else {}).items():

@@ -14,6 +14,11 @@ Two families of key names exist for SD 1.x:
   ``adapter_config.json``; without any, alpha is the rank (scale 1), PEFT's convention.
 
 A layer's scale is ``alpha / rank`` (``alpha / sqrt(rank)`` under PEFT's ``use_rslora``).
+:func:`write_lora` writes a LoRA in either family, with the names the reader reads: kohya's
+with an ``.alpha`` per layer and sd-scripts' ``ss_network_dim``/``ss_network_alpha``
+metadata, diffusers' with ``unet.``/``text_encoder.`` prefixes and the
+``lora_adapter_metadata`` (rank, alpha, target modules per network) that diffusers'
+``load_lora_weights`` builds its adapter from.
 Every key of the file must land on a layer of the model: a LoRA for another family (SDXL's
 ``lora_te1_``, the original LDM layout's ``input_blocks``, another width) is refused in one
 sentence, never half-applied.
@@ -34,11 +39,12 @@ from latentkit.config import brief_repr
 from latentkit.errors import WeightsError
 from latentkit.models.lora import LoraWeights
 from latentkit.weights.module_io import SAFETENSORS, read_weights, sniff
-from latentkit.weights.safetensors_io import read_metadata
+from latentkit.weights.safetensors_io import read_metadata, write_safetensors
 
 # kohya prefix -> the network it names
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
 PEFT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
+SAVE_FORMATS = ("kohya", "diffusers")
 
 # (suffix, role) of the tensors of one layer, in every spelling we read
 _ROLES = (
@@ -300,3 +306,62 @@ def _shaped(
     if not math.isfinite(scale):
         raise WeightsError(f"{lora.path}: layer {layer.name!r} has alpha {brief_repr(alpha)}.")
     return LoraWeights(down.contiguous(), up.contiguous(), scale)
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def write_lora(
+    layers: dict[tuple[str, str], LoraWeights], path: str | Path, save_format: str = "kohya"
+) -> Path:
+    """Write ``layers`` ((network, module path) -> LoraWeights, all of one rank and alpha per
+    network) to the safetensors file ``path`` in ``save_format`` ("kohya" or "diffusers")."""
+    if save_format not in SAVE_FORMATS:
+        raise WeightsError(f"save format {save_format!r}; valid: {', '.join(SAVE_FORMATS)}.")
+    path = Path(path)
+    kohya = {network: prefix for prefix, network in KOHYA_PREFIXES.items()}
+    peft = {network: prefix for prefix, network in PEFT_PREFIXES.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    settings: dict[str, dict] = {}
+    for (network, module_path), lora in layers.items():
+        alpha = lora.scale * lora.rank
+        config = settings.setdefault(network, {"r": lora.rank, "lora_alpha": alpha})
+        if (config["r"], config["lora_alpha"]) != (lora.rank, alpha):
+            raise WeightsError(f"{path}: the {network} layers differ in rank or alpha.")
+        targets = config.setdefault("target_modules", [])
+        if _leaf(module_path) not in targets:
+            targets.append(_leaf(module_path))
+        down, up = lora.down.detach().float().contiguous(), lora.up.detach().float().contiguous()
+        if save_format == "kohya":
+            name = kohya[network] + module_path.replace(".", "_")
+            tensors[f"{name}.lora_down.weight"] = down
+            tensors[f"{name}.lora_up.weight"] = up
+            tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+        else:
+            name = peft[network] + module_path
+            tensors[f"{name}.lora_A.weight"] = down
+            tensors[f"{name}.lora_B.weight"] = up
+    metadata = {"format": "pt"}
+    if save_format == "kohya" and settings:
+        first = next(iter(settings.values()))
+        metadata |= {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(first["r"]),
+            "ss_network_alpha": _number(first["lora_alpha"]),
+        }
+    elif settings:
+        flat = {f"{n}.{k}": v for n, config in settings.items() for k, v in config.items()}
+        metadata["lora_adapter_metadata"] = json.dumps(flat, indent=2, sort_keys=True)
+    write_safetensors(tensors, path, metadata=metadata)
+    return path
+
+
+def _leaf(module_path: str) -> str:
+    """The name PEFT's ``target_modules`` matches a layer by (``to_q``, ``to_out.0``): a
+    suffix, so that it holds whether or not the text encoder's paths start "text_model."."""
+    parts = module_path.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
