@@ -161,6 +161,8 @@ REQUIRED = {
     "vae": {"data_path": "d"},
     "clip": {"data_path": "d"},
     "unet": {"data_path": "d", "vae": "v", "text_encoder": "t"},
+    "controlnet": {"data_path": "d", "model": "m"},
+    "lora": {"data_path": "d", "model": "m"},
 }
 SCALARS = (
     st.booleans()
