@@ -99,7 +99,8 @@ def test_a_fresh_lora_is_the_frozen_model_exactly(world):
     assert np.array_equal(picture(phase.components()), picture(plain))
 
 
-def test_only_lora_parameters_reach_the_optimizer(world):
+def test_only_lora_parameters_reach_the_optimizer(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     phase = LoraPhase(recipe(world, targets=("attention",)))
     names = [name for name, _ in phase.modules()["lora"].named_parameters()]
     assert names and all(name.endswith((".down", ".up")) for name in names)
@@ -108,6 +109,8 @@ def test_only_lora_parameters_reach_the_optimizer(world):
     assert len(wrapped) == len(names) // 2
     assert all(p.endswith(("to_q", "to_k", "to_v", "to_out.0")) for p in wrapped)
     assert not any(p.requires_grad for p in unet.parameters())
+    cached = LoraPhase(recipe(world, targets=("attention",), cache_latents=True, cache_dir="c"))
+    assert cached.caches[1] is not None  # a frozen text encoder: its contexts are cached
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +129,7 @@ def test_only_the_lora_trains(run):
     assert after.keys() == run["before"].keys()
     assert all(torch.equal(v, after[k]) for k, v in run["before"].items())
     assert all(bool(layer.up.any()) for layer in phase.lora.layers)
+    assert phase.caches[1] is None  # the text encoder has a LoRA: no context cache
     tensors = checkpoint.latest(run["out"]).tensors
     assert set(tensors) == {"model.lora", "ema.lora", "optimizer"}
     assert set(tensors["model.lora"]) == set(phase.lora.state_dict())
