@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The shipped shapes-mask ControlNet, from nothing: its data, the ControlNet phase against
 # the shipped shapes model, the export into src/latentkit/assets/controlnets/shapes-mask
-# (fp16), and the measurement of its control (docs/controlnet.md). From the repository root:
+# (fp16), and the measurement of its control (docs/shipped-model.md). From the repository
+# root:
 #   scripts/train_shapes_controlnet.sh    # about 75 min on a 2-core CPU
-# WORK=dir puts the data, the run and the report elsewhere (default: data/, runs/).
+# WORK=dir puts the data, the run and the report elsewhere (default: data/, runs/, .).
 # EXPORT=dir writes the ControlNet to dir/shapes-mask instead of replacing the shipped one;
 # it must not hold one yet.
 set -euo pipefail
@@ -27,14 +28,16 @@ mkdir -p "$WORK"
 stamp() { echo "== $(date +%H:%M:%S) $*"; }
 
 stamp "data"
-# The training scenes with half the captions saying only what the objects are, not where:
-# the mask says where (latentkit data shapes --where sometimes).
-$PY -m latentkit data shapes --n 10000 --out "$DATA/shapes-64-controlnet" --where sometimes --overwrite
+# The training scenes with half the captions saying only what the objects are, not where
+# (latentkit data shapes --where sometimes): the mask says where.
+$PY -m latentkit data shapes --n 10000 --out "$DATA/shapes-64-where-sometimes" --where sometimes --overwrite
 $PY -m latentkit data shapes --n 256 --seed 1 --split held-out --out "$DATA/shapes-64-eval" --overwrite
 
+# One thread: on a busy 2-core machine a second one mostly waits (docs/shipped-model.md).
 stamp "controlnet"
-$PY -m latentkit train controlnet --config configs/shapes/controlnet.toml --out "$RUNS/shapes-controlnet" \
-    --set "recipe.data_path=$DATA/shapes-64-controlnet" --set "recipe.sample_data=$DATA/shapes-64-eval" \
+OMP_NUM_THREADS=1 $PY -m latentkit train controlnet --config configs/shapes/controlnet.toml \
+    --out "$RUNS/shapes-controlnet" --set "recipe.data_path=$DATA/shapes-64-where-sometimes" \
+    --set "recipe.sample_data=$DATA/shapes-64-eval" \
     --set "recipe.cache_dir=$RUNS/shapes-controlnet-cache" --quiet
 
 stamp "export"

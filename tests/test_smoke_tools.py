@@ -22,8 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
+from latentkit.models.lora import LoraWeights
 from latentkit.runtime import packing as prepack
 from latentkit.shapes.text_following import score_clip_folder
+from latentkit.weights.lora_files import write_lora
 from latentkit.weights.safetensors_io import read_safetensors
 from latentkit.weights.shipped import shipped_folder
 
@@ -235,6 +237,36 @@ def test_controlnet_control_prints_iou_and_judge_accuracy_with_and_without(tmp_p
     assert Image.open(figure).size == (4 * 128, 2 * 128)  # picture, hint, with, without
     done = launch("benchmarks/controlnet_control.py", "--json", str(report))
     assert done.returncode == 2 and f"{report} exists; give a new path." in done.stderr
+
+
+@pytest.mark.slow
+@smoke_run_of("benchmarks/lora_one_object.py")
+def test_lora_one_object_prints_the_fractions_with_and_without_a_lora(tmp_path):
+    # A random LoRA on one attention projection of the shipped U-Net: it must change nothing
+    # of the table's form, only its numbers.
+    g = torch.Generator().manual_seed(0)
+    layer = LoraWeights(torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g), 0.5)
+    lora = tmp_path / "random.safetensors"
+    write_lora(
+        {("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"): layer}, lora
+    )
+    report, figure = tmp_path / "report.json", tmp_path / "figure.png"
+    out = run(
+        "benchmarks/lora_one_object.py",
+        *("--per-prompt", "1", "--steps", "2", "--lora", str(lora), "--json", str(report)),
+        *("--figure", str(figure)),
+    )
+    table = r"^(model|with random)\s+(\d+\.\d)%\s+(\d+\.\d)%\s+(\d+\.\d)%\s+(\d+\.\d)%$"
+    rows = re.findall(table, out, re.MULTILINE)
+    assert [r[0] for r in rows] == ["model", "with random"], out
+    data = json.loads(report.read_text())
+    assert data["prompts"] == 70 and data["lora"] == str(lora)
+    for name, *percents in rows:
+        shown = [float(p) for p in percents]
+        stored = [100 * data["variants"][name][k] for k in ("one", "colour", "shape", "all")]
+        assert shown == [round(v, 1) for v in stored]
+        assert shown[3] <= min(shown[:3])  # all three right is the rarest
+    assert Image.open(figure).size == (8 * 128, 2 * 128)
 
 
 # --- scripts ------------------------------------------------------------------------------

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
+from PIL import Image
 from scipy import linalg
 
 from latentkit.config import TINY_CLIP
 from latentkit.errors import ConfigError, WeightsError
 from latentkit.models.clip import CLIPModel
+from latentkit.models.lora import LoraWeights
 from latentkit.shapes import world as shapes
 from latentkit.shapes.text_following import (
     REPORT_KEYS,
@@ -25,8 +27,10 @@ from latentkit.shapes.text_following import (
     load_score_clip,
     prompt_scenes,
 )
+from latentkit.weights import load
 from latentkit.weights import shipped as models_registry
 from latentkit.weights.clip_folder import save_clip, text_encoder_of
+from latentkit.weights.lora_files import write_lora
 from latentkit.weights.safetensors_io import read_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -265,3 +269,21 @@ def test_an_existing_path_wins_over_a_name(tmp_path, monkeypatch):
     (tmp_path / "shapes").mkdir()
     assert models_registry.resolve("shapes") == models_registry.Path("shapes")
     assert models_registry.resolve(str(tmp_path)) == tmp_path
+
+
+def test_eval_with_a_lora_scores_the_model_with_it_merged(sd1_dir, tmp_path, capsys):
+    target = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    width = load(sd1_dir).unet.get_submodule(target).weight.shape[1]
+    g = torch.Generator().manual_seed(0)
+    layer = LoraWeights(torch.randn(4, width, generator=g), torch.randn(width, 4, generator=g), 1.0)
+    lora = write_lora({("unet", target): layer}, tmp_path / "l.safetensors")
+    grids = []
+    for name, extra in (("plain", []), ("lora", ["--lora", f"{lora}:0.5"])):
+        out = tmp_path / name
+        argv = ["eval", "--model", str(sd1_dir), *ARGS, "--out", str(out), *extra]
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 0, err
+        report = json.loads((out / "report.json").read_text())
+        assert report["loras"] == ([{"path": str(lora), "weight": 0.5}] if extra else [])
+        grids.append(np.asarray(Image.open(out / "grid.png")))
+    assert not np.array_equal(*grids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from latentkit.generation.addons import AddOns, parse_lora_flag
 from latentkit.runtime.device import Progress, resolve_device, resolve_dtype
 from latentkit.shapes.text_following import (
     DEFAULT_PROMPTS,
@@ -20,6 +21,7 @@ from latentkit.shapes.text_following import (
     write_outputs,
 )
 from latentkit.weights import load
+from latentkit.weights.lora_files import read_lora
 from latentkit.weights.shipped import resolve
 
 
@@ -70,6 +72,14 @@ def add_cli(commands) -> None:
         "shipped model's beside the judge)",
     )
     p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="score the model with this LoRA on (a file or a shipped name such as shapes-one; "
+        "repeatable) (default: none)",
+    )
+    p.add_argument(
         "--overwrite", action="store_true", help="replace an earlier report.json and grid.png"
     )
     p.add_argument("--out", type=Path, required=True, help="folder for report.json and grid.png")
@@ -94,6 +104,8 @@ def run_eval(args: argparse.Namespace) -> None:
     components = load(path, dtype=dtype, device=device)
     clip_folder = args.clip or (score_clip_folder(path) if path.is_dir() else None)
     clip = load_score_clip(clip_folder, components.text_encoder)
+    loras = [parse_lora_flag(text) for text in args.lora]
+    addons = AddOns(loras=[(read_lora(path), weight) for path, weight in loras], merge=True)
     progress = Progress(settings.prompts, "prompts")
     report, images, prompts = evaluate_text_following(
         components,
@@ -102,9 +114,11 @@ def run_eval(args: argparse.Namespace) -> None:
         device=device,
         dtype=dtype,
         on_prompt=lambda i, n: progress.update(i),
+        addons=addons if loras else None,
     )
     progress.close()
     report["model"] = str(path)
+    report["loras"] = [{"path": lora, "weight": weight} for lora, weight in loras]
     report["dtype"] = str(dtype).removeprefix("torch.")
     grid = sample_grid(images, prompts, settings.per_prompt)
     write_outputs(args.out, report, grid, overwrite=args.overwrite)

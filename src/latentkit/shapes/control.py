@@ -33,6 +33,7 @@ from latentkit.models.components import Components
 from latentkit.models.controlnet import ControlNet
 from latentkit.shapes import world
 from latentkit.shapes.judge.read import load_judge, read_attributes
+from latentkit.shapes.one_object import one_object_of
 
 SIZE_RANGE = (0.18, 0.45)  # bounding diameter, as a fraction of the image side
 CASES_SEED = 20261208
@@ -141,16 +142,9 @@ def measure_control(
         strict=True,
     ):
         asked = row["prompt"].split(" ", 2)[1:]
-        row["judge_with"] = _colour_shape(read_with, *asked)
-        row["judge_without"] = _colour_shape(read_without, *asked)
+        row["judge_with"] = one_object_of(read_with, *asked)
+        row["judge_without"] = one_object_of(read_without, *asked)
     return summarise(rows, steps, cfg, scale, seconds), pictures
-
-
-def _colour_shape(reading: dict, colour: str, shape: str) -> dict[str, bool]:
-    """Whether the judge reads one object of the asked colour and of the asked shape."""
-    one = reading["count"] == 1
-    obj = reading["objects"][0]
-    return {"colour": one and obj["colour"] == colour, "shape": one and obj["shape"] == shape}
 
 
 def summarise(rows: list[dict], steps: int, cfg: float, scale: float, seconds: float) -> dict:

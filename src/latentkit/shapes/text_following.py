@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from latentkit.errors import ConfigError
+from latentkit.generation.addons import AddOns
 from latentkit.generation.pipeline import GenerateOptions, generate, run_to_result
 from latentkit.outputs import refuse_existing, replace_atomically
 from latentkit.shapes import world as shapes
@@ -178,9 +179,11 @@ def evaluate_text_following(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     on_prompt: Callable[[int, int], None] | None = None,
+    addons: AddOns | None = None,
 ) -> tuple[dict, list[Image.Image], list[str]]:
     """Generate ``per_prompt`` images for each prompt of the split and score them
-    (``device`` and ``dtype``: the U-Net's unless given, as in ``generate``).
+    (``device`` and ``dtype``: the U-Net's unless given, as in ``generate``; ``addons``:
+    LoRAs or embeddings put on the model for every picture).
 
     Returns the report (a JSON-ready dict), the images in prompt order and the prompts.
     ``clip`` (a CLIPModel) adds the CLIP score; without it the score is None.
@@ -201,7 +204,8 @@ def evaluate_text_following(
             n=settings.per_prompt,
             seed=settings.seed + i * settings.per_prompt,  # every image its own seed
         )
-        result = run_to_result(generate(components, options, device=device, dtype=dtype))
+        run = generate(components, options, device=device, dtype=dtype, addons=addons)
+        result = run_to_result(run)
         images += result.images
         if on_prompt:
             on_prompt(i + 1, len(prompts))
