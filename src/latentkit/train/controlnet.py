@@ -32,13 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from torch import nn
 
 from latentkit.config import (
     ControlNetConfig,
     DictForm,
     UNetConfig,
-    check_seed,
     from_dict,
     require,
 )
@@ -46,21 +44,21 @@ from latentkit.data.config import DataConfig
 from latentkit.data.decode import decode_caption
 from latentkit.data.sources import open_source
 from latentkit.diffusion.objective import weighted_loss
-from latentkit.diffusion.samplers import SAMPLERS
-from latentkit.diffusion.schedule import alphas_cumprod
-from latentkit.errors import ConfigError, LatentkitError
+from latentkit.errors import ConfigError
 from latentkit.generation import hints
 from latentkit.generation.controlnet import Control, hint_tensor
 from latentkit.generation.img2img import tensor_to_images
-from latentkit.generation.pipeline import GenerateOptions, generate, run_to_result
+from latentkit.generation.pipeline import generate, run_to_result
 from latentkit.images import image_grid, open_capped
 from latentkit.models.components import Components
 from latentkit.models.controlnet import ControlNet
-from latentkit.train.unet import UNetPhase, check_sizes, noise_latents, open_caches
-from latentkit.weights import load, resolve_model
-from latentkit.weights.config_json import text_from_json, unet_from_json, vae_from_json
+from latentkit.train.addon import AddOnPhase, frozen_configs
+from latentkit.train.unet import (
+    check_denoising_settings,
+    noise_latents,
+    sample_options,
+)
 from latentkit.weights.controlnet_files import load_controlnet, save_controlnet
-from latentkit.weights.diffusers_folder import read_json
 
 # Preprocessors that make a hint from a training picture, with their default settings.
 HINT_MAKERS = {"segment": hints.segment, "canny": hints.canny, "scribble": hints.scribble}
@@ -122,29 +120,8 @@ class ControlNetRecipe(DictForm):
             len(self.hint_widths) >= 1 and all(w >= 1 for w in self.hint_widths),
             "hint_widths must be one or more positive widths.",
         )
-        check_seed("init_seed", self.init_seed, owner="recipe")
-        _require(self.clip_skip >= 1, f"clip_skip is {self.clip_skip}; it must be at least 1.")
-        _require(
-            self.min_snr_gamma is None or self.min_snr_gamma > 0,
-            f"min_snr_gamma is {self.min_snr_gamma}; it must be positive, or none for off.",
-        )
-        _require(self.noise_offset >= 0, "noise_offset must not be negative.")
-        _require(
-            not self.cache_latents or self.cache_dir,
-            "cache_latents needs cache_dir, a folder to keep the cached latents in.",
-        )
-        _require(
-            not self.cache_latents or self.data.crop == "center",
-            "cache_latents needs data.crop = 'center', since a cached latent fixes its crop.",
-        )
+        check_denoising_settings(self)
         _require(self.sample_count >= 0, "sample_count must not be negative.")
-        _require(self.sample_steps >= 1, "sample_steps must be at least 1.")
-        _require(self.sample_cfg >= 0, "sample_cfg must not be negative.")
-        _require(all(s >= 0 for s in self.sample_seeds), "sample_seeds must not be negative.")
-        _require(
-            self.sample_sampler in SAMPLERS,
-            f"sample_sampler is {self.sample_sampler!r}; valid: {', '.join(sorted(SAMPLERS))}.",
-        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ControlNetRecipe:
@@ -154,15 +131,8 @@ class ControlNetRecipe(DictForm):
     train_text_encoder = False
 
     def frozen_configs(self) -> dict[str, Any]:
-        """The frozen model's networks by name, read from its config.json files alone (for
-        a dry run); a string in place of a config says why there is none."""
-        try:
-            configs = configs_of(self.model)
-        except LatentkitError as err:
-            return {"model": str(err)}
-        if configs is None:
-            return {"model": f"inside the single file {self.model} (not read in a dry run)"}
-        return configs
+        """The frozen model's networks by name, from their config.json files (a dry run)."""
+        return frozen_configs(self.model)
 
     def trained_configs(self) -> dict[str, Any]:
         """The ControlNet this recipe trains, by name, when its model's config can be read."""
@@ -182,31 +152,18 @@ class ControlNetRecipe(DictForm):
 _require = functools.partial(require, owner="recipe")
 
 
-class ControlNetPhase(UNetPhase):
-    """Trains a ControlNet on ``recipe`` against a frozen model. It shares the U-Net
-    phase's frozen encoding (cached latents and contexts, per-sample draws) and data
-    handling; what trains, the loss, the samples and the saved weights are its own."""
+class ControlNetPhase(AddOnPhase):
+    """Trains a ControlNet on ``recipe`` against a frozen model (``train/addon.py``); its
+    batches carry hints, and its loss, samples and saved weights are its own."""
 
-    def __init__(self, recipe: ControlNetRecipe):  # noqa: super().__init__ builds a U-Net
-        self.recipe = recipe
-        frozen = hold_frozen(self, recipe)
-        self.controlnet = build_controlnet(recipe, frozen)
-        self.caches = open_caches(recipe, self.vae, self.text_encoder, self.tokenizer)
-        self.margin = None
+    ADDON = "controlnet"
+
+    def build_addon(self, recipe: ControlNetRecipe, frozen: Components) -> ControlNet:
+        return build_controlnet(recipe, frozen)
 
     @property
-    def schedule(self):
-        return self.model_config.schedule
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"controlnet": self.controlnet}
-
-    def learning_rates(self) -> dict[str, float]:
-        return {}
-
-    def bind(self, world, nets, seed: int = 0) -> None:
-        super().bind(world, nets, seed)
-        self.unet.to(world.device)
+    def controlnet(self) -> ControlNet:
+        return self.addon
 
     def training_batch(self, batch: dict) -> dict[str, Any]:
         out = super().training_batch(batch)
@@ -246,9 +203,6 @@ class ControlNetPhase(UNetPhase):
 
     # --- looking and saving ---------------------------------------------------------------
 
-    def components(self) -> Components:
-        return self.frozen
-
     def sample(self, step: int, out_dir: Path) -> None:
         """A grid PNG: per row, a sample picture's hint, then one sample per seed."""
         rows = sample_rows(self.recipe, self.hints_of)
@@ -270,26 +224,6 @@ class ControlNetPhase(UNetPhase):
 
 
 # --- building -----------------------------------------------------------------------------
-
-
-def hold_frozen(phase: UNetPhase, recipe) -> Components:
-    """Load ``recipe.model`` in fp32, frozen and in eval mode, into ``phase``'s attributes
-    that the U-Net phase's encoding reads (``vae``, ``text_encoder``, ``tokenizer``, ``unet``,
-    ``model_config``, ``alphas``; ``frozen``: the whole), checked against the data's size."""
-    frozen = load(recipe.model, dtype=torch.float32)
-    for module in (frozen.vae, frozen.text_encoder, frozen.unet):
-        module.eval().requires_grad_(False)
-    phase.frozen = frozen
-    phase.vae, phase.text_encoder, phase.tokenizer = (
-        frozen.vae,
-        frozen.text_encoder,
-        frozen.tokenizer,
-    )
-    phase.unet = frozen.unet
-    phase.model_config = frozen.config
-    check_sizes(phase.model_config, recipe.data.size)
-    phase.alphas = alphas_cumprod(frozen.config.schedule)
-    return frozen
 
 
 def build_controlnet(recipe: ControlNetRecipe, frozen: Components) -> ControlNet:
@@ -315,24 +249,6 @@ def build_controlnet(recipe: ControlNetRecipe, frozen: Components) -> ControlNet
             conditioning_embedding_out_channels=recipe.hint_widths,
         )
     return controlnet.train().requires_grad_(True)
-
-
-def configs_of(model: str) -> dict[str, Any] | None:
-    """The configs of a model folder's (or shipped model's) VAE, text encoder and U-Net,
-    read from their config.json files; None for a single file, which must be read whole."""
-    path = resolve_model(model)
-    if not path.is_dir():
-        if not path.exists():
-            raise ConfigError(f"recipe: model {model} does not exist; give a model folder.")
-        return None
-    return {
-        name: read(read_json(path / name / "config.json", f"{name} config"))
-        for name, read in (
-            ("vae", vae_from_json),
-            ("text_encoder", text_from_json),
-            ("unet", unet_from_json),
-        )
-    }
 
 
 def read_hint(folder: Path, sample_id: str, size: tuple[int, int], max_pixels: int) -> Image.Image:
@@ -386,17 +302,7 @@ def sample_images(
     """One picture per sample seed of ``prompt``, steered by ``hint``."""
     images = []
     for seed in recipe.sample_seeds:
-        options = GenerateOptions(
-            prompt,
-            width=recipe.data.size,
-            height=recipe.data.size,
-            steps=recipe.sample_steps,
-            cfg=recipe.sample_cfg,
-            sampler=recipe.sample_sampler,
-            seed=seed,
-            clip_skip=recipe.clip_skip,
-            prompt_mode="truncate",
-        )
+        options = sample_options(recipe, prompt, seed)
         run = generate(components, options, controls=[Control(controlnet, hint)])
         images.append(run_to_result(run).images[0])
     return images

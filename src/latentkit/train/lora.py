@@ -24,20 +24,21 @@ from typing import Any
 
 import torch
 from PIL.PngImagePlugin import PngInfo
-from torch import nn
 
-from latentkit.config import DictForm, TextConfig, UNetConfig, check_seed, from_dict, require
+from latentkit.config import DictForm, TextConfig, UNetConfig, from_dict, require
 from latentkit.data.config import DataConfig
 from latentkit.diffusion.objective import NoisedLatents, denoising_errors, weighted_loss
-from latentkit.diffusion.samplers import SAMPLERS
-from latentkit.errors import LatentkitError
 from latentkit.images import image_grid
 from latentkit.models.clip import CLIPTextModel
 from latentkit.models.components import Components
 from latentkit.models.lora import TARGET_GROUPS, LoraNetwork
 from latentkit.models.unet import UNet2DConditionModel
-from latentkit.train.controlnet import configs_of, hold_frozen
-from latentkit.train.unet import UNetPhase, noise_latents, open_caches, sample_images
+from latentkit.train.addon import AddOnPhase, frozen_configs
+from latentkit.train.unet import (
+    check_denoising_settings,
+    noise_latents,
+    sample_images,
+)
 from latentkit.weights.lora_files import SAVE_FORMATS, write_lora
 
 LORA_FILE = "lora.safetensors"
@@ -99,28 +100,7 @@ class LoraRecipe(DictForm):
             self.save_format in SAVE_FORMATS,
             f"save_format is {self.save_format!r}; valid: {', '.join(SAVE_FORMATS)}.",
         )
-        check_seed("init_seed", self.init_seed, owner="recipe")
-        _require(self.clip_skip >= 1, f"clip_skip is {self.clip_skip}; it must be at least 1.")
-        _require(
-            self.min_snr_gamma is None or self.min_snr_gamma > 0,
-            f"min_snr_gamma is {self.min_snr_gamma}; it must be positive, or none for off.",
-        )
-        _require(self.noise_offset >= 0, "noise_offset must not be negative.")
-        _require(
-            not self.cache_latents or self.cache_dir,
-            "cache_latents needs cache_dir, a folder to keep the cached latents in.",
-        )
-        _require(
-            not self.cache_latents or self.data.crop == "center",
-            "cache_latents needs data.crop = 'center', since a cached latent fixes its crop.",
-        )
-        _require(self.sample_steps >= 1, "sample_steps must be at least 1.")
-        _require(self.sample_cfg >= 0, "sample_cfg must not be negative.")
-        _require(all(s >= 0 for s in self.sample_seeds), "sample_seeds must not be negative.")
-        _require(
-            self.sample_sampler in SAMPLERS,
-            f"sample_sampler is {self.sample_sampler!r}; valid: {', '.join(sorted(SAMPLERS))}.",
-        )
+        check_denoising_settings(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraRecipe:
@@ -137,15 +117,8 @@ class LoraRecipe(DictForm):
         return float(self.rank if self.alpha is None else self.alpha)
 
     def frozen_configs(self) -> dict[str, Any]:
-        """The frozen model's networks by name, from their config.json files alone (for a
-        dry run); a string in place of a config says why there is none."""
-        try:
-            configs = configs_of(self.model)
-        except LatentkitError as err:
-            return {"model": str(err)}
-        if configs is None:
-            return {"model": f"inside the single file {self.model} (not read in a dry run)"}
-        return configs
+        """The frozen model's networks by name, from their config.json files (a dry run)."""
+        return frozen_configs(self.model)
 
     def trained_counts(self) -> dict[str, int]:
         """{"lora": its parameter count}, from the model's configs (built on the meta
@@ -163,31 +136,18 @@ class LoraRecipe(DictForm):
 _require = functools.partial(require, owner="recipe")
 
 
-class LoraPhase(UNetPhase):
-    """Trains a LoRA on ``recipe`` against a frozen model. It shares the U-Net phase's
-    frozen encoding (cached latents and contexts, per-sample draws) and data handling; what
-    trains (the LoRA alone), the samples and the saved file are its own."""
+class LoraPhase(AddOnPhase):
+    """Trains a LoRA on ``recipe`` against a frozen model (``train/addon.py``): only its
+    side paths learn; its samples and saved file are its own."""
 
-    def __init__(self, recipe: LoraRecipe):  # not super().__init__, which builds a U-Net
-        self.recipe = recipe
-        frozen = hold_frozen(self, recipe)
-        self.caches = open_caches(recipe, self.vae, self.text_encoder, self.tokenizer)
-        self.lora = build_lora(recipe, frozen)
-        self.margin = None
+    ADDON = "lora"
+
+    def build_addon(self, recipe: LoraRecipe, frozen: Components) -> LoraNetwork:
+        return build_lora(recipe, frozen)
 
     @property
-    def schedule(self):
-        return self.model_config.schedule
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"lora": self.lora}
-
-    def learning_rates(self) -> dict[str, float]:
-        return {}
-
-    def bind(self, world, nets, seed: int = 0) -> None:
-        super().bind(world, nets, seed)
-        self.unet.to(world.device)
+    def lora(self) -> LoraNetwork:
+        return self.addon
 
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         recipe = self.recipe
@@ -210,10 +170,6 @@ class LoraPhase(UNetPhase):
         return denoising_errors(self.unet, noised, context)
 
     # --- looking and saving ---------------------------------------------------------------
-
-    def components(self) -> Components:
-        """The frozen model with the LoRA on (as it stands: EMA when swapped in)."""
-        return self.frozen
 
     def sample(self, step: int, out_dir: Path) -> None:
         """A grid PNG with the LoRA on: one row per sample prompt, one column per seed."""

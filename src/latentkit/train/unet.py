@@ -130,13 +130,7 @@ class UNetRecipe(DictForm):
     def __post_init__(self) -> None:
         for name in ("data_path", "vae", "text_encoder"):
             _require(getattr(self, name) != "", f"{name} is empty; it must name a path.")
-        check_seed("init_seed", self.init_seed, owner="recipe")
-        _require(self.clip_skip >= 1, f"clip_skip is {self.clip_skip}; it must be at least 1.")
-        _require(
-            self.min_snr_gamma is None or self.min_snr_gamma > 0,
-            f"min_snr_gamma is {self.min_snr_gamma}; it must be positive, or none for off.",
-        )
-        _require(self.noise_offset >= 0, "noise_offset must not be negative.")
+        check_denoising_settings(self)
         _require(
             not self.train_text_encoder or self.clip_skip == 1,
             f"clip_skip is {self.clip_skip}; train_text_encoder trains the last layer's "
@@ -156,21 +150,6 @@ class UNetRecipe(DictForm):
             self.caption_margin is None or self.train_text_encoder,
             "caption_margin is set but train_text_encoder is false; a frozen text encoder "
             "keeps its states as they are, so set train_text_encoder = true or remove it.",
-        )
-        _require(self.sample_steps >= 1, "sample_steps must be at least 1.")
-        _require(self.sample_cfg >= 0, "sample_cfg must not be negative.")
-        _require(all(s >= 0 for s in self.sample_seeds), "sample_seeds must not be negative.")
-        _require(
-            self.sample_sampler in SAMPLERS,
-            f"sample_sampler is {self.sample_sampler!r}; valid: {', '.join(sorted(SAMPLERS))}.",
-        )
-        _require(
-            not self.cache_latents or self.cache_dir,
-            "cache_latents needs cache_dir, a folder to keep the cached latents in.",
-        )
-        _require(
-            not self.cache_latents or self.data.crop == "center",
-            "cache_latents needs data.crop = 'center', since a cached latent fixes its crop.",
         )
 
     @classmethod
@@ -202,6 +181,35 @@ class UNetRecipe(DictForm):
 
 
 _require = functools.partial(require, owner="recipe")
+
+
+def check_denoising_settings(recipe) -> None:
+    """The checks every recipe that trains on the denoising loss shares (the U-Net,
+    ControlNet and LoRA phases): seed, clip skip, loss weighting, noise offset, latent
+    cache and preview settings, one sentence each."""
+    check_seed("init_seed", recipe.init_seed, owner="recipe")
+    _require(recipe.clip_skip >= 1, f"clip_skip is {recipe.clip_skip}; it must be at least 1.")
+    _require(
+        recipe.min_snr_gamma is None or recipe.min_snr_gamma > 0,
+        f"min_snr_gamma is {recipe.min_snr_gamma}; it must be positive, or none for off.",
+    )
+    _require(recipe.noise_offset >= 0, "noise_offset must not be negative.")
+    _require(
+        not recipe.cache_latents or recipe.cache_dir,
+        "cache_latents needs cache_dir, a folder to keep the cached latents in.",
+    )
+    _require(
+        not recipe.cache_latents or recipe.data.crop == "center",
+        "cache_latents needs data.crop = 'center', since a cached latent fixes its crop.",
+    )
+    _require(recipe.sample_steps >= 1, "sample_steps must be at least 1.")
+    _require(recipe.sample_cfg >= 0, "sample_cfg must not be negative.")
+    _require(all(s >= 0 for s in recipe.sample_seeds), "sample_seeds must not be negative.")
+    _require(
+        recipe.sample_sampler in SAMPLERS,
+        f"sample_sampler is {recipe.sample_sampler!r}; valid: {', '.join(sorted(SAMPLERS))}.",
+    )
+
 
 # The text encoder's parameters that ``train_text_encoder`` trains, by name prefix.
 TEXT_LAYERS = ("text_model.encoder.", "text_model.final_layer_norm.")
@@ -523,16 +531,22 @@ def sample_images(components: Components, recipe: UNetRecipe, device) -> list[Im
     images = []
     for prompt in recipe.sample_prompts:
         for seed in recipe.sample_seeds:
-            options = GenerateOptions(
-                prompt,
-                width=recipe.data.size,
-                height=recipe.data.size,
-                steps=recipe.sample_steps,
-                cfg=recipe.sample_cfg,
-                sampler=recipe.sample_sampler,
-                seed=seed,
-                clip_skip=recipe.clip_skip,
-                prompt_mode="truncate",  # the tokenizer's plain row, as training sees it
-            )
+            options = sample_options(recipe, prompt, seed)
             images.append(run_to_result(generate(components, options, device=device)).images[0])
     return images
+
+
+def sample_options(recipe, prompt: str, seed: int) -> GenerateOptions:
+    """A preview's settings: the recipe's sample_* at the training size, the prompt
+    tokenized as training reads it (its plain row)."""
+    return GenerateOptions(
+        prompt,
+        width=recipe.data.size,
+        height=recipe.data.size,
+        steps=recipe.sample_steps,
+        cfg=recipe.sample_cfg,
+        sampler=recipe.sample_sampler,
+        seed=seed,
+        clip_skip=recipe.clip_skip,
+        prompt_mode="truncate",
+    )
