@@ -16,7 +16,7 @@ from train.tiny_model import SIZE, UNET, make_frozen_model
 
 from latentkit.config import ControlNetConfig
 from latentkit.data.config import DataConfig
-from latentkit.errors import ConfigError
+from latentkit.errors import ConfigError, LatentkitError
 from latentkit.generation.controlnet import Control
 from latentkit.generation.hints import segment
 from latentkit.generation.pipeline import GenerateOptions, generate, run_to_result
@@ -170,6 +170,14 @@ def test_precomputed_hints_are_read_by_the_pictures_names(world, tmp_path):
 def test_recipe_errors_are_one_sentence(world, changes, message):
     with pytest.raises(ConfigError, match=message):
         recipe(world, **changes)
+
+
+def test_missing_hint_and_preview_folders_are_refused_before_training(world, tmp_path):
+    missing = tmp_path / "nothing"
+    with pytest.raises(ConfigError, match=r"hint_dir .*nothing is not a folder of hint PNGs\."):
+        ControlNetPhase(recipe(world, hint="precomputed", hint_dir=str(missing)))
+    with pytest.raises(LatentkitError, match=r"dataset folder '.*nothing' does not exist\."):
+        ControlNetPhase(recipe(world, sample_data=str(missing)))
 
 
 def test_hint_widths_must_reach_the_latent_grid(world):

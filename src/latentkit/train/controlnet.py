@@ -159,6 +159,7 @@ class ControlNetPhase(AddOnPhase):
     ADDON = "controlnet"
 
     def build_addon(self, recipe: ControlNetRecipe, frozen: Components) -> ControlNet:
+        check_hint_sources(recipe)
         return build_controlnet(recipe, frozen)
 
     @property
@@ -249,6 +250,15 @@ def build_controlnet(recipe: ControlNetRecipe, frozen: Components) -> ControlNet
             conditioning_embedding_out_channels=recipe.hint_widths,
         )
     return controlnet.train().requires_grad_(True)
+
+
+def check_hint_sources(recipe: ControlNetRecipe) -> None:
+    """The folders training reads besides its data, checked before the first step: the
+    precomputed hints and the preview pictures (one sentence each)."""
+    if recipe.hint == PRECOMPUTED and not Path(recipe.hint_dir).is_dir():
+        raise ConfigError(f"recipe: hint_dir {recipe.hint_dir} is not a folder of hint PNGs.")
+    if recipe.sample_count:
+        open_source(recipe.sample_data or recipe.data_path)
 
 
 def read_hint(folder: Path, sample_id: str, size: tuple[int, int], max_pixels: int) -> Image.Image:
