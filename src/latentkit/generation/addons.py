@@ -310,36 +310,34 @@ def embeddings_applied(components: Components, embeddings: list[Embedding]) -> I
 
 def loras_from_record(stored: object, where: str, allow_pickle: bool) -> list:
     """The (LoRA, weight) pairs a PNG record names, each file checked against its hash."""
-    if not isinstance(stored, list):
-        raise ConfigError(
-            f"the record's loras in {where} must be a list, not {brief_repr(stored)}."
-        )
-    pairs = []
-    for i, entry in enumerate(stored):
-        label = f"the record's LoRA {i + 1} in {where}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise ConfigError(f"{label} names no LoRA file.")
-        lora = read_lora(entry["path"], allow_pickle=allow_pickle)
-        _check_hash(lora.sha256, entry.get("sha256"), entry["path"], label)
-        pairs.append((lora, check_weight(entry.get("weight", 1.0), label)))
-    return pairs
+    entries = _recorded_files(stored, where, "loras", "LoRA", read_lora, allow_pickle)
+    return [(lora, check_weight(entry.get("weight", 1.0), label)) for entry, lora, label in entries]
 
 
 def embeddings_from_record(stored: object, where: str, allow_pickle: bool) -> list[Embedding]:
     """The embeddings a PNG record names, each file checked against its hash."""
+    entries = _recorded_files(
+        stored, where, "embeddings", "embedding", read_embedding, allow_pickle
+    )
+    return [embedding for _, embedding, _ in entries]
+
+
+def _recorded_files(stored: object, where: str, key: str, what: str, read, allow_pickle: bool):
+    """(entry, the file it names as ``read`` reads it, its label) for each entry of a
+    record's ``key`` list, each file checked against the hash the record keeps."""
     if not isinstance(stored, list):
         raise ConfigError(
-            f"the record's embeddings in {where} must be a list, not {brief_repr(stored)}."
+            f"the record's {key} in {where} must be a list, not {brief_repr(stored)}."
         )
-    found = []
+    out = []
     for i, entry in enumerate(stored):
-        label = f"the record's embedding {i + 1} in {where}"
+        label = f"the record's {what} {i + 1} in {where}"
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise ConfigError(f"{label} names no embedding file.")
-        embedding = read_embedding(entry["path"], allow_pickle=allow_pickle)
-        _check_hash(embedding.sha256, entry.get("sha256"), entry["path"], label)
-        found.append(embedding)
-    return found
+            raise ConfigError(f"{label} names no {what} file.")
+        loaded = read(entry["path"], allow_pickle=allow_pickle)
+        _check_hash(loaded.sha256, entry.get("sha256"), entry["path"], label)
+        out.append((entry, loaded, label))
+    return out
 
 
 def _check_hash(actual: str, stored: object, path: str, label: str) -> None:
