@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import Stop
 from PIL import Image
-from train.tiny_model import SIZE, UNET, make_frozen_model
+from train.tiny_model import SIZE, UNET, make_frozen_model, stopping
 
 from latentkit.config import ControlNetConfig
 from latentkit.data.config import DataConfig
@@ -194,21 +195,6 @@ def test_init_controlnet_for_another_unet_is_refused(world, tmp_path):
         ControlNetPhase(recipe(world, init_controlnet=str(other)))
 
 
-class Stop(Exception):
-    pass
-
-
-class StoppingPhase(ControlNetPhase):
-    def __init__(self, recipe, stop_at):
-        super().__init__(recipe)
-        self.stop_at = stop_at
-
-    def loss(self, batch, step):
-        if step == self.stop_at:
-            raise Stop
-        return super().loss(batch, step)
-
-
 @pytest.mark.slow
 def test_resume_is_exact(world, tmp_path):
     settings = config(steps=6, checkpoint_every=3, ema_decay=0.9)  # 3 batches an epoch
@@ -217,7 +203,7 @@ def test_resume_is_exact(world, tmp_path):
     train(ControlNetPhase(run_recipe), settings, straight, progress=False)
     halves = tmp_path / "halves"
     with pytest.raises(Stop):
-        train(StoppingPhase(run_recipe, stop_at=3), settings, halves, progress=False)
+        train(stopping(ControlNetPhase, 3)(run_recipe), settings, halves, progress=False)
     summary = train(ControlNetPhase(run_recipe), settings, halves, resume=True, progress=False)
     assert summary["start_step"] == 3
     want = checkpoint.latest(straight).tensors

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import Stop, run_cli
 from PIL import Image
-from train.tiny_model import SIZE, make_frozen_model
+from train.tiny_model import SIZE, make_frozen_model, stopping
 
 from latentkit.data.config import DataConfig
 from latentkit.errors import ConfigError
@@ -269,17 +269,6 @@ def test_dry_run_counts_the_lora_of_the_shipped_model(capsys):
     assert sizes[-1].startswith("# unet") and sizes[-1].endswith("parameters, frozen")
 
 
-class StoppingPhase(LoraPhase):
-    def __init__(self, recipe, stop_at):
-        super().__init__(recipe)
-        self.stop_at = stop_at
-
-    def loss(self, batch, step):
-        if step == self.stop_at:
-            raise Stop
-        return super().loss(batch, step)
-
-
 @pytest.mark.slow
 def test_resume_is_exact(world, tmp_path):
     settings = config(steps=6, checkpoint_every=3, ema_decay=0.9)  # 3 batches an epoch
@@ -288,7 +277,7 @@ def test_resume_is_exact(world, tmp_path):
     train(LoraPhase(run_recipe), settings, straight, progress=False)
     halves = tmp_path / "halves"
     with pytest.raises(Stop):
-        train(StoppingPhase(run_recipe, stop_at=3), settings, halves, progress=False)
+        train(stopping(LoraPhase, 3)(run_recipe), settings, halves, progress=False)
     summary = train(LoraPhase(run_recipe), settings, halves, resume=True, progress=False)
     assert summary["start_step"] == 3
     want = checkpoint.latest(straight).tensors

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Stop
 from PIL import Image
-from train.tiny_model import SIZE, UNET, make_frozen_model
+from train.tiny_model import SIZE, UNET, make_frozen_model, stopping
 
 from latentkit.data.config import DataConfig
 from latentkit.diffusion.objective import denoising_errors, min_snr_weight, weighted_loss
@@ -479,23 +480,6 @@ def test_frozen_fresh_text_layers_are_what_the_text_cache_holds(world, tmp_path)
 # --- exact resume -------------------------------------------------------------------------
 
 
-class Stop(Exception):
-    pass
-
-
-class StoppingPhase(UNetPhase):
-    """Dies at the start of ``stop_at``, as if the process had been killed."""
-
-    def __init__(self, recipe, stop_at):
-        super().__init__(recipe)
-        self.stop_at = stop_at
-
-    def loss(self, batch, step):
-        if step == self.stop_at:
-            raise Stop
-        return super().loss(batch, step)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "train_text_encoder, text_encoder_lr",
@@ -512,7 +496,7 @@ def test_resume_is_exact(world, tmp_path, train_text_encoder, text_encoder_lr):
     train(UNetPhase(run_recipe), settings, straight, progress=False)
     halves = tmp_path / "halves"
     with pytest.raises(Stop):
-        train(StoppingPhase(run_recipe, stop_at=3), settings, halves, progress=False)
+        train(stopping(UNetPhase, 3)(run_recipe), settings, halves, progress=False)
     summary = train(UNetPhase(run_recipe), settings, halves, resume=True, progress=False)
     assert summary["start_step"] == 3
     want = checkpoint.latest(straight).tensors

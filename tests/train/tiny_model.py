@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import Stop
 from PIL import Image
 
 from latentkit.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
@@ -60,3 +61,16 @@ def make_frozen_model(folder: Path, dataset: Path) -> Path:
 def _pixels(path: Path) -> torch.Tensor:
     image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).float()
     return image.permute(2, 0, 1) / 127.5 - 1
+
+
+def stopping(phase_class: type, stop_at: int) -> type:
+    """``phase_class`` whose loss raises conftest's ``Stop`` at step ``stop_at``: a run
+    killed there, for the resume tests."""
+
+    class Stopping(phase_class):
+        def loss(self, batch, step):
+            if step == stop_at:
+                raise Stop
+            return super().loss(batch, step)
+
+    return Stopping
