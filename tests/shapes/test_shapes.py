@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -377,5 +378,30 @@ def test_where_always_is_the_default_and_draws_nothing_more(train_scenes):
         extra = {} if where is None else {"where": where}
         texts[where] = [caption(scene, rng, **extra) for scene in train_scenes[:50]]
     assert texts[None] == texts["always"]
-    with pytest.raises(ConfigError, match=r"^where is 'never'; valid values are: "):
-        caption(train_scenes[0], np.random.default_rng(0), where="never")
+    with pytest.raises(ConfigError, match=r"^where is 'sideways'; valid values are: "):
+        caption(train_scenes[0], np.random.default_rng(0), where="sideways")
+
+
+def test_where_never_says_only_what_the_objects_are(train_scenes):
+    rng = np.random.default_rng(0)
+    for scene in train_scenes[:200]:
+        text = caption(scene, rng, where="never")
+        nouns = re.split(r" (?:on|against|with) a ", text)[0]  # a background may follow
+        words = [w for w in nouns.replace(" and ", " ").split() if w not in ("a", "an")]
+        assert len(words) == 2 * len(scene.objects), text  # colour and shape, nothing else
+        for obj in scene.objects:
+            assert obj.colour in words, text
+
+
+def test_objects_keeps_the_scenes_of_one_count_from_the_same_stream(tmp_path):
+    everything = write_dataset(tmp_path / "any", 40, seed=3)
+    ones = write_dataset(tmp_path / "one", 12, seed=3, objects="1", where="never")
+    assert (ones["one_object"], ones["two_objects"]) == (12, 0)
+    assert write_dataset(tmp_path / "two", 5, seed=3, objects="2")["one_object"] == 0
+    rows = {d: [json.loads(r) for r in (tmp_path / d / "metadata.jsonl").read_text().splitlines()]
+            for d in ("any", "one")}  # fmt: skip
+    singles = [r["attributes"] for r in rows["any"] if len(r["attributes"]["objects"]) == 1]
+    assert everything["one_object"] >= 12
+    assert [r["attributes"] for r in rows["one"]] == singles[:12]  # the stream's own order
+    with pytest.raises(ConfigError, match=r"^object count is '3'; valid values are: "):
+        write_dataset(tmp_path / "three", 5, objects="3")

@@ -98,7 +98,11 @@ CAPTION_PAIR_ORDERS = ("both", "canonical")
 # a pair's relation. "sometimes": half the captions say only what the objects are ("a small
 # red circle" becomes "a red circle", "A above B" becomes "A and B"), for a ControlNet,
 # whose control picture says where: it learns to place objects whatever the words say.
-CAPTION_WHERE = ("always", "sometimes")
+# "never": no caption says where, for an add-on that teaches "a red circle" alone.
+CAPTION_WHERE = ("always", "sometimes", "never")
+# Which scenes a dataset keeps: "any" (half one object, half two) or only those of one
+# count ("1", "2"), drawn from the same stream with the others skipped.
+OBJECT_COUNTS = ("any", "1", "2")
 
 HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (
     ("green", "triangle"),
@@ -504,11 +508,11 @@ def caption(
     """One of many phrasings of ``scene``: templates, synonyms, either order of a relation
     (or the canonical one only: ``CAPTION_PAIR_ORDERS``), and the background sometimes. Always
     names every object's colour and shape; with ``where = "sometimes"``, half the captions
-    say nothing else of the objects (``CAPTION_WHERE``)."""
+    say nothing else of the objects, with ``"never"`` none does (``CAPTION_WHERE``)."""
     check_choice("pair order", pair_order, CAPTION_PAIR_ORDERS)
     check_choice("where", where, CAPTION_WHERE)
     with_background = rng.random() < 0.5
-    if where == "sometimes" and rng.random() < 0.5:
+    if where == "never" or (where == "sometimes" and rng.random() < 0.5):
         text = _what_only(scene, rng)
         if with_background:
             text += " " + _choice(rng, _BACKGROUND_PHRASES).format(scene.background)
@@ -590,11 +594,13 @@ def write_dataset(
     overwrite: bool = False,
     pair_order: str = "both",
     where: str = "always",
+    objects: str = "any",
 ) -> dict[str, Any]:
     """Write ``n`` scenes as an ordinary captioned-image folder: ``00000.png`` with its
     caption in ``00000.txt``, and ``metadata.jsonl`` (file_name, text, attributes).
     ``pair_order`` changes only the captions of two-object scenes (``CAPTION_PAIR_ORDERS``);
-    ``where`` whether every caption says where the objects are (``CAPTION_WHERE``).
+    ``where`` whether every caption says where the objects are (``CAPTION_WHERE``);
+    ``objects`` keeps only scenes of one object count (``OBJECT_COUNTS``).
 
     Refuses a non-empty folder unless ``overwrite``; then it deletes only files it would
     itself have written (numbered .png/.txt and metadata.jsonl) and leaves the rest alone.
@@ -606,6 +612,7 @@ def write_dataset(
     _check_size(size)
     check_choice("pair order", pair_order, CAPTION_PAIR_ORDERS)
     check_choice("where", where, CAPTION_WHERE)
+    check_choice("object count", objects, OBJECT_COUNTS)
     check_seed("seed", seed)
     out = Path(out_dir)
     _prepare_folder(out, overwrite)
@@ -617,7 +624,7 @@ def write_dataset(
     width = max(5, len(str(n - 1)))
     rows, counts = [], {1: 0, 2: 0}
     for i in range(n):
-        scene = sample_scene(scene_rng, split, size)
+        scene = _sample_counted_scene(scene_rng, split, size, objects)
         text = caption(scene, caption_rng, pair_order, where)
         stem = f"{i:0{width}d}"
         render(scene).save(out / f"{stem}.png")
@@ -633,9 +640,18 @@ def write_dataset(
         "seed": seed,
         "pair_order": pair_order,
         "where": where,
+        "objects": objects,
         "one_object": counts[1],
         "two_objects": counts[2],
     }
+
+
+def _sample_counted_scene(rng: np.random.Generator, split: str, size: int, objects: str) -> Scene:
+    """The next scene of the stream with ``objects`` objects ("any": simply the next)."""
+    while True:
+        scene = sample_scene(rng, split, size)
+        if objects == "any" or len(scene.objects) == int(objects):
+            return scene
 
 
 def _prepare_folder(out: Path, overwrite: bool) -> None:
@@ -696,7 +712,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="always",
         help="always: every caption says where its objects are (a single one's place and "
         "size, a pair's relation); sometimes: half say only what they are, for training a "
-        "ControlNet, whose control picture says where",
+        "ControlNet, whose control picture says where; never: none says where",
+    )
+    parser.add_argument(
+        "--objects",
+        choices=OBJECT_COUNTS,
+        default="any",
+        help="any: half the scenes have one object, half two; 1 or 2: only scenes with "
+        "that many (the others drawn are skipped)",
     )
     parser.add_argument(
         "--overwrite",
@@ -708,7 +731,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 _PAIR_ORDER_NOTE = {"both": "", "canonical": ", pairs said in canonical order"}
-_WHERE_NOTE = {"always": "", "sometimes": ", half the captions without where"}
+_WHERE_NOTE = {
+    "always": "",
+    "sometimes": ", half the captions without where",
+    "never": ", no caption says where",
+}
 
 
 def run_cli(args: argparse.Namespace) -> None:
@@ -722,6 +749,7 @@ def run_cli(args: argparse.Namespace) -> None:
         args.overwrite,
         args.pair_order,
         args.where,
+        args.objects,
     )
     print(
         f"wrote {summary['n']} {summary['split']} images ({summary['one_object']} with one "
