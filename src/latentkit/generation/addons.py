@@ -37,6 +37,7 @@ from latentkit.models.lora import LoraSidePath, LoraWeights, merged_weight
 from latentkit.runtime.packing import is_packed, pack, unpack
 from latentkit.weights.embedding_files import EMBEDDING_SUFFIXES, Embedding, read_embedding
 from latentkit.weights.lora_files import LoraFile, bind_lora, read_lora
+from latentkit.weights.shipped import SHIPPED_LORAS, is_shipped_lora_name, shipped_lora_file
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 # <lora:NAME> or <lora:NAME:WEIGHT>, as AUTOMATIC1111 writes them (a third field is refused)
@@ -75,7 +76,7 @@ class ActiveAddOns:
         out = {}
         if self.loras:
             out["loras"] = [
-                {"path": str(lora.path), "sha256": lora.sha256, "weight": float(weight)}
+                {"path": lora.reference, "sha256": lora.sha256, "weight": float(weight)}
                 for lora, weight in self.loras
             ]
         if self.embeddings:
@@ -126,7 +127,13 @@ def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 
 def find_named(folder: Path | str | None, name: str, suffixes, what: str, flag: str) -> Path:
-    """The file NAME.<suffix> in ``folder`` or below it; one sentence when there is none."""
+    """The file NAME.<suffix> in ``folder`` or below it; one sentence when there is none.
+    NAME is a file's name alone: one with a folder in it is refused, so a prompt (or a
+    server's request) reaches nothing outside ``folder``."""
+    if any(sep in name for sep in "/\\") or name in (".", ".."):
+        raise ConfigError(
+            f"the {what} {name!r} must be named by its file name alone, without folders."
+        )
     if folder is None:
         raise ConfigError(f"the prompt asks for the {what} {name!r}, but no {flag} was given.")
     folder = Path(folder)
@@ -140,6 +147,30 @@ def find_named(folder: Path | str | None, name: str, suffixes, what: str, flag: 
         f"there is no {what} named {name!r} in {folder} (looked for {name}{suffixes[0]} and "
         f"{', '.join(suffixes[1:])})."
     )
+
+
+def find_lora(lora_dir: Path | str | None, name: str) -> Path | str:
+    """What ``<lora:NAME>`` names: NAME in ``lora_dir``, else the shipped LoRA NAME."""
+    try:
+        return find_named(lora_dir, name, LORA_SUFFIXES, "LoRA", "--lora-dir")
+    except ConfigError:
+        if is_shipped_lora_name(name):
+            return name
+        raise
+
+
+def available_loras(lora_dir: Path | str | None) -> dict[str, Path]:
+    """Every LoRA a tag may name, by name: the files of ``lora_dir`` (and below it), then
+    the shipped LoRAs that none of them shadows."""
+    found: dict[str, Path] = {}
+    if lora_dir is not None and Path(lora_dir).is_dir():
+        for path in sorted(Path(lora_dir).rglob("*")):
+            if path.is_file() and path.suffix in LORA_SUFFIXES:
+                found.setdefault(path.stem, path)
+    for name in SHIPPED_LORAS:
+        if name not in found and shipped_lora_file(name).is_file():
+            found[name] = shipped_lora_file(name)
+    return found
 
 
 def embedding_names(folder: Path | str | None) -> dict[str, Path]:
@@ -194,7 +225,7 @@ def resolve(addons: AddOns, prompts: list[str], negatives: list[str]) -> ActiveA
         text, tags = split_lora_tags(prompt)
         clean.append(text)
         for name, weight in tags:
-            path = find_named(addons.lora_dir, name, LORA_SUFFIXES, "LoRA", "--lora-dir")
+            path = find_lora(addons.lora_dir, name)
             loras.append((read_lora(path, allow_pickle=addons.allow_pickle), weight))
     embeddings = _embeddings_for(addons, clean + list(negatives))
     return ActiveAddOns(
@@ -284,12 +315,7 @@ def embeddings_applied(components: Components, embeddings: list[Embedding]) -> I
     table, tokenizer = tables.token_embedding, components.tokenizer
     tokens, vectors = [], []
     for i, embedding in enumerate(embeddings):
-        if embedding.vectors.shape[1] != table.embedding_dim:
-            raise WeightsError(
-                f"the embedding {embedding.name!r} ({embedding.path}) has vectors of width "
-                f"{embedding.vectors.shape[1]}, but this model's text encoder is "
-                f"{table.embedding_dim} wide; it was made for another model family."
-            )
+        _check_width(embedding, table.embedding_dim)
         tokens += [f"<ti-{i}-{j}>" for j in range(len(embedding.vectors))]
         vectors.append(embedding.vectors)
     extended = tokenizer.with_tokens(tokens)
@@ -306,6 +332,30 @@ def embeddings_applied(components: Components, embeddings: list[Embedding]) -> I
     finally:
         tables.token_embedding = table
         components.tokenizer = tokenizer
+
+
+def _check_width(embedding: Embedding, width: int) -> None:
+    if embedding.vectors.shape[1] != width:
+        raise WeightsError(
+            f"the embedding {embedding.name!r} ({embedding.path}) has vectors of width "
+            f"{embedding.vectors.shape[1]}, but this model's text encoder is {width} wide; "
+            "it was made for another model family."
+        )
+
+
+def check_addons(
+    components: Components, addons: AddOns, prompts: list[str], negatives: list[str]
+) -> ActiveAddOns:
+    """What :func:`using_addons` would apply, every file read and checked against the model
+    (each LoRA's layers and shapes, each embedding's width), but nothing applied."""
+    active = resolve(addons, prompts, negatives)
+    networks = _networks(components)
+    for lora, _ in active.loras:
+        bind_lora(lora, networks)
+    width = components.text_encoder.text_model.embeddings.token_embedding.embedding_dim
+    for embedding in active.embeddings:
+        _check_width(embedding, width)
+    return active
 
 
 def loras_from_record(stored: object, where: str, allow_pickle: bool) -> list:

@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from latentkit.diffusion.samplers import SAMPLERS
+from latentkit.errors import ConfigError
 from latentkit.generation.addons import (
     AddOns,
     embeddings_from_record,
@@ -115,15 +116,21 @@ def add_addon_flags(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATH[:WEIGHT]",
-        help="apply this LoRA (kohya/A1111 or diffusers/PEFT .safetensors) with this weight "
-        "(default weight 1); repeat for several (default: none, or the --from record's)",
+        help="apply this LoRA (kohya/A1111 or diffusers/PEFT .safetensors, or a shipped "
+        "LoRA's name) with this weight (default weight 1); repeat for several (default: none, "
+        "or the --from record's)",
     )
+    add_addon_folder_flags(p)
+
+
+def add_addon_folder_flags(p: argparse.ArgumentParser) -> None:
+    """Where add-ons named in prompts are found, and how LoRAs are put on."""
     p.add_argument(
         "--lora-dir",
         type=Path,
         default=None,
         help="where AUTOMATIC1111's <lora:NAME:WEIGHT> prompt tags find NAME.safetensors "
-        "(default: none; a tag without it is refused)",
+        "(default: none; a tag then names a shipped LoRA or is refused)",
     )
     p.add_argument(
         "--embedding-dir",
@@ -140,6 +147,19 @@ def add_addon_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def addon_folders(args: argparse.Namespace) -> AddOns:
+    """The add-on folders the flags give (no LoRA yet), each checked to be a folder."""
+    for flag, folder in (("--lora-dir", args.lora_dir), ("--embedding-dir", args.embedding_dir)):
+        if folder is not None and not folder.is_dir():
+            raise ConfigError(f"{flag} {folder} is not a folder; give a folder of add-on files.")
+    return AddOns(
+        lora_dir=args.lora_dir,
+        embedding_dir=args.embedding_dir,
+        merge=args.merge_loras,
+        allow_pickle=getattr(args, "allow_pickle", False),
+    )
+
+
 def addons_from_flags(args: argparse.Namespace, record: dict | None = None) -> AddOns:
     """The add-ons the flags give; without ``--lora``, the ``--from`` record's LoRAs and
     embeddings, each file checked against the sha256 the record holds."""
@@ -153,11 +173,4 @@ def addons_from_flags(args: argparse.Namespace, record: dict | None = None) -> A
         loras = loras_from_record(record["loras"], where, allow_pickle)
     if record is not None and "embeddings" in record:
         embeddings = embeddings_from_record(record["embeddings"], where, allow_pickle)
-    return AddOns(
-        loras=loras,
-        lora_dir=args.lora_dir,
-        embeddings=embeddings,
-        embedding_dir=args.embedding_dir,
-        merge=args.merge_loras,
-        allow_pickle=allow_pickle,
-    )
+    return dataclasses.replace(addon_folders(args), loras=loras, embeddings=embeddings)

@@ -40,6 +40,7 @@ from fastapi import APIRouter, Depends, Request
 
 from latentkit.config import brief_repr
 from latentkit.errors import ConfigError, LatentkitError
+from latentkit.generation.addons import available_loras
 from latentkit.generation.options import MAX_IMAGES
 from latentkit.generation.pipeline import image_size
 from latentkit.generation.pngmeta import (
@@ -701,6 +702,17 @@ def a1111_api(queue: JobQueue, token: str | None) -> APIRouter:
              "filename": name, "config": None}
             for name in queue.models
         ]  # fmt: skip
+
+    @api.get("/loras", summary="The LoRAs a prompt's <lora:NAME:WEIGHT> may name")
+    async def loras() -> list:
+        return [
+            {"name": name, "alias": name, "path": path.name, "metadata": {}}
+            for name, path in available_loras(queue.folders.lora_dir).items()
+        ]  # by file name only: the server's folders are not shown
+
+    @api.post("/refresh-loras", summary="Nothing to do: the LoRA folder is read per request")
+    async def refresh_loras() -> None:
+        return None
 
     @api.get("/options", summary="The options this server supports")
     async def get_options() -> dict:

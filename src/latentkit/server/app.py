@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from latentkit.config import VERSION
 from latentkit.diffusion.samplers import SAMPLERS
 from latentkit.errors import LatentkitError
+from latentkit.generation.addons import available_loras
 from latentkit.generation.options import FIELD_NAMES, MAX_IMAGES, SCHEDULES, GenerateOptions
 from latentkit.generation.pipeline import image_size
 from latentkit.server.a1111 import a1111_api
@@ -44,6 +45,10 @@ _FIELDS_SCHEMA = {  # for the /docs page; the validator is check_request's, not 
     "properties": {
         "model": {"type": "string", "description": "a model name (GET /api/v1/models)"},
         **{name: {"description": "as latentkit generate's setting"} for name in FIELD_NAMES},
+        "loras": {
+            "type": "array",
+            "description": 'LoRAs by name (GET /api/v1/loras): [{"name": NAME, "weight": 0.8}]',
+        },
         **{
             name: {"type": "string", "description": "a picture as base64 text or a data: URL"}
             for name in PICTURE_FIELDS
@@ -160,6 +165,10 @@ def native_api(queue: JobQueue, token: str | None) -> APIRouter:
     @api.get("/models", summary="The models clients may name; the first is the default")
     async def models() -> dict:
         return {"models": list(queue.models), "default": next(iter(queue.models))}
+
+    @api.get("/loras", summary="The LoRAs a request may name (loras field, <lora:NAME:W>)")
+    async def loras() -> dict:
+        return {"loras": list(available_loras(queue.folders.lora_dir))}
 
     @api.get("/capabilities", summary="Models, samplers, schedules, defaults and limits")
     async def capabilities() -> dict:

@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 from latentkit.errors import ConfigError, LatentkitError
+from latentkit.generation.flags import add_addon_folder_flags, addon_folders
 from latentkit.runtime.device import resolve_device, resolve_dtype
 from latentkit.server.jobs import JobQueue
 from latentkit.weights import load
@@ -26,7 +27,8 @@ def add_cli(commands) -> None:
         "serve",
         help="serve an HTTP API (jobs, progress events, result PNGs) on a local port",
         description="Load the models once and serve the native API under /api/v1 "
-        "(its documentation at /docs). Loopback only unless --token is given.",
+        "(its documentation at /docs). Loopback only unless --token is given. Requests "
+        "name LoRAs (<lora:NAME:W> in a prompt) found in --lora-dir or shipped.",
     )
     p.add_argument(
         "--model",
@@ -73,6 +75,7 @@ def add_cli(commands) -> None:
         help="a web origin (e.g. https://example.org) whose pages may call the API; "
         "repeatable (default: none, no cross-origin access)",
     )
+    add_addon_folder_flags(p)
     p.set_defaults(run=run_serve)
 
 
@@ -116,6 +119,7 @@ def check_serve_args(args: argparse.Namespace) -> None:
                 f"--cors takes an origin such as https://example.org (scheme and host, no "
                 f"path, not *), got {origin!r}."
             )
+    addon_folders(args)  # --lora-dir and --embedding-dir are folders
 
 
 def model_name(given: str) -> str:
@@ -157,6 +161,7 @@ def run_serve(args: argparse.Namespace) -> None:
         args.queue_size,
         batch_limit=args.batch_limit,
         timeout=args.job_timeout,
+        folders=addon_folders(args),
     )
     queue.start()
     try:

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from latentkit.errors import ConfigError, LatentkitError
+from latentkit.errors import ConfigError, LatentkitError, WeightsError
 from latentkit.server.jobs import QueueFull
 from latentkit.server.requests import UnknownName
 
@@ -79,6 +79,6 @@ def refusal(err: LatentkitError) -> ApiError:
         return ApiError(429, str(err), {"Retry-After": str(err.retry_after)})
     if isinstance(err, UnknownName):
         return ApiError(404, str(err))
-    if isinstance(err, ConfigError):
+    if isinstance(err, (ConfigError, WeightsError)):  # a bad setting, or a file it names
         return ApiError(422, str(err))
     return ApiError(500, str(err))

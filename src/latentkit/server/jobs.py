@@ -38,6 +38,7 @@ from latentkit.errors import ConfigError, LatentkitError
 from latentkit.explain.attention import attention_maps
 from latentkit.explain.render import attention_figure, steps_figure
 from latentkit.explain.steps import trajectory
+from latentkit.generation.addons import AddOns, using_addons
 from latentkit.generation.batch import batch_key, generate_batch
 from latentkit.generation.img2img import image_to_tensor
 from latentkit.generation.options import GenerateOptions
@@ -77,6 +78,7 @@ class Job:
     options: GenerateOptions
     init_image: Image.Image | None = None
     mask: Image.Image | None = None
+    addons: AddOns | None = None  # LoRAs and embeddings, checked; None: the base model
     state: str = "queued"
     step: int = 0
     total: int = 0
@@ -107,6 +109,9 @@ class Job:
             "explains": self.explains,
             "tokens": self.tokens,
             "options": dataclasses.asdict(self.options),
+            "loras": [{"name": lora.name, "weight": weight} for lora, weight in self.addons.loras]
+            if self.addons
+            else [],
         }
 
     def __post_init__(self) -> None:
@@ -140,6 +145,7 @@ class JobQueue:
         *,
         batch_limit: int = 4,
         timeout: float = 600.0,
+        folders: AddOns | None = None,
     ) -> None:
         if size < 1:
             raise ConfigError(f"the queue size must be at least 1, got {size}.")
@@ -150,6 +156,7 @@ class JobQueue:
         self.size = size
         self.batch_limit = batch_limit
         self.timeout = timeout
+        self.folders = folders or AddOns()  # where requests' add-ons are found by name
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
         self.waiting: collections.deque[Job] = collections.deque()
@@ -186,7 +193,7 @@ class JobQueue:
         return live[0] if live else None
 
     def submit(self, body: Any) -> Job:
-        request = check_request(self.models, body)
+        request = check_request(self.models, body, self.folders)
         with self.lock:
             if self._busy() >= self.size:
                 raise QueueFull(
@@ -217,7 +224,14 @@ class JobQueue:
                 raise QueueFull(
                     f"the queue is full ({self.size} jobs); try again later.", self._retry_after()
                 )
-            job = Job(secrets.token_hex(8), source.model, options, explains=source.id, total=1)
+            job = Job(
+                secrets.token_hex(8),
+                source.model,
+                options,
+                addons=source.addons,
+                explains=source.id,
+                total=1,
+            )
             self.jobs[job.id] = job
             self.waiting.append(job)
             self._forget_old()
@@ -282,12 +296,12 @@ class JobQueue:
         first = self.waiting.popleft()
         batch = [first]
         components = self.models[first.model]
-        key = None if first.kind != "txt2img" else batch_key(components, first.options)
+        key = _shared_batch_key(components, first)
         if key is not None:
             room = self.batch_limit - first.options.n
             for job in list(self.waiting):
                 fits = job.options.n <= room and job.model == first.model
-                if fits and job.kind == "txt2img" and batch_key(components, job.options) == key:
+                if fits and _shared_batch_key(components, job) == key:
                     self.waiting.remove(job)
                     batch.append(job)
                     room -= job.options.n
@@ -329,7 +343,9 @@ class JobQueue:
             return
         if len(batch) == 1:
             job = batch[0]
-            steps = generate(components, job.options, init_image=job.init_image, mask=job.mask)
+            steps = generate(
+                components, job.options, init_image=job.init_image, mask=job.mask, addons=job.addons
+            )
         else:
             try:
                 steps = generate_batch(components, [job.options for job in batch])
@@ -406,12 +422,19 @@ class JobQueue:
         """Two figures of the job's picture: attention per token, and the denoising steps
         (a sixth of them). Each redraws the picture, so neither hooks the other's run."""
         components = self.models[job.model]
-        maps = attention_maps(components, job.options)
-        every = max(1, job.options.steps // EXPLAIN_STEP_COLUMNS)
-        snapshots, _ = trajectory(components, job.options, every)
+        options = job.options
+        with using_addons(
+            components, job.addons or AddOns(), [options.prompt], [options.negative_prompt]
+        ) as on:  # the model and prompt that drew the picture, add-ons and all
+            read = dataclasses.replace(
+                options, prompt=on.prompts[0], negative_prompt=on.negatives[0]
+            )
+            maps = attention_maps(components, read)
+            every = max(1, options.steps // EXPLAIN_STEP_COLUMNS)
+            snapshots, _ = trajectory(components, read, every)
         figures = [
             attention_figure(maps, "all"),
-            steps_figure(snapshots, job.options.prompt, job.options.steps),
+            steps_figure(snapshots, on.clean_prompts[0], options.steps),
         ]
         paths = free_paths(self.outputs / "explain.png", len(figures))
         for figure, path in zip(figures, paths, strict=True):
@@ -437,8 +460,17 @@ def _new_job(request: Request) -> Job:
         request.options,
         init_image=request.init_image,
         mask=request.mask,
+        addons=request.addons,
         total=request.options.steps,
     )
+
+
+def _shared_batch_key(components: Components, job: Job) -> tuple | None:
+    """What jobs must share to run in one batch; None for a job that runs alone (not text
+    to image, a stochastic sampler, or add-ons, which change the model for it alone)."""
+    if job.kind != "txt2img" or job.addons is not None:
+        return None
+    return batch_key(components, job.options)
 
 
 def _offsets(batch: list[Job]) -> list[int]:

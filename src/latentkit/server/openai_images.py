@@ -50,7 +50,7 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 
 from latentkit.config import brief_repr
-from latentkit.errors import ConfigError, LatentkitError
+from latentkit.errors import ConfigError, LatentkitError, WeightsError
 from latentkit.generation.options import FIELD_NAMES
 from latentkit.generation.pipeline import image_size
 from latentkit.server.common import ApiError, bearer_check, read_json
@@ -259,7 +259,7 @@ def refusal_of(err: LatentkitError, translated: Translated) -> OpenAIRefusal:
         )
     if isinstance(err, UnknownName):
         return OpenAIRefusal(404, str(err), param="model", code="model_not_found")
-    if not isinstance(err, ConfigError):
+    if not isinstance(err, (ConfigError, WeightsError)):  # WeightsError: a LoRA it names
         return OpenAIRefusal(500, str(err), kind="server_error")
     native = param_of(str(err), {"prompt", *translated.body})
     param = OPENAI_NAME_OF.get(native, native)

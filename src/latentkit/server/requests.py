@@ -6,6 +6,11 @@ a refused request starts no work and is refused in the same words everywhere.
 
 Pictures arrive as base64 text (plain or a ``data:`` URL) or as the bytes of an uploaded
 file. Their size is read from the header and capped before any pixel is decoded.
+
+Add-ons are named, never given by path: ``<lora:NAME:WEIGHT>`` in a prompt (every API) or
+the native ``loras`` field (``[{"name": NAME, "weight": W}]``) finds NAME in the server's
+``--lora-dir`` or among the shipped LoRAs; embeddings are found by the prompt's words in
+its ``--embedding-dir``. Every file a request names is read and checked before it is queued.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from PIL import Image
 
 from latentkit.config import brief_repr
 from latentkit.errors import ConfigError, LatentkitError
+from latentkit.generation.addons import AddOns, check_addons, check_weight, find_lora
 from latentkit.generation.options import (
     GenerateOptions,
     options_from_fields,
@@ -32,6 +38,7 @@ from latentkit.generation.pipeline import image_size
 from latentkit.images import TooManyPixels, open_capped
 from latentkit.models.components import Components
 from latentkit.runtime.memory import check_fits
+from latentkit.weights.lora_files import read_lora
 
 # What one request may ask of a shared server (the library itself has no upper bounds).
 MAX_STEPS = 500
@@ -53,6 +60,7 @@ class Request:
     options: GenerateOptions
     init_image: Image.Image | None = None
     mask: Image.Image | None = None
+    addons: AddOns | None = None  # None: the base model alone
 
 
 def model_names(models: dict[str, Components]) -> str:
@@ -119,13 +127,55 @@ def fit_mask(mask: Image.Image | None, size: tuple[int, int], init_image) -> Ima
     )
 
 
-def check_request(models: dict[str, Components], body: Any) -> Request:
+def named_loras(value: Any, folders: AddOns) -> list:
+    """The (LoRA, weight) pairs of a native ``loras`` field: a list of
+    ``{"name": NAME, "weight": W}`` (weight 1 when absent), each NAME found as a tag's is."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        example = '[{"name": "NAME", "weight": 0.8}]'
+        raise ConfigError(f"loras must be a list like {example}, got {brief_repr(value)}.")
+    loras = []
+    for entry in value:
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)):
+            raise ConfigError(
+                f'each of loras must be {{"name": "NAME", "weight": W}}, got {brief_repr(entry)}.'
+            )
+        unknown = set(entry) - {"name", "weight"}
+        if unknown:
+            raise ConfigError(
+                f"a loras entry has name and weight only, not {', '.join(sorted(unknown))}."
+            )
+        name = entry["name"]
+        weight = check_weight(entry.get("weight", 1.0), f"the LoRA {name!r}")
+        path = find_lora(folders.lora_dir, name)
+        loras.append((read_lora(path, allow_pickle=folders.allow_pickle), weight))
+    return loras
+
+
+def request_addons(
+    components: Components, folders: AddOns, loras: list, options: GenerateOptions
+) -> AddOns | None:
+    """The add-ons a request uses (its LoRAs and the server's folders), every file read and
+    checked against the model now; None when it uses none, so it may share a batch."""
+    addons = dataclasses.replace(folders, loras=loras)
+    active = check_addons(components, addons, [options.prompt], [options.negative_prompt])
+    return addons if active.loras or active.embeddings else None
+
+
+def check_request(
+    models: dict[str, Components], body: Any, folders: AddOns | None = None
+) -> Request:
     """The checked request for a native request body, or one sentence saying why not
-    (ConfigError, UnknownName). Nothing is run."""
+    (ConfigError, UnknownName, WeightsError). ``folders`` holds the server's ``lora_dir``
+    and ``embedding_dir``. Nothing is run."""
+    folders = folders or AddOns()
     fields = dict(require_settings_object(body, "the request body"))
     model = choose_model(models, fields.pop("model", None))
     pictures = {name: fields.pop(name, None) for name in PICTURE_FIELDS}
+    lora_field = fields.pop("loras", None)
     options = options_from_fields(fields)  # settings first: a typo beats a bad picture
+    addons = request_addons(models[model], folders, named_loras(lora_field, folders), options)
     init_image, mask = (
         None if value is None else decode_picture(value, name) for name, value in pictures.items()
     )
@@ -145,4 +195,5 @@ def check_request(models: dict[str, Components], body: Any) -> Request:
         )
     device, dtype = components.placement(None, None)
     check_fits(components, (width, height), options.n, options.cfg, device, dtype)
-    return Request(model, options, init_image, fit_mask(mask, (width, height), init_image))
+    mask = fit_mask(mask, (width, height), init_image)
+    return Request(model, options, init_image, mask, addons)

@@ -40,6 +40,7 @@ from latentkit.errors import WeightsError
 from latentkit.models.lora import LoraWeights
 from latentkit.weights.module_io import SAFETENSORS, read_weights, sniff
 from latentkit.weights.safetensors_io import read_metadata, write_safetensors
+from latentkit.weights.shipped import resolve_lora, shipped_lora_name
 
 # kohya prefix -> the network it names
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
@@ -100,6 +101,12 @@ class LoraFile:
     def name(self) -> str:
         return self.path.stem
 
+    @property
+    def reference(self) -> str:
+        """How a record names the file: a shipped LoRA by its name (it lives inside the
+        package, wherever that is installed), any other by its path."""
+        return shipped_lora_name(self.path) or str(self.path)
+
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -110,9 +117,10 @@ def file_sha256(path: Path) -> str:
 
 
 def read_lora(path: str | Path, *, allow_pickle: bool = False) -> LoraFile:
-    """The LoRA in ``path`` (.safetensors; a .pt/.bin/.ckpt only with ``allow_pickle``), or
-    a PEFT/diffusers folder holding one; WeightsError in one sentence if it is not one."""
-    path = Path(path)
+    """The LoRA in ``path`` (.safetensors; a .pt/.bin/.ckpt only with ``allow_pickle``), a
+    PEFT/diffusers folder holding one, or a shipped LoRA's name (``SHIPPED_LORAS``);
+    WeightsError in one sentence if it is not one."""
+    path = resolve_lora(path)
     folder_config = None
     if path.is_dir():
         path, folder_config = _file_in_folder(path)

@@ -2,8 +2,10 @@
 
 A shipped model is an ordinary diffusers folder under ``latentkit/assets/models/NAME``, a
 shipped ControlNet a diffusers ControlNet folder under ``latentkit/assets/controlnets/NAME``
-(``--controlnet shapes-mask``). A path that exists wins over a name, so a user's own folder
-called ``shapes`` is never shadowed by the packaged one.
+(``--controlnet shapes-mask``), a shipped LoRA a kohya file
+``latentkit/assets/loras/NAME.safetensors`` (``--lora shapes-one-object``). A path that
+exists wins over a name, so a user's own folder called ``shapes`` is never shadowed by the
+packaged one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ _ROOT = _ASSETS / "models"
 SHIPPED = ("shapes",)
 # ControlNets for the shipped models, by name: what each is steered by.
 SHIPPED_CONTROLNETS = {"shapes-mask": "object masks (white objects on black) for shapes"}
+# LoRAs for the shipped models, by name: what each changes.
+SHIPPED_LORAS = {
+    "shapes-one-object": "one object, not two, for a shapes prompt that names no place"
+}
 
 
 def shipped_folder(name: str) -> Path:
@@ -57,6 +63,39 @@ def resolve_controlnet(controlnet: str | Path) -> Path:
             "and export it with scripts/train_shapes_controlnet.sh, or give a path."
         )
     return folder
+
+
+def resolve_lora(lora: str | Path) -> Path:
+    """A LoRA argument as a path: a shipped LoRA's name its file (unless a path of that
+    name exists), anything else is taken as a path."""
+    path = Path(lora)
+    if not is_shipped_lora_name(lora) or path.exists():
+        return path
+    file = shipped_lora_file(str(lora))
+    if not file.is_file():
+        raise WeightsError(
+            f"the shipped LoRA {lora!r} is not in this installation yet; train and export it "
+            "with scripts/train_shapes_lora.sh, or give a path."
+        )
+    return file
+
+
+def is_shipped_lora_name(lora: object) -> bool:
+    return isinstance(lora, str) and lora in SHIPPED_LORAS
+
+
+def shipped_lora_file(name: str) -> Path:
+    """Where the shipped LoRA ``name`` lives (whether or not it is there)."""
+    return _ASSETS / "loras" / f"{name}.safetensors"
+
+
+def shipped_lora_name(path: str | Path) -> str | None:
+    """The name of the shipped LoRA whose file ``path`` is; None for any other file."""
+    for name in SHIPPED_LORAS:
+        file = shipped_lora_file(name)
+        if file.is_file() and file.resolve() == Path(path).resolve():
+            return name
+    return None
 
 
 def shipped_scoring_clip(folder: str | Path) -> Path | None:
