@@ -1,9 +1,9 @@
 """Does a place-less prompt ("a red circle") get one object of its colour and shape? For
 every colour and shape of the shapes world, the fraction of pictures the judge reads so,
-for the shipped model as it is and, with --lora, with a LoRA on
+for the shipped model as it is and, with --lora, with a LoRA on (each of several, in turn)
 (``latentkit.shapes.one_object``).
 
-    PYTHONPATH=src python benchmarks/lora_one_object.py --per-prompt 2 [--lora FILE]
+    PYTHONPATH=src python benchmarks/lora_one_object.py --per-prompt 2 --lora shapes-one-object
 
 prints the table; --json writes the report, --figure the first pictures of each variant.
 """
@@ -28,7 +28,12 @@ from latentkit.weights.lora_files import read_lora
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="shapes", help="a shipped name, folder or file")
-    parser.add_argument("--lora", default=None, help="a LoRA file to measure too")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        help="a LoRA (a file or a shipped name) to measure too; repeatable",
+    )
     parser.add_argument("--weight", type=float, default=1.0, help="the LoRA's weight")
     parser.add_argument("--per-prompt", type=int, default=2, help="pictures per prompt")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per picture")
@@ -41,9 +46,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{path} exists; give a new path.")
     components = load(args.model, dtype=torch.float32)
     variants: dict[str, AddOns | None] = {"model": None}
-    if args.lora is not None:
-        lora = AddOns(loras=[(read_lora(args.lora), args.weight)], merge=True)
-        variants[f"with {Path(args.lora).stem}"] = lora
+    for given in args.lora:
+        lora = read_lora(given)
+        variants[f"with {lora.name}"] = AddOns(loras=[(lora, args.weight)], merge=True)
     report, pictures = measure_one_object(
         components,
         variants,
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg=args.cfg,
         on_prompt=lambda done, total: print(f"{done}/{total}", file=sys.stderr),
     )
-    report["model"], report["lora"], report["weight"] = args.model, args.lora, args.weight
+    report["model"], report["loras"], report["weight"] = args.model, args.lora, args.weight
     print(format_report(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

@@ -56,6 +56,10 @@ COVERED_ELSEWHERE = {
         "shapes/test_shipped.py",
         "test_train_shapes_controlnet_trains_exports_and_measures",
     ),
+    "scripts/train_shapes_lora.sh": (
+        "shapes/test_shipped.py",
+        "test_train_shapes_lora_trains_exports_and_measures",
+    ),
 }
 SMOKE_RUNS: dict[str, str] = {}  # tool -> the test below that runs it
 
@@ -260,7 +264,7 @@ def test_lora_one_object_prints_the_fractions_with_and_without_a_lora(tmp_path):
     rows = re.findall(table, out, re.MULTILINE)
     assert [r[0] for r in rows] == ["model", "with random"], out
     data = json.loads(report.read_text())
-    assert data["prompts"] == 70 and data["lora"] == str(lora)
+    assert data["prompts"] == 105 and data["loras"] == [str(lora)]
     for name, *percents in rows:
         shown = [float(p) for p in percents]
         stored = [100 * data["variants"][name][k] for k in ("one", "colour", "shape", "all")]

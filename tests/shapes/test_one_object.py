@@ -8,14 +8,16 @@ from latentkit.shapes.one_object import one_object_of, placeless_prompts
 
 def test_prompts_cover_every_colour_and_shape_and_name_no_place():
     prompts = placeless_prompts()
-    assert len(prompts) == 2 * len(world.ALL_PAIRS) >= 70
+    assert len(prompts) == len({text for text, _, _ in prompts}) == 3 * len(world.ALL_PAIRS) >= 100
     assert {(c, s) for _, c, s in prompts} == set(world.ALL_PAIRS)
     place_words = {"top", "bottom", "left", "right", "centre", "center", "middle", "small", "large"}
     for text, colour, shape in prompts:
-        assert text.startswith(f"a {colour} {shape}")
+        article = "an" if colour == "orange" else "a"  # as the training captions say it
+        assert text.startswith(f"{article} {colour} {shape}")
         assert not place_words & set(text.split())
-    backgrounds = {text.split(" on a ")[1] for text, _, _ in prompts if " on a " in text}
-    assert backgrounds == {f"{b} background" for b in world.BACKGROUNDS}
+    for phrase in (" on a ", " against a "):
+        backgrounds = {text.split(phrase)[1] for text, _, _ in prompts if phrase in text}
+        assert backgrounds == {f"{b} background" for b in world.BACKGROUNDS}
 
 
 def test_one_object_of_needs_one_object_of_the_asked_colour_and_shape():

@@ -359,3 +359,32 @@ def test_train_shapes_controlnet_trains_exports_and_measures(tmp_path):
     done, commands = _run_train_shapes_controlnet(tmp_path / "c", EXPORT=str(export))
     assert done.returncode == 2 and commands == []
     assert f"EXPORT folder {export} already holds shapes-mask/" in done.stderr
+
+
+def _run_train_shapes_lora(tmp_path, **env_vars):
+    return _run_train_shapes(tmp_path, "train_shapes_lora.sh", **env_vars)
+
+
+def test_train_shapes_lora_trains_exports_and_measures(tmp_path):
+    done, commands = _run_train_shapes_lora(tmp_path / "a")
+    assert done.returncode == 0, done.stderr
+    data, train, export, one_object, held_out = commands
+    assert "--objects 1 --where never" in data
+    assert train.startswith("-m latentkit train lora --config configs/shapes/lora.toml ")
+    run = tmp_path / "a" / "work" / "runs" / "shapes-lora"
+    shipped = "src/latentkit/assets/loras/shapes-one-object.safetensors"
+    assert export.endswith(f"{run}/weights-ema/lora.safetensors {shipped}")
+    assert one_object.startswith(f"benchmarks/lora_one_object.py --per-prompt 2 --lora {shipped} ")
+    assert held_out.startswith("-m latentkit eval --split held-out ")
+    assert f"--lora {shipped} " in held_out
+    export_dir = tmp_path / "export"
+    done, commands = _run_train_shapes_lora(tmp_path / "b", EXPORT=str(export_dir))
+    assert done.returncode == 0, done.stderr
+    assert commands[2].endswith(f"{export_dir / 'shapes-one-object.safetensors'}")
+    done, commands = _run_train_shapes_lora(tmp_path / "c", EXPORT=str(export_dir))
+    assert done.returncode == 0  # the stub wrote nothing: the folder holds no LoRA yet
+    (export_dir / "shapes-one-object.safetensors").write_bytes(b"mine")
+    done, commands = _run_train_shapes_lora(tmp_path / "d", EXPORT=str(export_dir))
+    assert done.returncode == 2 and commands == []
+    assert f"EXPORT folder {export_dir} already holds shapes-one-object.safetensors" in done.stderr
+    assert (export_dir / "shapes-one-object.safetensors").read_bytes() == b"mine"

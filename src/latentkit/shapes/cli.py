@@ -76,8 +76,8 @@ def add_cli(commands) -> None:
         action="append",
         default=[],
         metavar="PATH[:WEIGHT]",
-        help="score the model with this LoRA on (a file or a shipped name such as shapes-one; "
-        "repeatable) (default: none)",
+        help="score the model with this LoRA on (a file or a shipped name such as "
+        "shapes-one-object; repeatable) (default: none)",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="replace an earlier report.json and grid.png"

@@ -4,7 +4,7 @@ Every one-object caption the shipped model trained on names a place ("a small re
 in the top left corner"), so a prompt without one is new to it, and it often draws two
 objects. This measures, over every colour and shape, the fraction of pictures the judge
 reads as exactly one object of the asked colour and the asked shape, for the model as it is
-and with add-ons (the ``shapes-one`` LoRA, which was trained to fix this).
+and with add-ons (the shipped ``shapes-one-object`` LoRA, which was trained to fix this).
 """
 
 from __future__ import annotations
@@ -20,19 +20,25 @@ from latentkit.models.components import Components
 from latentkit.shapes import world
 from latentkit.shapes.judge.read import load_judge, read_attributes
 
-# The second form adds a background, as half the training captions do.
-FORMS = ("a {colour} {shape}", "a {colour} {shape} on a {background} background")
+# The later forms add a background, as half the training captions do, in two of their
+# phrasings: 3 forms x 35 colour-and-shape pairs = 105 prompts.
+FORMS = (
+    "{noun}",
+    "{noun} on a {background} background",
+    "{noun} against a {background} background",
+)
 
 
 def placeless_prompts(forms: tuple[str, ...] = FORMS) -> list[tuple[str, str, str]]:
     """(prompt, colour, shape) for every colour and shape in each form; backgrounds go round
-    in turn."""
+    in turn, one further along in each form, so that a pair meets several of them."""
     backgrounds = list(world.BACKGROUNDS)
     prompts = []
-    for form in forms:
+    for k, form in enumerate(forms):
         for i, (colour, shape) in enumerate(world.ALL_PAIRS):
-            background = backgrounds[i % len(backgrounds)]
-            text = form.format(colour=colour, shape=shape, background=background)
+            background = backgrounds[(i + k) % len(backgrounds)]
+            noun = ("an " if colour[0] in "aeiou" else "a ") + f"{colour} {shape}"
+            text = form.format(noun=noun, background=background)
             prompts.append((text, colour, shape))
     return prompts
 
@@ -58,13 +64,15 @@ def measure_one_object(
     steps: int = 20,
     cfg: float = 7.5,
     seed: int = 0,
+    prompts: list[tuple[str, str, str]] | None = None,
     on_prompt: Callable[[int, int], None] | None = None,
 ) -> tuple[dict, dict[str, list[Image.Image]]]:
     """Per variant (a name and its add-ons, None for the model as it is), the fractions of
-    ``one_object_of`` over ``per_prompt`` pictures of each place-less prompt, all variants
-    drawn from the same seeds; and the pictures."""
+    ``one_object_of`` over ``per_prompt`` pictures of each place-less prompt (``prompts``,
+    default :func:`placeless_prompts`), all variants drawn from the same seeds; and the
+    pictures."""
     judge = load_judge()
-    prompts = placeless_prompts()
+    prompts = placeless_prompts() if prompts is None else prompts
     report: dict = {"prompts": len(prompts), "per_prompt": per_prompt, "steps": steps}
     report.update(cfg=cfg, variants={})
     pictures: dict[str, list[Image.Image]] = {}
@@ -93,11 +101,11 @@ def format_report(report: dict) -> str:
     lines = [
         f"{report['prompts']} place-less prompts x {report['per_prompt']} pictures, "
         f"{report['steps']} steps, cfg {report['cfg']}, {report['seconds']} s",
-        "                  one object   its colour   its shape   all three",
+        f"{'':<24}  one object   its colour   its shape   all three",
     ]
     for name, r in report["variants"].items():
         lines.append(
-            f"{name:<16}  {r['one']:10.1%}   {r['colour']:10.1%}   {r['shape']:9.1%}   "
+            f"{name:<24}  {r['one']:10.1%}   {r['colour']:10.1%}   {r['shape']:9.1%}   "
             f"{r['all']:9.1%}"
         )
     return "\n".join(lines)
