@@ -16,6 +16,7 @@ import latentkit
 from latentkit.errors import ConfigError, LatentkitError, WeightsError
 from latentkit.generation.addons import AddOns, loras_applied, parse_lora_flag
 from latentkit.generation.pipeline import GenerateOptions, generate, run_to_result
+from latentkit.weights.lora_files import bind_lora
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -164,6 +165,37 @@ def test_taking_a_lora_off_restores_the_base_exactly(sd1_dir, lora_files, merge)
     if merge:
         changed = [k for k in before if not torch.equal(before[k], during[k])]
         assert any("resnets.0.conv1.weight" in k for k in changed)  # a 3x3 conv LoRA
+
+
+def old_diffusers_key(key: str) -> str:
+    """A diffusers-format key in the spellings of diffusers before 0.21: attention layers
+    of the U-Net under their processor, the text encoder's as lora_linear_layer."""
+    layer, _, role = key.rpartition(".lora_")
+    down_up = {"A.weight": "down.weight", "B.weight": "up.weight"}[role]
+    attention = re.fullmatch(r"(unet\..*\.attn\d)\.(to_q|to_k|to_v|to_out)(\.0)?", layer)
+    if attention:
+        return f"{attention.group(1)}.processor.{attention.group(2)}_lora.{down_up}"
+    if layer.startswith("text_encoder."):
+        return f"{layer}.lora_linear_layer.{down_up}"
+    return f"{layer}.lora.{down_up}"
+
+
+def test_old_diffusers_spellings_read_as_the_same_lora(sd1_dir, lora_files, tmp_path):
+    stored = latentkit.weights.safetensors_io.read_safetensors(lora_files["peft"])
+    save_file({k: v.contiguous() for k, v in stored.items()}, tmp_path / "new.safetensors")
+    old = {old_diffusers_key(k): v.contiguous() for k, v in stored.items()}
+    assert any(".processor.to_out_lora.down.weight" in k for k in old)
+    assert any(".lora_linear_layer.up.weight" in k for k in old)
+    save_file(old, tmp_path / "old.safetensors")
+    model = latentkit.load(sd1_dir)
+    networks = {"unet": model.unet, "text_encoder": model.text_encoder}
+    new_layers = bind_lora(latentkit.load_lora(tmp_path / "new.safetensors"), networks)
+    old_layers = bind_lora(latentkit.load_lora(tmp_path / "old.safetensors"), networks)
+    assert new_layers.keys() == old_layers.keys() and len(new_layers) == len(stored) // 2
+    for target, layer in new_layers.items():
+        twin = old_layers[target]
+        assert torch.equal(layer.down, twin.down) and torch.equal(layer.up, twin.up)
+        assert layer.scale == twin.scale == 1.0  # no alpha anywhere: the rank (PEFT's rule)
 
 
 def test_a_lora_tag_in_the_prompt_is_cut_and_applied(sd1_dir, lora_files):

@@ -12,6 +12,9 @@ Two families of key names exist for SD 1.x:
   ``.lora_B.weight`` with the module path itself; alpha comes from ``.alpha`` keys, the
   file's ``lora_adapter_metadata`` (diffusers' ``save_lora_weights``) or a PEFT folder's
   ``adapter_config.json``; without any, alpha is the rank (scale 1), PEFT's convention.
+  diffusers' older spellings are read too: ``PATH.lora.down.weight``, the text encoder's
+  ``PATH.lora_linear_layer.down.weight`` (0.17-0.20), and the attention processors'
+  ``attn1.processor.to_q_lora.down.weight`` (``save_attn_procs``, before 0.17).
 
 A layer's scale is ``alpha / rank`` (``alpha / sqrt(rank)`` under PEFT's ``use_rslora``).
 :func:`write_lora` writes a LoRA in either family, with the names the reader reads: kohya's
@@ -29,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +61,14 @@ _ROLES = (
     (".lora_B.default.weight", "up"),
     (".lora.down.weight", "down"),
     (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"),  # diffusers 0.17-0.20's text encoder
+    (".lora_linear_layer.up.weight", "up"),
     (".alpha", "alpha"),
 )
+# diffusers' first LoRA files (save_attn_procs, before 0.17) name an attention's LoRA after
+# its processor: "attn1.processor.to_q_lora.down.weight" is "attn1.to_q.lora.down.weight".
+_PROCESSOR_LAYERS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_PROCESSOR_KEY = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.")
 
 # Kinds of add-on files that use LoRA-like names but other mathematics, or other models.
 _FOREIGN = (
@@ -164,6 +174,7 @@ def _refuse_foreign(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _split_role(key: str) -> tuple[str, str] | None:
+    key = _PROCESSOR_KEY.sub(lambda m: f".{_PROCESSOR_LAYERS[m.group(1)]}.lora.", key)
     for suffix, role in _ROLES:
         if key.endswith(suffix):
             return key[: -len(suffix)], role
