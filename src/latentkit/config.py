@@ -568,10 +568,11 @@ SD21_BASE = dataclasses.replace(
 
 # SDXL (stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0, whose diffusers configs
 # these equal, but for the text encoders' legacy bos/eos ids 0/2, which pool the same token
-# as the real ids here, as for SD15 and SD21): a three-level U-Net with no attention at the top level, 64-wide heads and
-# deeper transformers lower down, a 2048-wide context from two encoders (CLIP ViT-L/14 and
-# OpenCLIP ViT-bigG/14 with its projection) and the "text_time" added embedding: 1280
-# pooled + 6 numbers x 256 = 2816 (the refiner: bigG alone, 5 numbers, 2560).
+# as the real ids here, as for SD15 and SD21): a three-level U-Net with no attention at the
+# top level, 64-wide heads and deeper transformers lower down, a 2048-wide context from two
+# encoders (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 with its projection) and the "text_time"
+# added embedding: 1280 pooled + 6 numbers x 256 = 2816 (the refiner: bigG alone, 5
+# numbers, 2560).
 OPENCLIP_BIGG = TextConfig(
     hidden_size=1280,
     intermediate_size=5120,
