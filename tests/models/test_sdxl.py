@@ -8,8 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-import transformers
-from conftest import CLIP_BPE
+from conftest import build_reference_sdxl_pipeline, perturb, reference_text_encoder
 
 from latentkit.config import (
     SD15,
@@ -19,7 +18,6 @@ from latentkit.config import (
     TINY_SDXL,
     TINY_SDXL_REFINER,
     ControlNetConfig,
-    ModelConfig,
     UNetConfig,
 )
 from latentkit.errors import ConfigError, LatentkitError
@@ -28,7 +26,8 @@ from latentkit.models.components import Components, check_compatible
 from latentkit.models.tokenizer import CLIPTokenizer
 from latentkit.models.unet import UNet2DConditionModel
 from latentkit.models.vae import AutoencoderKL
-from latentkit.weights.config_json import text_to_json, unet_from_json, unet_to_json
+from latentkit.weights.config_json import unet_from_json, unet_to_json
+from latentkit.weights.diffusers_folder import text_encoder_keys
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -48,22 +47,13 @@ def close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert diff <= tol, f"max abs diff {diff:.3g} > {tol:.3g}"
 
 
-def perturbed(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Noise on every parameter, so zero biases and unit norms differ from their init and
-    a weight loaded into the wrong place shows in the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return module.eval()
-
-
 # --- U-Net ------------------------------------------------------------------------------
 
 
 def unet_pair(cfg: UNetConfig) -> tuple[torch.nn.Module, UNet2DConditionModel]:
     torch.manual_seed(0)
-    ref = perturbed(diffusers.UNet2DConditionModel.from_config(unet_to_json(cfg)))
+    ref = diffusers.UNet2DConditionModel.from_config(unet_to_json(cfg)).eval()
+    perturb([ref], seed=1)
     ours = UNet2DConditionModel(cfg).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
@@ -141,23 +131,9 @@ def test_unet_refuses_missing_or_misshapen_added_conditioning():
 # --- text encoders ----------------------------------------------------------------------
 
 
-def ref_text_encoder(config, seed: int = 0):
-    torch.manual_seed(seed)
-    cls = (
-        transformers.CLIPTextModelWithProjection
-        if config.with_projection
-        else transformers.CLIPTextModel
-    )
-    return perturbed(cls(transformers.CLIPTextConfig(**text_to_json(config))), seed + 1)
-
-
 def ours_loaded(config, ref) -> CLIPTextModel:
-    state = ref.state_dict()
-    # transformers 5 drops the text_model. level of a bare CLIPTextModel; files keep it.
-    if not any(k.startswith("text_model.") for k in state):
-        state = {f"text_model.{k}": v for k, v in state.items()}
     model = CLIPTextModel(config).eval()
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(text_encoder_keys(ref.state_dict()), strict=True)
     return model
 
 
@@ -173,7 +149,9 @@ def token_ids(pad: int, lengths=(0, 7, 40, 75)) -> torch.Tensor:
 @torch.no_grad()
 def test_text_encoder_with_projection_matches_transformers():
     config = TINY_SDXL.text_2
-    ref = ref_text_encoder(config)
+    torch.manual_seed(0)
+    ref = reference_text_encoder(config).eval()
+    perturb([ref], seed=1)
     ours = ours_loaded(config, ref)
     assert set(ours.state_dict()) == set(ref.state_dict())
     assert "text_projection.weight" in ours.state_dict()
@@ -189,36 +167,11 @@ def test_text_encoder_with_projection_matches_transformers():
         ours.states_and_pooled(ids, clip_skip=4)
 
 
-def hf_tokenizer(pad_token: str):
-    return transformers.CLIPTokenizer(
-        str(CLIP_BPE / "vocab.json"),
-        str(CLIP_BPE / "merges.txt"),
-        pad_token=pad_token,
-        model_max_length=77,
-    )
-
-
-def reference_sdxl_pipeline(config: ModelConfig):
-    """A diffusers StableDiffusionXLPipeline of ``config`` with random weights."""
-    from latentkit.weights.config_json import schedule_to_json, vae_to_json
-
-    torch.manual_seed(0)
-    return diffusers.StableDiffusionXLPipeline(
-        vae=diffusers.AutoencoderKL.from_config(vae_to_json(config.vae)).eval(),
-        text_encoder=ref_text_encoder(config.text, seed=10),
-        text_encoder_2=ref_text_encoder(config.text_2, seed=20),
-        tokenizer=hf_tokenizer(config.tokenizer.pad_token),
-        tokenizer_2=hf_tokenizer(config.tokenizer_2.pad_token),
-        unet=perturbed(diffusers.UNet2DConditionModel.from_config(unet_to_json(config.unet))),
-        scheduler=diffusers.EulerDiscreteScheduler.from_config(schedule_to_json(config.schedule)),
-    )
-
-
 @torch.no_grad()
 def test_joint_context_matches_the_sdxl_pipeline():
     """Both encoders' penultimate states side by side and the second's projected pooled
     embedding: what StableDiffusionXLPipeline.encode_prompt hands the U-Net."""
-    pipe = reference_sdxl_pipeline(TINY_SDXL)
+    pipe = build_reference_sdxl_pipeline(TINY_SDXL)
     prompts = ["a red cube on a blue floor", "two spheres"]
     want, _, want_pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
     encoders = [

@@ -86,7 +86,7 @@ class Components:
         pixels = c.unet.sample_size * c.vae.downscale_factor
         lines = [
             f"{_FAMILY_NAMES[self.family]} model" + (f" from {self.source}" if self.source else ""),
-            f"  images        {pixels}x{pixels} px natively, latents {c.vae.latent_channels}"
+            f"  images         {pixels}x{pixels} px natively, latents {c.vae.latent_channels}"
             f" x {pixels // c.vae.downscale_factor}x{pixels // c.vae.downscale_factor}",
             _module_line(
                 "U-Net",
@@ -101,7 +101,7 @@ class Components:
                 f"scaling {c.vae.scaling_factor:g}",
             ),
             *self._text_lines(),
-            f"  schedule      {c.schedule.num_train_timesteps} steps, "
+            f"  schedule       {c.schedule.num_train_timesteps} steps, "
             f"{c.schedule.beta_schedule} betas, predicts {c.schedule.prediction_type}",
         ]
         return "\n".join(lines)
@@ -119,7 +119,7 @@ class Components:
             lines.append(_module_line(f"text encoder{suffix}", module, detail))
         for suffix, _, _, tokenizer in parts:
             lines.append(
-                f"  {'tokenizer' + suffix:<13} {tokenizer.max_length} tokens per prompt, pad "
+                f"  {'tokenizer' + suffix:<14} {tokenizer.max_length} tokens per prompt, pad "
                 f"{tokenizer.pad_token!r}"
             )
         return lines
@@ -138,7 +138,7 @@ def _module_line(name: str, module: nn.Module, detail: str) -> str:
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
     device = params[0].device if params else "cpu"
     return (
-        f"  {name:<13} {count / 1e6:8.2f} M parameters, {'/'.join(dtypes)} on {device} ({detail})"
+        f"  {name:<14} {count / 1e6:8.2f} M parameters, {'/'.join(dtypes)} on {device} ({detail})"
     )
 
 
