@@ -26,7 +26,7 @@ from latentkit.models.components import Components, check_compatible
 from latentkit.models.tokenizer import CLIPTokenizer
 from latentkit.models.unet import UNet2DConditionModel
 from latentkit.models.vae import AutoencoderKL
-from latentkit.weights.config_json import unet_from_json, unet_to_json
+from latentkit.weights.config_json import text_from_json, unet_from_json, unet_to_json
 from latentkit.weights.diffusers_folder import text_encoder_keys
 
 diffusers = pytest.importorskip("diffusers")
@@ -326,3 +326,48 @@ def test_components_hold_the_second_encoder():
     assert "text encoder 2" in described and "tokenizer 2" in described
     with pytest.raises(ConfigError, match="text_encoder_2, tokenizer_2"):
         Components(config, **parts)
+
+
+def test_hub_style_sdxl_text_encoder_configs():
+    """text_encoder_2/config.json of the published SDXL base and refiner (transformers
+    4.30: the legacy bos/eos ids 0/2, which pool the same token as the preset's ids) reads
+    as the bigG preset, and text_encoder/config.json as CLIP ViT-L."""
+    common = {
+        "architectures": ["CLIPTextModelWithProjection"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "dropout": 0.0,
+        "eos_token_id": 2,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "pad_token_id": 1,
+        "torch_dtype": "float16",
+        "transformers_version": "4.32.0.dev0",
+        "vocab_size": 49408,
+    }
+    big_g = {
+        **common,
+        "hidden_act": "gelu",
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_attention_heads": 20,
+        "num_hidden_layers": 32,
+        "projection_dim": 1280,
+    }
+    legacy_ids = {"bos_token_id": 0, "eos_token_id": 2}
+    assert text_from_json(big_g) == dataclasses.replace(SDXL.text_2, **legacy_ids)
+    assert SDXL_REFINER.text == SDXL.text_2
+    vit_l = {
+        **common,
+        "architectures": ["CLIPTextModel"],
+        "hidden_act": "quick_gelu",
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "projection_dim": 768,
+    }
+    assert text_from_json(vit_l) == dataclasses.replace(SDXL.text, **legacy_ids)
