@@ -38,11 +38,9 @@ def build_reference_pipeline(config: ModelConfig, seed: int = 0):
     place shows up in the outputs.
     """
     import diffusers
-    import transformers
 
     from latentkit.weights.config_json import (
         schedule_to_json,
-        text_to_json,
         unet_to_json,
         vae_to_json,
     )
@@ -51,29 +49,96 @@ def build_reference_pipeline(config: ModelConfig, seed: int = 0):
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel.from_config(unet_to_json(config.unet))
     vae = diffusers.AutoencoderKL.from_config(vae_to_json(config.vae))
-    text_json = {k: v for k, v in text_to_json(config.text).items() if k != "architectures"}
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_json))
-    generator = torch.Generator().manual_seed(seed + 1)
-    for module in (unet, vae, text):
-        with torch.no_grad():
-            for param in module.parameters():
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    tokenizer = transformers.CLIPTokenizer(
-        str(CLIP_BPE / "vocab.json"),
-        str(CLIP_BPE / "merges.txt"),
-        pad_token=config.tokenizer.pad_token,
-    )
+    text = reference_text_encoder(config.text)
+    perturb((unet, vae, text), seed + 1)
     scheduler = diffusers.DDIMScheduler.from_config(schedule_to_json(config.schedule))
     return diffusers.StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text.eval(),
-        tokenizer=tokenizer,
+        tokenizer=reference_tokenizer(config.tokenizer.pad_token),
         unet=unet.eval(),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def build_reference_sdxl_pipeline(config: ModelConfig, seed: int = 0):
+    """A diffusers SDXL pipeline of ``config`` with random weights, noised as above: the
+    base's StableDiffusionXLPipeline when the config has two text encoders, else the
+    refiner's StableDiffusionXLImg2ImgPipeline (its one encoder is diffusers' second)."""
+    import diffusers
+
+    from latentkit.weights.config_json import schedule_to_json, unet_to_json, vae_to_json
+
+    _quiet_reference_libraries()
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel.from_config(unet_to_json(config.unet))
+    vae = diffusers.AutoencoderKL.from_config(vae_to_json(config.vae))
+    texts = [reference_text_encoder(text) for text in config.text_encoders]
+    perturb((unet, vae, *texts), seed + 1)
+    # The SDXL pipelines pad every prompt to model_max_length, as the hub tokenizers' 77.
+    tokenizers = [
+        reference_tokenizer(t.pad_token, model_max_length=t.max_length)
+        for t in (config.tokenizer, config.tokenizer_2)
+        if t is not None
+    ]
+    parts = {"vae": vae.eval(), "unet": unet.eval()}
+    parts["scheduler"] = diffusers.EulerDiscreteScheduler.from_config(
+        schedule_to_json(config.schedule)
+    )
+    if len(texts) == 2:
+        return diffusers.StableDiffusionXLPipeline(
+            **parts,
+            text_encoder=texts[0].eval(),
+            text_encoder_2=texts[1].eval(),
+            tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1],
+        )
+    return diffusers.StableDiffusionXLImg2ImgPipeline(
+        **parts,
+        text_encoder=None,
+        text_encoder_2=texts[0].eval(),
+        tokenizer=None,
+        tokenizer_2=tokenizers[0],
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+
+
+def reference_text_encoder(config):
+    """transformers' CLIPTextModel (or CLIPTextModelWithProjection when ``config`` has a
+    projection) of a latentkit TextConfig, with transformers' random init."""
+    import transformers
+
+    from latentkit.weights.config_json import text_to_json
+
+    if config.with_projection:
+        return transformers.CLIPTextModelWithProjection(
+            transformers.CLIPTextConfig(**text_to_json(config))
+        )
+    text_json = {k: v for k, v in text_to_json(config).items() if k != "architectures"}
+    return transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_json))
+
+
+def reference_tokenizer(pad_token: str, **settings):
+    """transformers' CLIPTokenizer of the CLIP vocabulary latentkit ships."""
+    import transformers
+
+    return transformers.CLIPTokenizer(
+        str(CLIP_BPE / "vocab.json"), str(CLIP_BPE / "merges.txt"), pad_token=pad_token, **settings
+    )
+
+
+def perturb(modules, seed: int) -> None:
+    """A little noise on every parameter, so zero-initialised biases and unit norms also
+    differ from their defaults and a key loaded into the wrong place shows in outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in modules:
+        with torch.no_grad():
+            for param in module.parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
 
 
 def save_reference_pipeline(pipe, folder: Path) -> Path:
@@ -83,12 +148,15 @@ def save_reference_pipeline(pipe, folder: Path) -> Path:
     the two BPE files, which is the layout latentkit's tokenizer reads.
     """
     pipe.save_pretrained(folder, safe_serialization=True)
-    for name in ("vocab.json", "merges.txt"):
-        with (
-            (CLIP_BPE / name).open("rb") as source,
-            (folder / "tokenizer" / name).open("wb") as out,
-        ):
-            shutil.copyfileobj(source, out)
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        if not (folder / tokenizer).is_dir():
+            continue
+        for name in ("vocab.json", "merges.txt"):
+            with (
+                (CLIP_BPE / name).open("rb") as source,
+                (folder / tokenizer / name).open("wb") as out,
+            ):
+                shutil.copyfileobj(source, out)
     return folder
 
 

@@ -68,7 +68,8 @@ def test_preset_survives_diffusers_config_round_trip(name):
     preset = PRESETS[name]
     assert unet_from_json(unet_to_json(preset.unet)) == preset.unet
     assert vae_from_json(vae_to_json(preset.vae)) == preset.vae
-    assert text_from_json(text_to_json(preset.text)) == preset.text
+    for text in preset.text_encoders:
+        assert text_from_json(text_to_json(text)) == text
     assert schedule_from_json(schedule_to_json(preset.schedule)) == preset.schedule
 
 
@@ -125,9 +126,11 @@ def test_contradictory_block_lists_are_errors():
 
 
 def test_unsupported_families_are_named():
-    sdxl_like = {**unet_to_json(SD15.unet), "addition_embed_type": "text_time"}
-    with pytest.raises(ConfigError, match="'addition_embed_type'.*not supported"):
-        unet_from_json(sdxl_like)
+    kandinsky_like = {**unet_to_json(SD15.unet), "addition_embed_type": "text_image"}
+    with pytest.raises(ConfigError, match="addition_embed_type is 'text_image'; valid values"):
+        unet_from_json(kandinsky_like)
+    with pytest.raises(ConfigError, match="'class_embed_type'.*not supported"):
+        unet_from_json({**unet_to_json(SD15.unet), "class_embed_type": "projection"})
     with pytest.raises(ConfigError, match="trained_betas"):
         schedule_from_json({**schedule_to_json(SD15.schedule), "trained_betas": [0.1]})
 

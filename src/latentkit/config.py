@@ -124,14 +124,20 @@ class CLIPConfig:
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+# "none": SD 1.x/2.x. "text_time": SDXL's added embedding of the pooled text embedding and
+# the size/crop numbers (diffusers stores "none" as null).
+ADDITION_EMBED_TYPES = ("none", "text_time")
 
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """UNet2DConditionModel of the SD 1.x / 2.x family.
+    """UNet2DConditionModel of the SD 1.x / 2.x and SDXL families.
 
     ``num_attention_heads`` is the number of heads per block (diffusers stores it, for
-    historical reasons, under ``attention_head_dim``).
+    historical reasons, under ``attention_head_dim``). With ``addition_embed_type``
+    "text_time" (SDXL) the time code also carries the pooled text embedding and a few
+    numbers (sizes, crop, aesthetic score), each a sinusoid of ``addition_time_embed_dim``;
+    together they are ``projection_class_embeddings_input_dim`` wide.
     """
 
     sample_size: int = 64
@@ -151,6 +157,9 @@ class UNetConfig:
     downsample_padding: int = 1
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    addition_embed_type: str = "none"
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self) -> None:
         _check_sizes(
@@ -159,6 +168,10 @@ class UNetConfig:
             "norm_num_groups",
         )  # fmt: skip
         _check_groups("UNetConfig", self.block_out_channels, self.norm_num_groups)
+        self._check_block_lists()
+        self._check_added_embedding()
+
+    def _check_block_lists(self) -> None:
         levels = len(self.block_out_channels)
         for name, types_, valid in (
             ("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
@@ -183,6 +196,27 @@ class UNetConfig:
         ):
             _check_divides(f"UNetConfig block {i}", ch, heads)
 
+    def _check_added_embedding(self) -> None:
+        check_choice(
+            "UNetConfig.addition_embed_type", self.addition_embed_type, ADDITION_EMBED_TYPES
+        )
+        sizes = ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+        if self.addition_embed_type == "none":
+            for name in sizes:
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"UNetConfig.{name} is {getattr(self, name)}; it only applies with "
+                        'addition_embed_type "text_time", so leave it unset (null).'
+                    )
+            return
+        for name in sizes:
+            value = getattr(self, name)
+            if value is None or value < 1:
+                raise ConfigError(
+                    f'UNetConfig.{name} is {value}; addition_embed_type "text_time" needs '
+                    "it to be a whole number >= 1."
+                )
+
     @property
     def heads_per_block(self) -> tuple[int, ...]:
         return _per_block(self.num_attention_heads, len(self.block_out_channels))
@@ -206,6 +240,11 @@ class ControlNetConfig:
 
     def __post_init__(self) -> None:
         _check_sizes(self, "conditioning_channels", "conditioning_embedding_out_channels")
+        if self.unet.addition_embed_type != "none":
+            raise ConfigError(
+                f"ControlNetConfig.unet.addition_embed_type is {self.unet.addition_embed_type!r} "
+                '(an SDXL ControlNet); latentkit\'s ControlNets support only "none" so far.'
+            )
         check_choice(
             "ControlNetConfig.controlnet_conditioning_channel_order",
             self.controlnet_conditioning_channel_order,
@@ -261,13 +300,33 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a text-to-image model's components."""
+    """Everything needed to rebuild a text-to-image model's components.
+
+    SDXL base has a second text encoder and tokenizer (``text_2``, ``tokenizer_2``: diffusers'
+    ``text_encoder_2``, ``tokenizer_2``); the context is the encoders' penultimate states side
+    by side, and the pooled embedding is the last encoder's. The refiner has one encoder
+    (OpenCLIP bigG, diffusers' ``text_encoder_2``), kept here as ``text``.
+    """
 
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    text_2: TextConfig | None = None
+    tokenizer_2: TokenizerConfig | None = None
+
+    def __post_init__(self) -> None:
+        if (self.text_2 is None) != (self.tokenizer_2 is None):
+            raise ConfigError(
+                "ModelConfig.text_2 and tokenizer_2 go together (a second text encoder needs "
+                "its tokenizer); give both or neither."
+            )
+
+    @property
+    def text_encoders(self) -> tuple[TextConfig, ...]:
+        """The text encoders in the order their states are concatenated."""
+        return (self.text,) if self.text_2 is None else (self.text, self.text_2)
 
 
 # --- dictionary forms -------------------------------------------------------------------
@@ -507,6 +566,65 @@ SD21_BASE = dataclasses.replace(
     schedule=ScheduleConfig(),
 )
 
+# SDXL (stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0, whose diffusers configs
+# these equal, but for the text encoders' legacy bos/eos ids 0/2, which pool the same token
+# as the real ids here, as for SD15 and SD21): a three-level U-Net with no attention at the
+# top level, 64-wide heads and deeper transformers lower down, a 2048-wide context from two
+# encoders (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 with its projection) and the "text_time"
+# added embedding: 1280 pooled + 6 numbers x 256 = 2816 (the refiner: bigG alone, 5
+# numbers, 2560).
+OPENCLIP_BIGG = TextConfig(
+    hidden_size=1280,
+    intermediate_size=5120,
+    projection_dim=1280,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    with_projection=True,
+)
+SDXL_VAE = VAEConfig(sample_size=1024, scaling_factor=0.13025)
+
+SDXL = ModelConfig(
+    vae=SDXL_VAE,
+    text=TextConfig(),
+    text_2=OPENCLIP_BIGG,
+    unet=UNetConfig(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        num_attention_heads=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ),
+    tokenizer=TokenizerConfig(),
+    tokenizer_2=TokenizerConfig(pad_token="!"),
+)
+
+SDXL_REFINER = ModelConfig(
+    vae=SDXL_VAE,
+    text=OPENCLIP_BIGG,
+    unet=UNetConfig(
+        sample_size=128,
+        block_out_channels=(384, 768, 1536, 1536),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+        + ("DownBlock2D",),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=4,
+        num_attention_heads=(6, 12, 24, 24),
+        cross_attention_dim=1280,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2560,
+    ),
+    tokenizer=TokenizerConfig(pad_token="!"),
+)
+
 # Tiny random models for tests: same topology as SD, a few channels wide.
 TINY = ModelConfig(
     vae=VAEConfig(
@@ -544,6 +662,50 @@ TINY_SD2 = ModelConfig(
     tokenizer=TokenizerConfig(pad_token="!"),
 )
 
+# SDXL-shaped tiny models: no attention at the top level, deeper transformers below, two
+# encoders of different widths (32 + 48 = 80-wide context) and a "text_time" embedding of
+# the second's 40-wide projection and 6 numbers x 8 (the refiner's: 5 numbers).
+_TINY_BIGG = TextConfig(
+    hidden_size=48,
+    intermediate_size=96,
+    projection_dim=40,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    hidden_act="gelu",
+    with_projection=True,
+)
+_TINY_SDXL_UNET = UNetConfig(
+    sample_size=16,
+    block_out_channels=(16, 32),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    transformer_layers_per_block=(1, 2),
+    num_attention_heads=(2, 4),
+    cross_attention_dim=80,
+    use_linear_projection=True,
+    norm_num_groups=8,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=40 + 6 * 8,
+)
+TINY_SDXL = ModelConfig(
+    vae=dataclasses.replace(TINY.vae, scaling_factor=0.13025),
+    text=TINY.text,
+    text_2=_TINY_BIGG,
+    unet=_TINY_SDXL_UNET,
+    tokenizer=TokenizerConfig(),
+    tokenizer_2=TokenizerConfig(pad_token="!"),
+)
+TINY_SDXL_REFINER = ModelConfig(
+    vae=TINY_SDXL.vae,
+    text=_TINY_BIGG,
+    unet=dataclasses.replace(
+        _TINY_SDXL_UNET, cross_attention_dim=48, projection_class_embeddings_input_dim=40 + 5 * 8
+    ),
+    tokenizer=TokenizerConfig(pad_token="!"),
+)
+
 # A tiny ControlNet for TINY's U-Net: its hint encoder halves the picture once, as TINY's
 # two-level VAE does.
 TINY_CONTROLNET = ControlNetConfig(unet=TINY.unet, conditioning_embedding_out_channels=(8, 16))
@@ -568,6 +730,10 @@ PRESETS: dict[str, ModelConfig] = {
     "sd15": SD15,
     "sd21": SD21,
     "sd21-base": SD21_BASE,
+    "sdxl": SDXL,
+    "sdxl-refiner": SDXL_REFINER,
     "tiny": TINY,
     "tiny-sd2": TINY_SD2,
+    "tiny-sdxl": TINY_SDXL,
+    "tiny-sdxl-refiner": TINY_SDXL_REFINER,
 }

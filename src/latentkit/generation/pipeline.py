@@ -193,6 +193,11 @@ def generate_base(
     A model that has no speed layout chosen yet gets the one that is faster here (NHWC and
     packed weights for bf16 on a CPU; ``latentkit.runtime.layout``).
     """
+    if components.family == "sdxl":
+        raise LatentkitError(
+            "this is an SDXL model; latentkit reads and writes its networks but cannot "
+            "generate with it yet (use an SD 1.x or 2.x model)."
+        )
     options = prepare_for_run(options, init_image=init_image is not None)
     lay_out_once(components)
     device, dtype = components.placement(device, dtype)

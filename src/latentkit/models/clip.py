@@ -18,7 +18,7 @@ transformers before 4.31 hold one anyway; it is dropped on load (see ``_drop_pos
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -280,13 +280,52 @@ class CLIPTextModel(nn.Module):
         on (diffusers' ``clip_skip`` is this minus one). The final LayerNorm is applied to
         the chosen layer too, as both of those do.
         """
-        layers = self.config.num_hidden_layers
-        if not 1 <= clip_skip <= layers:
-            raise ConfigError(f"clip_skip is {clip_skip}; valid values are 1 to {layers}.")
+        self._check_clip_skip(clip_skip)
         if clip_skip == 1:
             return self.text_model(input_ids).last_hidden_state
         states = self.text_model(input_ids, output_hidden_states=True).hidden_states
         return self.text_model.final_layer_norm(states[-clip_skip])
+
+    def _check_clip_skip(self, clip_skip: int) -> None:
+        layers = self.config.num_hidden_layers
+        if not 1 <= clip_skip <= layers:
+            raise ConfigError(f"clip_skip is {clip_skip}; valid values are 1 to {layers}.")
+
+    def states_and_pooled(
+        self, input_ids: torch.Tensor, *, clip_skip: int = 2
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """SDXL's view of the encoder: ``hidden_states[-clip_skip]`` as that layer leaves it
+        (no final LayerNorm, unlike ``encode``), and the projected pooled embedding
+        (``text_embeds``; None without a projection). The default is SDXL's penultimate
+        layer; diffusers' SDXL ``clip_skip`` k is ``clip_skip`` k + 2 here.
+        """
+        self._check_clip_skip(clip_skip)
+        out = self(input_ids, output_hidden_states=True)
+        return out.hidden_states[-clip_skip], out.text_embeds
+
+
+def joint_context(
+    encoders: Sequence[CLIPTextModel], token_ids: Sequence[torch.Tensor], *, clip_skip: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning from its encoders and each one's token ids [B, n]: the
+    context [B, n, sum of widths] (each encoder's ``states_and_pooled`` states side by side,
+    in order) and the pooled embedding [B, projection], the last encoder's."""
+    if len(encoders) != len(token_ids) or not encoders:
+        raise LatentkitError(
+            f"got {len(encoders)} text encoders and {len(token_ids)} token id tensors; give "
+            "one tensor of ids per encoder."
+        )
+    outputs = [
+        e.states_and_pooled(ids, clip_skip=clip_skip)
+        for e, ids in zip(encoders, token_ids, strict=True)
+    ]
+    pooled = outputs[-1][1]
+    if pooled is None:
+        raise LatentkitError(
+            "the last text encoder has no projection (text_projection), so it gives no "
+            "pooled embedding; SDXL's last encoder is a CLIPTextModelWithProjection."
+        )
+    return torch.cat([states for states, _ in outputs], dim=-1), pooled
 
 
 # --- vision -----------------------------------------------------------------------------

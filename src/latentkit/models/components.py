@@ -14,7 +14,8 @@ from latentkit.errors import ConfigError
 
 @dataclass
 class Components:
-    """Tokenizer, text encoder, U-Net and VAE of one model, with its config and origin."""
+    """Tokenizer, text encoder, U-Net and VAE of one model, with its config and origin;
+    SDXL base also has a second text encoder and tokenizer (``config.text_2``)."""
 
     config: ModelConfig
     tokenizer: object  # latentkit.models.tokenizer.CLIPTokenizer
@@ -24,9 +25,17 @@ class Components:
     source: Path | None = None
     # Whether a speed layout has been chosen for inference (latentkit.runtime.layout).
     laid_out: bool = field(default=False, compare=False, repr=False)
+    text_encoder_2: nn.Module | None = None
+    tokenizer_2: object | None = None
 
     def __post_init__(self) -> None:
         check_compatible(self.config)
+        given = (self.text_encoder_2 is not None, self.tokenizer_2 is not None)
+        if given != (self.config.text_2 is not None,) * 2:
+            raise ConfigError(
+                "a second text encoder and tokenizer (text_encoder_2, tokenizer_2) must be given "
+                "exactly when the config has text_2 (SDXL base); give both or neither."
+            )
 
     @property
     def schedule(self) -> ScheduleConfig:
@@ -35,13 +44,19 @@ class Components:
 
     @property
     def family(self) -> str:
-        """ "sd2" for OpenCLIP-style text encoders with linear-projection U-Nets, else "sd1"."""
+        """ "sdxl" for U-Nets with SDXL's added embedding, "sd2" for OpenCLIP-style text
+        encoders with linear-projection U-Nets, else "sd1"."""
+        if self.config.unet.addition_embed_type == "text_time":
+            return "sdxl"
         sd2 = self.config.text.hidden_act == "gelu" or self.config.unet.use_linear_projection
         return "sd2" if sd2 else "sd1"
 
     def modules(self) -> dict[str, nn.Module]:
-        """The three networks by their diffusers folder names."""
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        """The networks by their diffusers folder names."""
+        found = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            found["text_encoder_2"] = self.text_encoder_2
+        return found
 
     @property
     def dtype(self) -> torch.dtype:
@@ -60,7 +75,7 @@ class Components:
         return (self.device if device is None else device, self.dtype if dtype is None else dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-        """Move (and/or cast) all three networks; returns self for chaining."""
+        """Move (and/or cast) all the networks; returns self for chaining."""
         for module in self.modules().values():
             module.to(device=device, dtype=dtype)
         return self
@@ -71,7 +86,7 @@ class Components:
         pixels = c.unet.sample_size * c.vae.downscale_factor
         lines = [
             f"{_FAMILY_NAMES[self.family]} model" + (f" from {self.source}" if self.source else ""),
-            f"  images        {pixels}x{pixels} px natively, latents {c.vae.latent_channels}"
+            f"  images         {pixels}x{pixels} px natively, latents {c.vae.latent_channels}"
             f" x {pixels // c.vae.downscale_factor}x{pixels // c.vae.downscale_factor}",
             _module_line(
                 "U-Net",
@@ -85,21 +100,36 @@ class Components:
                 f"channels {'/'.join(map(str, c.vae.block_out_channels))}, "
                 f"scaling {c.vae.scaling_factor:g}",
             ),
-            _module_line(
-                "text encoder",
-                self.text_encoder,
-                f"{c.text.num_hidden_layers} layers of width {c.text.hidden_size}, "
-                f"{c.text.hidden_act}",
-            ),
-            f"  tokenizer     {c.tokenizer.max_length} tokens per prompt, pad "
-            f"{c.tokenizer.pad_token!r}",
-            f"  schedule      {c.schedule.num_train_timesteps} steps, "
+            *self._text_lines(),
+            f"  schedule       {c.schedule.num_train_timesteps} steps, "
             f"{c.schedule.beta_schedule} betas, predicts {c.schedule.prediction_type}",
         ]
         return "\n".join(lines)
 
+    def _text_lines(self) -> list[str]:
+        c = self.config
+        parts = [("", self.text_encoder, c.text, c.tokenizer)]
+        if self.text_encoder_2 is not None:
+            parts.append((" 2", self.text_encoder_2, c.text_2, c.tokenizer_2))
+        lines = []
+        for suffix, module, text, _ in parts:
+            detail = (
+                f"{text.num_hidden_layers} layers of width {text.hidden_size}, {text.hidden_act}"
+            )
+            lines.append(_module_line(f"text encoder{suffix}", module, detail))
+        for suffix, _, _, tokenizer in parts:
+            lines.append(
+                f"  {'tokenizer' + suffix:<14} {tokenizer.max_length} tokens per prompt, pad "
+                f"{tokenizer.pad_token!r}"
+            )
+        return lines
 
-_FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x-family", "sd2": "Stable Diffusion 2.x-family"}
+
+_FAMILY_NAMES = {
+    "sd1": "Stable Diffusion 1.x-family",
+    "sd2": "Stable Diffusion 2.x-family",
+    "sdxl": "Stable Diffusion XL-family",
+}
 
 
 def _module_line(name: str, module: nn.Module, detail: str) -> str:
@@ -108,22 +138,46 @@ def _module_line(name: str, module: nn.Module, detail: str) -> str:
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
     device = params[0].device if params else "cpu"
     return (
-        f"  {name:<13} {count / 1e6:8.2f} M parameters, {'/'.join(dtypes)} on {device} ({detail})"
+        f"  {name:<14} {count / 1e6:8.2f} M parameters, {'/'.join(dtypes)} on {device} ({detail})"
     )
 
 
 def check_compatible(config: ModelConfig) -> None:
-    """The three networks must agree on the sizes they pass to each other."""
-    if config.text.hidden_size != config.unet.cross_attention_dim:
-        raise ConfigError(
-            f"the text encoder's width {config.text.hidden_size} must equal the U-Net's "
-            f"cross_attention_dim {config.unet.cross_attention_dim}."
+    """The networks must agree on the sizes they pass to each other."""
+    widths = [text.hidden_size for text in config.text_encoders]
+    if sum(widths) != config.unet.cross_attention_dim:
+        what = (
+            f"the text encoder's width {widths[0]}"
+            if len(widths) == 1
+            else f"the text encoders' widths {' + '.join(map(str, widths))} = {sum(widths)}"
         )
+        raise ConfigError(
+            f"{what} must equal the U-Net's cross_attention_dim {config.unet.cross_attention_dim}."
+        )
+    if config.unet.addition_embed_type == "text_time":
+        _check_pooled_width(config)
     latent = config.vae.latent_channels
     if config.unet.in_channels != latent and not is_inpainting(config):
         raise ConfigError(
             f"the U-Net's in_channels {config.unet.in_channels} must equal the VAE's "
             f"latent_channels {latent} (or be {2 * latent + 1} for an inpainting U-Net)."
+        )
+
+
+def _check_pooled_width(config: ModelConfig) -> None:
+    """SDXL's add_embedding takes the last encoder's projection and whole sinusoids."""
+    unet, last = config.unet, config.text_encoders[-1]
+    if not last.with_projection:
+        raise ConfigError(
+            "the U-Net's text_time embedding needs a pooled embedding, but the last text "
+            "encoder has no projection; set with_projection on it (SDXL's bigG has one)."
+        )
+    extra = unet.projection_class_embeddings_input_dim - last.projection_dim
+    if extra <= 0 or extra % unet.addition_time_embed_dim:
+        raise ConfigError(
+            f"the U-Net's add_embedding takes {unet.projection_class_embeddings_input_dim} "
+            f"features: the last text encoder's projection_dim {last.projection_dim} plus "
+            f"whole numbers of {unet.addition_time_embed_dim} each, which does not add up."
         )
 
 

@@ -1,4 +1,5 @@
-"""The noise-predicting U-Net of SD 1.x / 2.x, laid out like diffusers' UNet2DConditionModel.
+"""The noise-predicting U-Net of SD 1.x / 2.x and SDXL, laid out like diffusers'
+UNet2DConditionModel.
 
 Module names follow the checkpoints (``down_blocks.1.attentions.0...``), so a diffusers
 state dict loads with ``strict=True`` and nothing renamed. The network:
@@ -11,6 +12,11 @@ state dict loads with ``strict=True`` and nothing renamed. The network:
 Every skip tensor is saved on the way down and consumed in reverse on the way up; ControlNet
 adds its residuals to exactly those tensors (``down_block_additional_residuals``) and to the
 mid block's output (``mid_block_additional_residual``).
+
+SDXL's U-Net (``addition_embed_type`` "text_time") adds to the time code an embedding
+(``add_embedding``) of the pooled text embedding beside sinusoids of a few numbers per
+image: original size, crop corner and target size (the refiner: an aesthetic score instead
+of the target size).
 """
 
 from __future__ import annotations
@@ -229,7 +235,8 @@ def timestep_features(
 
 
 class UNet2DConditionModel(nn.Module):
-    """Predicts the noise (or v) in a latent, conditioned on a timestep and a text context.
+    """Predicts the noise (or v) in a latent, conditioned on a timestep and a text context
+    (and for SDXL on a pooled text embedding and a few numbers per image).
 
     ``gradient_checkpointing = True`` recomputes each block's activations in the backward
     pass (training only) to save memory; a capture callback then also runs on recompute.
@@ -243,6 +250,12 @@ class UNet2DConditionModel(nn.Module):
         temb_ch = ch0 * 4
         self.conv_in = nn.Conv2d(config.in_channels, ch0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch0, temb_ch)
+        # A plain None adds no state-dict keys, as in diffusers without an added embedding.
+        self.add_embedding = (
+            TimestepEmbedding(config.projection_class_embeddings_input_dim, temb_ch)
+            if config.addition_embed_type == "text_time"
+            else None
+        )
         self.down_blocks, skip_chs = build_down_blocks(config, temb_ch)
         # The skips each level leaves behind, in the order forward() produces them; ControlNet
         # sizes its zero convolutions from this.
@@ -289,9 +302,16 @@ class UNet2DConditionModel(nn.Module):
         *,
         down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The model output for ``sample`` [B, C, H, W] at ``timestep`` (a number, a 0-d
         tensor or one per batch item) given the text context [B, tokens, dim].
+
+        An SDXL U-Net also needs ``text_embeds`` [B, pooled width] (the last text
+        encoder's projected pooled embedding) and ``time_ids`` [B, n] (n numbers per image,
+        in diffusers' order: original height and width, crop top and left, target height
+        and width); the names are the keys of diffusers' ``added_cond_kwargs``.
 
         Latents whose sides are not multiples of 2**(levels-1) are handled as diffusers does:
         each upsampler is told the size of the skip it must meet instead of doubling.
@@ -301,6 +321,9 @@ class UNet2DConditionModel(nn.Module):
         self._check_inputs(sample, encoder_hidden_states)
         context = encoder_hidden_states
         temb = self.time_embedding(self._embed_timestep(timestep, sample))
+        added = self._added_embedding(sample, text_embeds, time_ids, temb.dtype)
+        if added is not None:
+            temb = temb + added
         h, skips = self._encode(self.conv_in(sample), temb, context)
         if down_block_additional_residuals is not None:
             skips = self._add_down_residuals(skips, down_block_additional_residuals)
@@ -352,6 +375,58 @@ class UNet2DConditionModel(nn.Module):
 
     def _embed_timestep(self, timestep: torch.Tensor | float | int, sample: torch.Tensor):
         return timestep_features(self.config, timestep, sample)
+
+    def _added_embedding(
+        self,
+        sample: torch.Tensor,
+        text_embeds: torch.Tensor | None,
+        time_ids: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """SDXL's "text_time" code: the pooled text embedding beside a sinusoid of each
+        number, through ``add_embedding`` (None for a U-Net without one)."""
+        if self.add_embedding is None:
+            if text_embeds is not None or time_ids is not None:
+                raise LatentkitError(
+                    "text_embeds and time_ids are SDXL's added conditioning; this U-Net "
+                    '(addition_embed_type "none") takes neither.'
+                )
+            return None
+        self._check_added_inputs(sample, text_embeds, time_ids)
+        cfg = self.config
+        numbers = timestep_embedding(
+            time_ids.flatten(),
+            cfg.addition_time_embed_dim,
+            flip_sin_to_cos=cfg.flip_sin_to_cos,
+            freq_shift=cfg.freq_shift,
+        ).reshape(text_embeds.shape[0], -1)
+        # As diffusers: the fp32 sinusoids promote the concatenation, then the time code's
+        # dtype.
+        return self.add_embedding(torch.cat([text_embeds, numbers], dim=-1).to(dtype))
+
+    def _check_added_inputs(
+        self, sample: torch.Tensor, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None
+    ) -> None:
+        cfg = self.config
+        batch, width = sample.shape[0], cfg.projection_class_embeddings_input_dim
+        if text_embeds is None or time_ids is None:
+            raise LatentkitError(
+                "this SDXL U-Net needs text_embeds (the pooled text embedding) and time_ids "
+                "(the size and crop numbers of each image); give both."
+            )
+        rows_ok = all(t.ndim == 2 and t.shape[0] == batch for t in (text_embeds, time_ids))
+        if not rows_ok:
+            raise LatentkitError(
+                f"text_embeds has shape {tuple(text_embeds.shape)} and time_ids "
+                f"{tuple(time_ids.shape)}; both must be [{batch}, n] (one row per image)."
+            )
+        got = text_embeds.shape[1] + time_ids.shape[1] * cfg.addition_time_embed_dim
+        if got != width:
+            raise LatentkitError(
+                f"text_embeds of width {text_embeds.shape[1]} and {time_ids.shape[1]} time_ids "
+                f"of {cfg.addition_time_embed_dim} each make {got} features; this U-Net's "
+                f"add_embedding takes {width} (projection_class_embeddings_input_dim)."
+            )
 
     def _check_inputs(self, sample: torch.Tensor, context: torch.Tensor) -> None:
         cfg = self.config

@@ -110,7 +110,7 @@ def estimate_peak_bytes(
 
 
 def weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of the three networks' parameters in ``dtype``."""
+    """Bytes of the networks' parameters in ``dtype``."""
     return _parameter_count(config) * _itemsize(dtype)
 
 
@@ -122,7 +122,7 @@ def _parameter_count(config: ModelConfig) -> int:
         modules = (
             UNet2DConditionModel(config.unet),
             AutoencoderKL(config.vae),
-            CLIPTextModel(config.text),
+            *(CLIPTextModel(text) for text in config.text_encoders),
         )
     return sum(p.numel() for m in modules for p in m.parameters())
 

@@ -458,6 +458,11 @@ def build_unet(recipe: UNetRecipe) -> UNet2DConditionModel:
 
 def check_sizes(config: ModelConfig, size: int) -> None:
     """The networks must fit each other and the image size (one sentence per problem)."""
+    if config.unet.addition_embed_type != "none":
+        raise ConfigError(
+            f'the U-Net has addition_embed_type "{config.unet.addition_embed_type}" (SDXL); '
+            "latentkit cannot train SDXL models or add-ons for them yet."
+        )
     check_compatible(config)
     if config.unet.out_channels != config.unet.in_channels:
         raise ConfigError(

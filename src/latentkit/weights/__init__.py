@@ -248,6 +248,11 @@ def save_single_file(
         raise WeightsError(
             f"save_single_file writes .safetensors files only; {path.name} has another suffix."
         )
+    if components.family == "sdxl":
+        raise WeightsError(
+            f"cannot write {path.name}: single files of SDXL models are not supported yet; "
+            "save a diffusers folder instead."
+        )
     parts = {name: module.state_dict() for name, module in components.modules().items()}
     state = join_checkpoint(parts, components.config)
     metadata = {

@@ -1,7 +1,7 @@
 """Read and write the ``config.json`` of each component as diffusers and transformers do.
 
 Each reader accepts every key those libraries write. A key that only turns on a feature we
-do not implement (SDXL's added conditioning, class embeddings, ...) is accepted at its
+do not implement (class embeddings, Kandinsky's added conditioning, ...) is accepted at its
 neutral value and is an error otherwise; a key nobody writes is an error naming it.
 """
 
@@ -52,8 +52,6 @@ _UNET_FIXED = {
     "mid_block_scale_factor": 1,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
@@ -65,7 +63,6 @@ _UNET_FIXED = {
     "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
     "cross_attention_norm": None,
@@ -76,6 +73,9 @@ _UNET_FIXED = {
     "reverse_transformer_layers_per_block": None,
     "dropout": 0.0,
 }
+# Keys that diffusers reads as a plain value when a file holds null (SDXL's hub configs say
+# "upcast_attention": null), with that value.
+_UNET_NULL_MEANS = {"addition_embed_type": "none", "upcast_attention": False}
 _CLIP_FIXED = {
     "attention_dropout": 0.0,
     "dropout": 0.0,
@@ -178,7 +178,7 @@ def _split(data: dict[str, Any], what: str, fixed: dict[str, Any], known: set[st
             if value != fixed[key] and not (value == [] and fixed[key] is None):
                 raise ConfigError(
                     f"{what} config key {key!r} = {brief_repr(value)} is not supported; latentkit "
-                    f"handles SD 1.x/2.x models, where it is {fixed[key]!r}."
+                    f"handles SD 1.x/2.x and SDXL models, where it is {fixed[key]!r}."
                 )
             continue
         if key not in known:
@@ -248,12 +248,17 @@ def unet_from_json(data: dict[str, Any]) -> UNetConfig:
     chosen = heads if heads is not None else legacy
     if chosen is not None:
         rest["num_attention_heads"] = chosen
+    for key, meaning in _UNET_NULL_MEANS.items():
+        if key in rest and rest[key] is None:
+            rest[key] = meaning
     return from_dict(UNetConfig, rest, where="U-Net config")
 
 
 def unet_to_json(config: UNetConfig) -> dict[str, Any]:
     body = to_dict(config)
     body["attention_head_dim"] = body.pop("num_attention_heads")
+    if body["addition_embed_type"] == "none":
+        body["addition_embed_type"] = None
     return {
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": DIFFUSERS_VERSION,

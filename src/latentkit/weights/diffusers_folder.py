@@ -1,5 +1,8 @@
 """diffusers model folders: model_index.json beside unet/, vae/, text_encoder/, tokenizer/
 and scheduler/, each with its config and weights. Reading and writing, one component or all.
+SDXL base folders add text_encoder_2/ and tokenizer_2/; the SDXL refiner has those alone
+(its index lists text_encoder and tokenizer as null), and latentkit keeps its one encoder
+as ``text_encoder``.
 
 Our modules use the diffusers/transformers parameter names, so weights load unchanged; the
 two exceptions (old VAE attention names, CLIP's stored ``position_ids``) are pure functions.
@@ -46,7 +49,8 @@ from latentkit.weights.config_json import (
 from latentkit.weights.module_io import build_loaded, read_weights
 from latentkit.weights.safetensors_io import write_safetensors
 
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Each text encoder folder with its tokenizer's, in the order their states are concatenated.
+TEXT_FOLDERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 # Weight file names without suffix: diffusers' (U-Net and VAE) and transformers' (CLIP);
 # a pickled .bin has the same name for diffusers but another one for transformers.
 _UNET_STEM = "diffusion_pytorch_model"
@@ -64,6 +68,21 @@ _INDEX_CLASSES = {
     "safety_checker": [None, None],
     "feature_extractor": [None, None],
     "image_encoder": [None, None],
+}
+# And what StableDiffusionXLPipeline (base) or StableDiffusionXLImg2ImgPipeline (refiner)
+# expect: the same networks and a second encoder with its projection, no safety checker.
+_SDXL_INDEX_CLASSES = {
+    **{k: v for k, v in _INDEX_CLASSES.items() if k != "safety_checker"},
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+}
+_SDXL_PIPELINES = {
+    "base": {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True},
+    "refiner": {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline",
+        "force_zeros_for_empty_prompt": False,
+        "requires_aesthetics_score": True,
+    },
 }
 
 
@@ -164,30 +183,73 @@ def load_diffusers(
     index = read_json(folder / "model_index.json", "model index")
     if not isinstance(index, dict):
         raise WeightsError(f"{folder / 'model_index.json'} must hold a JSON object.")
-    if "text_encoder_2" in index or "transformer" in index:
+    if "transformer" in index:
         raise WeightsError(
             f"{folder} holds a {index.get('_class_name', 'different')} model; latentkit loads "
-            "Stable Diffusion 1.x/2.x folders (one text encoder and a U-Net)."
+            "Stable Diffusion 1.x/2.x and SDXL folders (text encoders and a U-Net)."
         )
-    for name in COMPONENTS:
+    texts = _text_folders_of(index)
+    needed = ["unet", "vae", *(name for pair in texts for name in pair), "scheduler"]
+    for name in needed:
         if not (folder / name).is_dir():
             raise WeightsError(
-                f"the model folder {folder} has no {name}/ folder; a Stable Diffusion folder "
-                f"needs {', '.join(COMPONENTS)}."
+                f"the model folder {folder} has no {name}/ folder; a "
+                f"{index.get('_class_name', 'Stable Diffusion')} folder needs "
+                f"{', '.join(needed)}."
             )
     options = {"dtype": dtype, "device": device, "variant": variant, "allow_pickle": allow_pickle}
-    tokenizer = load_tokenizer(folder / "tokenizer")
-    text_encoder = load_text_encoder(folder / "text_encoder", **options)
+    encoders = [
+        (load_text_encoder(folder / text, **options), load_tokenizer(folder / tokens))
+        for text, tokens in texts
+    ]
     unet = load_unet(folder / "unet", **options)
     vae = load_vae(folder / "vae", **options)
     config = ModelConfig(
         vae=vae.config,
-        text=text_encoder.config,
         unet=unet.config,
         schedule=load_schedule(folder / "scheduler"),
-        tokenizer=TokenizerConfig(max_length=tokenizer.max_length, pad_token=tokenizer.pad_token),
+        **_text_configs(encoders),
     )
-    return Components(config, tokenizer, text_encoder, unet, vae, source=folder)
+    (text_encoder, tokenizer), (text_encoder_2, tokenizer_2) = (*encoders, (None, None))[:2]
+    return Components(
+        config,
+        tokenizer,
+        text_encoder,
+        unet,
+        vae,
+        source=folder,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+    )
+
+
+def _text_folders_of(index: dict) -> list[tuple[str, str]]:
+    """The text encoder and tokenizer folders a model index names: SD's one pair, SDXL
+    base's two, or the SDXL refiner's second alone (its first is listed as null)."""
+    if "text_encoder_2" not in index:
+        return [TEXT_FOLDERS[0]]
+    listed = [pair for pair in TEXT_FOLDERS if _names_a_class(index.get(pair[0]))]
+    if not listed:
+        raise WeightsError(
+            "the model index lists no text encoder (text_encoder and text_encoder_2 are "
+            "null); latentkit needs at least one."
+        )
+    return listed
+
+
+def _names_a_class(entry: object) -> bool:
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+
+def _text_configs(encoders: list[tuple[nn.Module, object]]) -> dict:
+    """ModelConfig's text fields (text, tokenizer, and text_2, tokenizer_2 for a second)."""
+    fields = {}
+    for suffix, (encoder, tokenizer) in zip(("", "_2"), encoders, strict=False):
+        fields[f"text{suffix}"] = encoder.config
+        fields[f"tokenizer{suffix}"] = TokenizerConfig(
+            max_length=tokenizer.max_length, pad_token=tokenizer.pad_token
+        )
+    return fields
 
 
 def save_diffusers(components: Components, folder, *, dtype=None, overwrite=False) -> Path:
@@ -199,14 +261,39 @@ def save_diffusers(components: Components, folder, *, dtype=None, overwrite=Fals
     dtype = float_dtype(dtype)
     c = components.config
     with replace_atomically(folder, overwrite=overwrite, folder=True) as tmp:
-        write_json(tmp / "model_index.json", _model_index())
+        write_json(tmp / "model_index.json", _model_index(components))
         save_unet(components.unet, c.unet, tmp / "unet", dtype=dtype)
         save_vae(components.vae, c.vae, tmp / "vae", dtype=dtype)
-        save_text_encoder(components.text_encoder, c.text, tmp / "text_encoder", dtype=dtype)
+        for (text, tokens), (encoder, tokenizer, config) in zip(
+            _text_folders_for(components), _text_parts(components), strict=True
+        ):
+            save_text_encoder(encoder, config, tmp / text, dtype=dtype)
+            save_tokenizer(tokenizer, tmp / tokens)
         (tmp / "scheduler").mkdir()
         write_json(tmp / "scheduler" / "scheduler_config.json", schedule_to_json(c.schedule))
-        save_tokenizer(components.tokenizer, tmp / "tokenizer")
     return Path(folder)
+
+
+def _text_parts(components: Components) -> list[tuple[nn.Module, object, TextConfig]]:
+    c = components.config
+    parts = [(components.text_encoder, components.tokenizer, c.text)]
+    if components.text_encoder_2 is not None:
+        parts.append((components.text_encoder_2, components.tokenizer_2, c.text_2))
+    return parts
+
+
+def _text_folders_for(components: Components) -> list[tuple[str, str]]:
+    """Where each text encoder goes: the SDXL refiner's one encoder is diffusers' second."""
+    if _sdxl_kind(components) == "refiner":
+        return [TEXT_FOLDERS[1]]
+    return list(TEXT_FOLDERS[: len(components.config.text_encoders)])
+
+
+def _sdxl_kind(components: Components) -> str | None:
+    """ "base" or "refiner" for SDXL models, None for SD 1.x/2.x."""
+    if components.family != "sdxl":
+        return None
+    return "base" if components.text_encoder_2 is not None else "refiner"
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
@@ -245,13 +332,20 @@ def _copy_packaged_vocab(tokenizer, folder: Path) -> None:
             shutil.copyfileobj(source, target)
 
 
-def _model_index() -> dict:
-    return {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "requires_safety_checker": False,
-        **_INDEX_CLASSES,
-    }
+def _model_index(components: Components) -> dict:
+    kind = _sdxl_kind(components)
+    if kind is None:
+        return {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "requires_safety_checker": False,
+            **_INDEX_CLASSES,
+        }
+    index = {"_diffusers_version": DIFFUSERS_VERSION, **_SDXL_INDEX_CLASSES}
+    for text, tokens in TEXT_FOLDERS:
+        if (text, tokens) not in _text_folders_for(components):
+            index[text] = index[tokens] = [None, None]
+    return {**index, **_SDXL_PIPELINES[kind]}
 
 
 def save_unet(unet: nn.Module, config: UNetConfig, folder: Path, *, dtype=None) -> None:
