@@ -368,8 +368,9 @@ def _run_train_shapes_lora(tmp_path, **env_vars):
 def test_train_shapes_lora_trains_exports_and_measures(tmp_path):
     done, commands = _run_train_shapes_lora(tmp_path / "a")
     assert done.returncode == 0, done.stderr
-    data, train, export, one_object, held_out = commands
-    assert "--objects 1 --where never" in data
+    placeless, scenes, train, export, one_object, held_out = commands
+    assert "/shapes-64-lora/one-object-placeless --objects 1 --where never" in placeless
+    assert "/shapes-64-lora/scenes --overwrite" in scenes
     assert train.startswith("-m latentkit train lora --config configs/shapes/lora.toml ")
     run = tmp_path / "a" / "work" / "runs" / "shapes-lora"
     shipped = "src/latentkit/assets/loras/shapes-one-object.safetensors"
@@ -380,7 +381,7 @@ def test_train_shapes_lora_trains_exports_and_measures(tmp_path):
     export_dir = tmp_path / "export"
     done, commands = _run_train_shapes_lora(tmp_path / "b", EXPORT=str(export_dir))
     assert done.returncode == 0, done.stderr
-    assert commands[2].endswith(f"{export_dir / 'shapes-one-object.safetensors'}")
+    assert commands[3].endswith(f"{export_dir / 'shapes-one-object.safetensors'}")
     done, commands = _run_train_shapes_lora(tmp_path / "c", EXPORT=str(export_dir))
     assert done.returncode == 0  # the stub wrote nothing: the folder holds no LoRA yet
     (export_dir / "shapes-one-object.safetensors").write_bytes(b"mine")
