@@ -73,6 +73,24 @@ def test_per_sample_keywords_are_doubled_and_others_pass_through():
     assert seen["sigma"].tolist() == [1.5] * 4
 
 
+def test_a_keyword_with_an_uncond_twin_gets_it_in_the_unconditional_half():
+    # SDXL's pooled embedding and time_ids differ between the passes, as the context does.
+    seen = {}
+
+    def inner(x, sigma, *, context, pooled):
+        seen.update(context=context, pooled=pooled)
+        return x * 0
+
+    pooled, uncond_pooled = randn(2, 5, seed=8), randn(2, 5, seed=9)
+    guided = CFGDenoiser(inner, 5.0)
+    guided(randn(*SHAPE), 1.5, context=COND, uncond_context=UNCOND, pooled=pooled,
+           uncond_pooled=uncond_pooled)  # fmt: skip
+    assert torch.equal(seen["pooled"], torch.cat([uncond_pooled, pooled]))
+    assert torch.equal(seen["context"], torch.cat([UNCOND, COND]))
+    CFGDenoiser(inner, 1.0)(randn(*SHAPE), 1.5, context=COND, pooled=pooled, uncond_pooled=0)
+    assert seen["pooled"] is pooled  # scale 1: the twins are left out
+
+
 def test_rescale_formula_equals_diffusers_rescale_noise_cfg():
     guided, cond = randn(*SHAPE, seed=4) * 2, randn(*SHAPE, seed=5)
     for r in (0.0, 0.3, 0.7, 1.0):

@@ -11,9 +11,7 @@ import torch
 from conftest import build_reference_sdxl_pipeline, save_reference_pipeline
 
 from latentkit.config import TINY_SDXL, TINY_SDXL_REFINER
-from latentkit.errors import ConfigError, LatentkitError, WeightsError
-from latentkit.generation.options import GenerateOptions
-from latentkit.generation.pipeline import generate
+from latentkit.errors import ConfigError, WeightsError
 from latentkit.models.clip import joint_context
 from latentkit.train.unet import check_sizes
 from latentkit.weights import save_single_file
@@ -102,11 +100,9 @@ def test_saved_folder_reads_back_in_diffusers_and_latentkit(saved, tmp_path):
     assert (again.config.text, again.config.text_2) == (config.text, config.text_2)
 
 
-def test_generation_single_files_and_training_are_refused_for_now(saved, tmp_path):
+def test_single_files_and_training_are_refused_for_now(saved, tmp_path):
     _, _, folder = saved
     components = load_diffusers(folder)
-    with pytest.raises(LatentkitError, match="SDXL model; .* cannot generate with it yet"):
-        next(generate(components, GenerateOptions(prompt="a cube", steps=1)))
     with pytest.raises(WeightsError, match="single files of SDXL models are not supported"):
         save_single_file(components, tmp_path / "model.safetensors")
     assert not (tmp_path / "model.safetensors").exists()

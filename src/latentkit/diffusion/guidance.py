@@ -27,20 +27,35 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -
     return guided * (rescale * ratio + (1 - rescale))
 
 
-def _doubled(cond: dict, batch: int) -> dict:
-    """Repeat per-sample tensors (first dimension = batch) for the batched two-way pass."""
-    return {
-        k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.shape[:1] == (batch,) else v
-        for k, v in cond.items()
-    }
+UNCOND = "uncond_"  # the prefix of a keyword's unconditional counterpart
+
+
+def _paired(cond: dict, batch: int) -> dict:
+    """The keywords of the batched two-way pass: a keyword with an ``uncond_`` twin gets the
+    twin in the unconditional half; other per-sample tensors (first dimension = batch) are
+    repeated, the rest pass through."""
+    paired = {}
+    for key, value in cond.items():
+        if key.startswith(UNCOND):
+            continue
+        twin = cond.get(UNCOND + key)
+        if twin is not None:
+            paired[key] = torch.cat([twin, value])
+        elif isinstance(value, torch.Tensor) and value.shape[:1] == (batch,):
+            paired[key] = torch.cat([value, value])
+        else:
+            paired[key] = value
+    return paired
 
 
 class CFGDenoiser:
     """``D_cfg(x, sigma, context=..., uncond_context=...)``: the guided x0 of ``denoiser``.
 
-    Both passes run as one batch of 2B (unconditional first, as diffusers orders them); any
-    other keyword tensor whose first dimension is the batch size is repeated for it, the rest
-    pass through. With ``scale == 1`` only the conditional pass runs.
+    Both passes run as one batch of 2B (unconditional first, as diffusers orders them). Any
+    keyword ``name`` may have an ``uncond_name`` for the unconditional pass, as ``context``
+    has ``uncond_context`` (SDXL's pooled embedding and time_ids do); any other keyword tensor
+    whose first dimension is the batch size is repeated, the rest pass through. With
+    ``scale == 1`` only the conditional pass runs, and the ``uncond_`` keywords are unused.
     """
 
     def __init__(self, denoiser, scale: float, rescale: float = 0.0):
@@ -60,6 +75,7 @@ class CFGDenoiser:
 
     def __call__(self, x, sigma, *, context, uncond_context=None, **cond) -> torch.Tensor:
         if self.scale == 1.0:
+            cond = {k: v for k, v in cond.items() if not k.startswith(UNCOND)}
             return self.denoiser(x, sigma, context=context, **cond)
         if uncond_context is None:
             raise ConfigError(
@@ -70,8 +86,7 @@ class CFGDenoiser:
         both = self.denoiser(
             torch.cat([x, x]),
             torch.cat([sigma, sigma]),
-            context=torch.cat([uncond_context, context]),
-            **_doubled(cond, x.shape[0]),
+            **_paired(dict(cond, context=context, uncond_context=uncond_context), x.shape[0]),
         )
         uncond, cond_x0 = both.chunk(2)
         guided = uncond + self.scale * (cond_x0 - uncond)

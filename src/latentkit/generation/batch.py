@@ -37,9 +37,10 @@ from latentkit.models.components import Components
 
 def batch_key(components: Components, options: GenerateOptions) -> tuple | None:
     """What requests must share to run in one batch, or ``None`` when ``options`` runs
-    alone (a stochastic sampler)."""
+    alone (a stochastic sampler, or an SDXL model, whose pooled embeddings batches do not
+    carry yet)."""
     options = prepare_for_run(options, init_image=False)
-    if draws_noise(options.sampler, options.eta):
+    if components.family == "sdxl" or draws_noise(options.sampler, options.eta):
         return None
     return (
         image_size(components, options),

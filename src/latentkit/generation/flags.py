@@ -21,7 +21,13 @@ from latentkit.generation.addons import (
     loras_from_record,
     parse_lora_flag,
 )
-from latentkit.generation.options import DEFAULT_ETA, PROMPT_MODES, SCHEDULES, GenerateOptions
+from latentkit.generation.options import (
+    DEFAULT_ETA,
+    MICRO_CONDITIONING,
+    PROMPT_MODES,
+    SCHEDULES,
+    GenerateOptions,
+)
 from latentkit.weights.lora_files import read_lora
 
 # flag destinations whose setting has another name
@@ -79,7 +85,11 @@ def add_setting_flags(p: argparse.ArgumentParser, *, cfg: bool = True, n: bool =
         "--clip-skip",
         type=int,
         default=None,
-        help=setting_help("clip_skip", "text encoder layer: 1 = last, 2 = penultimate (A1111's)"),
+        help=setting_help(
+            "clip_skip",
+            "text encoder layer: 1 = last, 2 = penultimate (A1111's); for SDXL 1 is its "
+            "penultimate",
+        ),
     )
     p.add_argument(
         "--prompt-mode",
@@ -97,6 +107,32 @@ def add_setting_flags(p: argparse.ArgumentParser, *, cfg: bool = True, n: bool =
         default=None,
         help=f"DDIM's noise, 0..1, with --sampler ddim only (default: {DEFAULT_ETA} with ddim)",
     )
+    add_micro_conditioning_flags(p)
+
+
+def add_micro_conditioning_flags(p: argparse.ArgumentParser) -> None:
+    """SDXL's size and crop numbers, in diffusers' order (sizes height first)."""
+    for name, pair in MICRO_CONDITIONING.items():
+        negative = name.startswith("negative_")
+        meaning, default = _MICRO_MEANINGS[name.removeprefix("negative_")]
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            nargs=2,
+            metavar=tuple(part.strip().upper() for part in pair.split(",")),
+            default=None,
+            help=f"SDXL only: {meaning} that the "
+            f"{'unconditional' if negative else 'conditional'} pass is told "
+            f"(default: {'the positive one' if negative else default})",
+        )
+
+
+# What each micro-conditioning number tells an SDXL U-Net, and the reference's default.
+_MICRO_MEANINGS = {
+    "original_size": ("the size of the training picture before resizing", "the picture's size"),
+    "crops_coords_top_left": ("where its crop started", "0 0"),
+    "target_size": ("the size it was made for", "the picture's size"),
+}
 
 
 def given_settings(args: argparse.Namespace) -> dict:

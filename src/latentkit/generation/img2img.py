@@ -8,6 +8,8 @@ beside the noisy latents, as they were trained.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from latentkit.errors import ConfigError
+from latentkit.generation.sdxl import vae_needs_upcast
 from latentkit.images import TooManyPixels, open_capped
 from latentkit.models.components import is_inpainting
 
@@ -130,8 +133,27 @@ def draw_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> tor
 
 
 @torch.inference_mode()
-def encode_images(vae, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """Scaled latents, one posterior sample per image, each from its own generator."""
+@contextmanager
+def vae_in_fp32(vae: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The VAE in fp32 for a while (half precision can overflow in it), then back in its
+    own dtype (a lossless round trip for fp16 and bf16 weights)."""
+    dtype = next(vae.parameters()).dtype
+    vae.float()
+    try:
+        yield vae
+    finally:
+        vae.to(dtype)
+
+
+def encode_images(
+    vae, images: torch.Tensor, generators: list[torch.Generator], *, upcast: bool = False
+) -> torch.Tensor:
+    """Scaled latents, one posterior sample per image, each from its own generator.
+    ``upcast`` encodes in fp32 whatever the VAE's dtype, as SDXL's reference does with a
+    ``force_upcast`` VAE (``vae_needs_upcast``)."""
+    if upcast and next(vae.parameters()).dtype != torch.float32:
+        with vae_in_fp32(vae):
+            return encode_images(vae, images, generators)
     posterior = vae.encode(images.to(next(vae.parameters()).dtype))
     mean, std = posterior.mean, posterior.std
     z = mean + std * draw_noise(mean.shape, generators).to(mean.device, mean.dtype)
@@ -196,10 +218,11 @@ def prepare_source(
     if init_image is None:
         return None, initial_noise()
     inpainting_unet = is_inpainting(components.config)
+    upcast = vae_needs_upcast(components)
     pixels = image_to_tensor(fit_image(init_image, size)).to(device).repeat(shape[0], 1, 1, 1)
     latents = None
     if not (inpainting_unet and strength == 1.0):
-        latents = encode_images(components.vae, pixels, generators).to(dtype)
+        latents = encode_images(components.vae, pixels, generators, upcast=upcast).to(dtype)
     start_noise = initial_noise()
     if mask is None:
         return Source(latents), start_noise
@@ -209,6 +232,6 @@ def prepare_source(
     if not inpainting_unet:
         draw_noise(shape, generators)  # the reference's unused masked-picture sample
         return Source(latents, mask=latent_mask), start_noise
-    masked = encode_images(components.vae, pixels * (pixel_mask < 0.5), generators)
+    masked = encode_images(components.vae, pixels * (pixel_mask < 0.5), generators, upcast=upcast)
     extra = torch.cat([latent_mask, masked.to(dtype)], dim=1)
     return Source(latents, mask=latent_mask, extra_channels=extra), start_noise

@@ -30,12 +30,24 @@ PROMPT_MODES = ("chunks", "truncate")
 DEFAULT_STRENGTH = 0.75  # image-to-image without a strength: the reference's default
 DEFAULT_ETA = 0.0  # DDIM without an eta: deterministic, as the reference's default
 MAX_IMAGES = 64
+MAX_MICRO = 65536  # past any picture's side; exact in the float32 the U-Net reads them in
+# SDXL's micro-conditioning settings, each with the order of its two numbers.
+MICRO_CONDITIONING = {
+    f"{prefix}{name}": pair
+    for prefix in ("", "negative_")
+    for name, pair in (
+        ("original_size", "height, width"),
+        ("crops_coords_top_left", "top, left"),
+        ("target_size", "height, width"),
+    )
+}
 
 
 @dataclass(frozen=True)
 class GenerateOptions:
     """Everything that decides a picture besides the model. Sizes default to the model's;
-    ``strength`` and ``eta`` are ``None`` unless the run uses them (see the module's note).
+    ``strength`` and ``eta`` are ``None`` unless the run uses them (see the module's note);
+    SDXL's micro-conditioning pairs are ``None`` for the reference's defaults.
 
     Construction validates every field (:class:`ConfigError`, one sentence) and stores
     numbers as plain ``int``/``float``, so what is accepted can be written as JSON."""
@@ -56,6 +68,15 @@ class GenerateOptions:
     prompt_mode: str = "chunks"
     strength: float | None = None
     vae_tiling: bool = False
+    # SDXL's micro-conditioning (diffusers' names and order: sizes (height, width), the crop
+    # (top, left)); None is the reference's default: the picture's size, no crop, and for
+    # each negative_* its positive counterpart.
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,6 +118,8 @@ def _plain(kind: type, value: Any) -> Any:
         return value if isinstance(value, bool) else None
     if kind is str:
         return value if isinstance(value, str) and is_unicode(value) else None
+    if kind is tuple:
+        return _plain_pair(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     if kind is int:
@@ -106,6 +129,14 @@ def _plain(kind: type, value: Any) -> Any:
     except OverflowError:  # an int past what a float holds
         return None
     return number if math.isfinite(number) else None
+
+
+def _plain_pair(value: Any) -> tuple[int, int] | None:
+    """Two whole numbers (a JSON list or a tuple) as a tuple of ints, or None."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    parts = tuple(_plain(int, v) for v in value)
+    return None if None in parts else parts
 
 
 def _one_of(choices) -> _Rule:
@@ -143,6 +174,15 @@ _RULES: dict[str, _Rule] = {
     "prompt_mode": _one_of(PROMPT_MODES),
     "strength": _Rule(float, "a number in (0, 1] (or null)", lambda v: 0 < v <= 1, optional=True),
     "vae_tiling": _Rule(bool, "true or false"),
+    **{
+        name: _Rule(
+            tuple,
+            f"two whole numbers from 0 to {MAX_MICRO} ({pair}), or null",
+            lambda v: 0 <= min(v) and max(v) <= MAX_MICRO,
+            optional=True,
+        )
+        for name, pair in MICRO_CONDITIONING.items()
+    },
 }
 assert set(_RULES) == set(FIELD_NAMES), "every field has exactly one rule"
 

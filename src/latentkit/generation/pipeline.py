@@ -30,7 +30,7 @@ from latentkit.generation.controlnet import (
     control_records,
     prepare_controls,
 )
-from latentkit.generation.img2img import prepare_source, tensor_to_images
+from latentkit.generation.img2img import prepare_source, tensor_to_images, vae_in_fp32
 from latentkit.generation.options import (  # noqa: F401  (PROMPT_MODES, SCHEDULES: re-exported for callers)
     PROMPT_MODES,
     SCHEDULES,
@@ -39,6 +39,13 @@ from latentkit.generation.options import (  # noqa: F401  (PROMPT_MODES, SCHEDUL
     require_settings_object,
 )
 from latentkit.generation.prompts import encode_prompt, match_lengths
+from latentkit.generation.sdxl import (
+    check_supported,
+    encode_sdxl_prompt,
+    time_ids,
+    vae_needs_upcast,
+    zeros_for_empty_negative,
+)
 from latentkit.models.components import Components
 from latentkit.runtime.device import return_freed_memory
 from latentkit.runtime.layout import lay_out_once
@@ -92,30 +99,71 @@ def strength_start(steps: int, strength: float) -> int:
 
 
 def encode_contexts(components: Components, options: GenerateOptions, device, dtype):
-    """(context, uncond_context or None), each repeated for the ``n`` images."""
+    """(context, uncond_context or None), each repeated for the ``n`` images: the text
+    conditioning of SD 1.x/2.x models, which interpolation blends and batches stack."""
+    found = encode_conditioning(components, options, device, dtype)
+    return found["context"], found["uncond_context"]
 
-    def encode(text: str) -> torch.Tensor:
-        context, _ = encode_prompt(
+
+def encode_conditioning(
+    components: Components, options: GenerateOptions, device, dtype
+) -> dict[str, torch.Tensor | None]:
+    """The sampler's text keywords, each repeated for the ``n`` images: ``context`` and
+    ``uncond_context`` (None without guidance); SDXL adds the pooled embeddings
+    ``text_embeds`` and ``uncond_text_embeds``."""
+    encode = _prompt_encoder(components, options)
+    with torch.inference_mode():
+        cond, pooled = encode(options.prompt)
+        uncond = uncond_pooled = None
+        if options.cfg != 1.0:
+            uncond, uncond_pooled = _negative(components, options, encode, cond, pooled)
+            if uncond.shape[1] != cond.shape[1]:
+                cond, uncond = match_lengths(cond, uncond, encode("")[0])
+    found = {"context": cond, "uncond_context": uncond}
+    if pooled is not None:
+        found.update(text_embeds=pooled, uncond_text_embeds=uncond_pooled)
+    return {key: _repeated(t, options.n, device, dtype) for key, t in found.items()}
+
+
+def _prompt_encoder(components: Components, options: GenerateOptions):
+    """text -> (context [1, tokens, width], pooled embedding or None) for this model."""
+    if components.family == "sdxl":
+        return lambda text: encode_sdxl_prompt(
+            components, text, clip_skip=options.clip_skip, mode=options.prompt_mode
+        )
+    return lambda text: (
+        encode_prompt(
             components.tokenizer,
             components.text_encoder,
             text,
             clip_skip=options.clip_skip,
             mode=options.prompt_mode,
-        )
-        return context
+        )[0],
+        None,
+    )
 
-    with torch.inference_mode():
-        cond = encode(options.prompt)
-        uncond = None
-        if options.cfg != 1.0:
-            uncond = encode(options.negative_prompt)
-            if uncond.shape[1] != cond.shape[1]:
-                cond, uncond = match_lengths(cond, uncond, encode(""))
 
-    def batched(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device, dtype).repeat(options.n, 1, 1)
+def _negative(components, options, encode, cond, pooled):
+    """The negative prompt's (context, pooled); zeros for an empty one where SDXL's
+    reference uses them (``zeros_for_empty_negative``)."""
+    if pooled is not None and not options.negative_prompt and zeros_for_empty_negative(components):
+        return torch.zeros_like(cond), torch.zeros_like(pooled)
+    return encode(options.negative_prompt)
 
-    return batched(cond), batched(uncond)
+
+def _repeated(t: torch.Tensor | None, n: int, device, dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(device, dtype).repeat(n, *([1] * (t.ndim - 1)))
+
+
+def sdxl_conditioning(
+    components: Components, options: GenerateOptions, size: tuple[int, int], device, dtype
+) -> dict[str, torch.Tensor]:
+    """SDXL's ``time_ids`` (and ``uncond_time_ids`` with guidance) for the ``n`` images."""
+    cond, uncond = time_ids(components, options, size)
+    found = {"time_ids": cond}
+    if options.cfg != 1.0:
+        found["uncond_time_ids"] = uncond
+    return {key: _repeated(t, options.n, device, dtype) for key, t in found.items()}
 
 
 def unet_model(
@@ -125,14 +173,15 @@ def unet_model(
 ):
     """The network as the denoiser calls it. Inpainting U-Nets get the mask and the masked
     picture's latents beside their input (doubled when guidance batches two passes);
-    ControlNets see the latent alone and add their residuals to the U-Net's."""
+    ControlNets see the latent alone and add their residuals to the U-Net's. SDXL's added
+    conditioning (``text_embeds``, ``time_ids``) reaches the U-Net as it comes."""
 
-    def model(x, t, *, context):
+    def model(x, t, *, context, **added):
         residuals = control(x, t, context) if control is not None else {}
         if extra_channels is not None:
             extra = extra_channels.repeat(x.shape[0] // extra_channels.shape[0], 1, 1, 1)
             x = torch.cat([x, extra.to(x.dtype)], dim=1)
-        return unet(x, t, context, **residuals)
+        return unet(x, t, context, **residuals, **added)
 
     return model
 
@@ -152,7 +201,12 @@ def generate(
     closed. The record stores the prompt without its tags and each add-on's file and sha256.
     The other keywords are :func:`generate_base`'s.
     """
-    if addons is None and "<lora:" not in options.prompt:
+    if components.family == "sdxl" and _asks_for_addons(options, addons):
+        raise LatentkitError(
+            "LoRAs and textual-inversion embeddings do not work with SDXL models yet; "
+            "generate without them, or with an SD 1.x/2.x model."
+        )
+    if components.family == "sdxl" or (addons is None and "<lora:" not in options.prompt):
         yield from generate_base(components, options, **kwargs)
         return
     addons = addons or AddOns()
@@ -166,6 +220,14 @@ def generate(
                 told = {"prompt": on.clean_prompts[0], "negative_prompt": given.negative_prompt}
                 item.records = [dict(r, **told, **on.records()) for r in item.records]
             yield item
+
+
+def _asks_for_addons(options: GenerateOptions, addons: AddOns | None) -> bool:
+    """Whether a LoRA or an embedding would be used: given, or looked for in the prompts
+    (lora tags; words, where an embedding folder is given)."""
+    if "<lora:" in options.prompt:
+        return True
+    return addons is not None and bool(addons.loras or addons.embeddings or addons.embedding_dir)
 
 
 def generate_base(
@@ -193,12 +255,8 @@ def generate_base(
     A model that has no speed layout chosen yet gets the one that is faster here (NHWC and
     packed weights for bf16 on a CPU; ``latentkit.runtime.layout``).
     """
-    if components.family == "sdxl":
-        raise LatentkitError(
-            "this is an SDXL model; latentkit reads and writes its networks but cannot "
-            "generate with it yet (use an SD 1.x or 2.x model)."
-        )
     options = prepare_for_run(options, init_image=init_image is not None)
+    check_supported(components, options, controls=controls, contexts=contexts)
     lay_out_once(components)
     device, dtype = components.placement(device, dtype)
     width, height = image_size(components, options)
@@ -219,8 +277,11 @@ def generate_base(
     )
     noise = noise.to(device, dtype)
     if contexts is None:
-        contexts = encode_contexts(components, options, device, dtype)
-    cond, uncond = contexts
+        conditioning = encode_conditioning(components, options, device, dtype)
+    else:
+        conditioning = {"context": contexts[0], "uncond_context": contexts[1]}
+    if components.family == "sdxl":
+        conditioning.update(sdxl_conditioning(components, options, (width, height), device, dtype))
 
     family = SPACING_FAMILY[options.sampler]
     control = ControlResiduals(prepared) if prepared else None
@@ -253,8 +314,7 @@ def generate_base(
             sigmas,
             callback=callback,
             generator=generators[0],
-            context=cond,
-            uncond_context=uncond,
+            **conditioning,
             **extra,
         )
 
@@ -269,16 +329,23 @@ def generate_base(
             latents = value * float(c_in(sigmas[-1]))
     if source is not None and source.blend:
         latents = source.final_blend(latents)
-    images = tensor_to_images(decode_latents(components.vae, latents, tiled=options.vae_tiling))
+    decoded = decode_latents(
+        components.vae, latents, tiled=options.vae_tiling, upcast=vae_needs_upcast(components)
+    )
+    images = tensor_to_images(decoded)
     record = generation_record(components, options, width, height, dtype)
     if prepared:
         record["controls"] = control_records(prepared)
     yield Result(images, latents, [dict(record, seed=options.seed + i) for i in range(options.n)])
 
 
-def decode_latents(vae, latents: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
+def decode_latents(
+    vae, latents: torch.Tensor, *, tiled: bool = False, upcast: bool = False
+) -> torch.Tensor:
     """Decode to [-1, 1] pixels (in overlapping tiles when ``tiled``, for large pictures); a
     half-precision decode that overflows is redone in fp32, so there are no black images.
+    ``upcast`` decodes an fp16 VAE in fp32 from the start, as SDXL's reference does for a
+    VAE whose config says ``force_upcast`` (``vae_needs_upcast``).
 
     Latents that are already non-finite (the U-Net overflowed) cannot be rescued by the
     VAE: they are decoded once, with a warning, and no fp32 copy of the VAE is made."""
@@ -292,16 +359,19 @@ def decode_latents(vae, latents: torch.Tensor, *, tiled: bool = False) -> torch.
         # under the decode's own peak: 0.24 GiB of a 512 px SD 1.5 picture in bf16.
         return_freed_memory()
     with torch.inference_mode():
+        if upcast and dtype == torch.float16:
+            return _decode_in_fp32(vae, decode, latents)
         images = decode(latents.to(dtype))
         if not torch.isfinite(latents).all():
             warnings.warn(_non_finite_latents_message(latents.dtype), stacklevel=2)
         elif dtype != torch.float32 and not torch.isfinite(images).all():
-            vae.float()
-            try:
-                images = decode(latents.float())
-            finally:
-                vae.to(dtype)
+            images = _decode_in_fp32(vae, decode, latents)
     return images
+
+
+def _decode_in_fp32(vae, decode, latents: torch.Tensor) -> torch.Tensor:
+    with vae_in_fp32(vae):
+        return decode(latents.float())
 
 
 def _non_finite_latents_message(dtype: torch.dtype) -> str:
