@@ -343,8 +343,9 @@ def test_detect_family_rejects_other_models():
         "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
         "conditioner.embedders.1.model.positional_embedding",
     ]
-    with pytest.raises(WeightsError, match="SDXL"):
-        detect_family(sdxl)
+    assert detect_family(sdxl) == "sdxl"  # read since SDXL part 3 (test_sdxl_single_file)
+    with pytest.raises(WeightsError, match="SDXL base"):
+        detect_family(sdxl[:1] + ["conditioner.embedders.2.model.positional_embedding"])
     with pytest.raises(WeightsError, match="Flux"):
         detect_family(["model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale"])
     g = torch.Generator().manual_seed(0)

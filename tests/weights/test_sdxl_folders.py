@@ -14,7 +14,6 @@ from latentkit.config import TINY_SDXL, TINY_SDXL_REFINER
 from latentkit.errors import ConfigError, WeightsError
 from latentkit.models.clip import joint_context
 from latentkit.train.unet import check_sizes
-from latentkit.weights import save_single_file
 from latentkit.weights.diffusers_folder import (
     load_diffusers,
     read_json,
@@ -100,12 +99,9 @@ def test_saved_folder_reads_back_in_diffusers_and_latentkit(saved, tmp_path):
     assert (again.config.text, again.config.text_2) == (config.text, config.text_2)
 
 
-def test_single_files_and_training_are_refused_for_now(saved, tmp_path):
+def test_training_is_refused_for_now(saved):
     _, _, folder = saved
     components = load_diffusers(folder)
-    with pytest.raises(WeightsError, match="single files of SDXL models are not supported"):
-        save_single_file(components, tmp_path / "model.safetensors")
-    assert not (tmp_path / "model.safetensors").exists()
     with pytest.raises(ConfigError, match="cannot train SDXL models or add-ons"):
         check_sizes(components.config, 32)
 

@@ -177,7 +177,7 @@ def load_single_file(
     hint: ModelConfig | None = None,
     ema: bool = False,
 ) -> Components:
-    """A model from one original-layout SD 1.x/2.x checkpoint; with ``ema``, its U-Net
+    """A model from one original-layout SD 1.x/2.x or SDXL checkpoint; with ``ema``, its U-Net
     from the file's EMA copy (``model_ema.*``) rather than its main weights.
 
     The architecture is read off the tensor shapes (``ldm_infer``); what shapes cannot
@@ -215,19 +215,32 @@ def _stored_config(path: Path) -> ModelConfig | None:
 
 
 def _build(config: ModelConfig, parts: dict, *, source: Path | None) -> Components:
-
     try:
         unet = build_loaded(lambda: UNet2DConditionModel(config.unet), parts["unet"], "U-Net")
         vae = build_loaded(lambda: AutoencoderKL(config.vae), parts["vae"], "VAE")
-        text = build_loaded(
-            lambda: CLIPTextModel(config.text), parts["text_encoder"], "text encoder"
-        )
+        texts = [
+            build_loaded(lambda text=text: CLIPTextModel(text), parts[name], role)
+            for name, role, text in _text_parts(config)
+        ]
     except ConfigError as err:
         raise WeightsError(f"the model in {source} has an invalid config: {err}") from None
-    tokenizer = CLIPTokenizer.default(
-        pad_token=config.tokenizer.pad_token, max_length=config.tokenizer.max_length
-    )
-    return Components(config, tokenizer, text, unet, vae, source=source)
+    tokenizers = [
+        CLIPTokenizer.default(pad_token=t.pad_token, max_length=t.max_length)
+        for t in (config.tokenizer, config.tokenizer_2)
+        if t is not None
+    ]
+    second = {}
+    if len(texts) == 2:
+        second = {"text_encoder_2": texts[1], "tokenizer_2": tokenizers[1]}
+    return Components(config, tokenizers[0], texts[0], unet, vae, source=source, **second)
+
+
+def _text_parts(config: ModelConfig) -> list[tuple[str, str, object]]:
+    """(component name, role, TextConfig) of each text encoder."""
+    parts = [("text_encoder", "text encoder", config.text)]
+    if config.text_2 is not None:
+        parts.append(("text_encoder_2", "second text encoder", config.text_2))
+    return parts
 
 
 def save_single_file(
@@ -247,11 +260,6 @@ def save_single_file(
     if path.suffix != ".safetensors":
         raise WeightsError(
             f"save_single_file writes .safetensors files only; {path.name} has another suffix."
-        )
-    if components.family == "sdxl":
-        raise WeightsError(
-            f"cannot write {path.name}: single files of SDXL models are not supported yet; "
-            "save a diffusers folder instead."
         )
     parts = {name: module.state_dict() for name, module in components.modules().items()}
     state = join_checkpoint(parts, components.config)

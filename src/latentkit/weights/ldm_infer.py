@@ -4,9 +4,10 @@ Shapes give the architecture: channel counts, blocks, layers, context width, lin
 convolutional transformer projections, 4 or 9 input channels (inpainting). A few things
 leave no trace in the weights: attention head counts, normalisation group counts, sample
 sizes, the VAE scaling factor, attention upcasting and the prediction type (epsilon or
-v). Those come from ``hint`` when given, otherwise from the family's preset (SD 1.5 or
-SD 2.1-base); head counts otherwise follow the SD rule: SD 1.x uses 8 heads per block,
-SD 2.x heads of 64 channels. Only shapes are read, so meta or expanded tensors will do.
+v). Those come from ``hint`` when given, otherwise from the family's preset (SD 1.5,
+SD 2.1-base, SDXL base or refiner); head counts otherwise follow the SD rule: SD 1.x uses
+8 heads per block, SD 2.x and SDXL heads of 64 channels. Only shapes are read, so meta or
+expanded tensors will do.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 from latentkit.config import (
     SD15,
     SD21_BASE,
+    SDXL,
+    SDXL_REFINER,
     ModelConfig,
     TextConfig,
     TokenizerConfig,
@@ -26,12 +29,32 @@ from latentkit.config import (
     VAEConfig,
 )
 from latentkit.errors import ConfigError, WeightsError
-from latentkit.weights.ldm_keys import SD1_TEXT, SD2_TEXT, UNET, VAE, normalize_legacy_keys
+from latentkit.weights.ldm_keys import (
+    SD1_TEXT,
+    SD2_TEXT,
+    UNET,
+    VAE,
+    XL_BIGG,
+    XL_CLIP,
+    XL_REFINER_BIGG,
+    normalize_legacy_keys,
+)
 
 SD1_HEADS = 8
-SD2_HEAD_CHANNELS = 64  # U-Net heads of SD 2.x
+SD2_HEAD_CHANNELS = 64  # U-Net heads of SD 2.x and SDXL
 TEXT_HEAD_CHANNELS = 64  # CLIP text heads, OpenAI and OpenCLIP alike
-_PAD_TOKENS = {"sd1": "<|endoftext|>", "sd2": "!"}
+_PRESETS = {"sd1": SD15, "sd2": SD21_BASE, "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER}
+# Each family's text encoders: (key prefix, layout). "open_clip_sd2" keeps one block fewer
+# than the file holds (SD 2.x conditions on the penultimate one); SDXL keeps them all.
+_TEXTS = {
+    "sd1": [(SD1_TEXT, "clip")],
+    "sd2": [(SD2_TEXT, "open_clip_sd2")],
+    "sdxl": [(XL_CLIP, "clip"), (XL_BIGG, "open_clip")],
+    "sdxl-refiner": [(XL_REFINER_BIGG, "open_clip")],
+}
+# The numbers beside the pooled text embedding in SDXL's added embedding: original size,
+# crop and target size (base), or original size, crop and aesthetic score (refiner).
+_ADDED_NUMBERS = {"sdxl": 6, "sdxl-refiner": 5}
 
 
 def infer_config(
@@ -41,25 +64,35 @@ def infer_config(
     hint: ModelConfig | None = None,
     prediction_type: str | None = None,
 ) -> ModelConfig:
-    """The ModelConfig of a single-file checkpoint of ``family`` ("sd1" or "sd2").
+    """The ModelConfig of a single-file checkpoint of ``family`` ("sd1", "sd2", "sdxl" or
+    "sdxl-refiner", as ``ldm_keys.detect_family`` names them).
 
     ``hint`` supplies what the weights cannot (see the module docstring), head counts
     included; ``prediction_type`` overrides the schedule's ("v_prediction" for SD 2.x 768-v).
     """
-    if family not in _PAD_TOKENS:
-        raise ConfigError(f"family is {family!r}; valid values are: sd1, sd2.")
+    if family not in _PRESETS:
+        raise ConfigError(f"family is {family!r}; valid values are: {', '.join(_PRESETS)}.")
     sd = normalize_legacy_keys(state_dict)
-    base = hint or (SD15 if family == "sd1" else SD21_BASE)
+    base = hint or _PRESETS[family]
+    heads = hint is not None
+    if len(base.text_encoders) != len(_TEXTS[family]):
+        raise ConfigError(
+            f"the hint config has {len(base.text_encoders)} text encoders but a {family} "
+            f"file holds {len(_TEXTS[family])}; give a hint of the file's family."
+        )
     try:
-        text = infer_text(sd, family, base.text, use_hint_heads=hint is not None)
+        texts = [
+            infer_text(sd, prefix, layout, text, use_hint_heads=heads)
+            for (prefix, layout), text in zip(_TEXTS[family], base.text_encoders, strict=True)
+        ]
+        unet = infer_unet(sd, family, base.unet, use_hint_heads=heads)
+        if family in _ADDED_NUMBERS:
+            unet = _added_embedding(sd, unet, texts[-1].projection_dim, _ADDED_NUMBERS[family])
         config = ModelConfig(
             vae=infer_vae(sd, base.vae),
-            text=text,
-            unet=infer_unet(sd, family, base.unet, use_hint_heads=hint is not None),
+            unet=unet,
             schedule=base.schedule,
-            tokenizer=TokenizerConfig(
-                max_length=text.max_position_embeddings, pad_token=_PAD_TOKENS[family]
-            ),
+            **_text_fields(texts, [layout for _, layout in _TEXTS[family]]),
         )
     except ConfigError as err:
         raise WeightsError(f"the model read from this checkpoint is not valid: {err}") from None
@@ -67,6 +100,19 @@ def infer_config(
         schedule = dataclasses.replace(config.schedule, prediction_type=prediction_type)
         config = dataclasses.replace(config, schedule=schedule)
     return config
+
+
+def _text_fields(texts: list[TextConfig], layouts: list[str]) -> dict:
+    """ModelConfig's text, tokenizer (and text_2, tokenizer_2) fields; OpenCLIP pads with
+    "!", OpenAI CLIP with its end token."""
+    fields = {}
+    for suffix, text, layout in zip(("", "_2"), texts, layouts, strict=False):
+        pad = "<|endoftext|>" if layout == "clip" else "!"
+        fields[f"text{suffix}"] = text
+        fields[f"tokenizer{suffix}"] = TokenizerConfig(
+            max_length=text.max_position_embeddings, pad_token=pad
+        )
+    return fields
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -186,6 +232,27 @@ def _sd_heads(family: str, channels: list[int]) -> int | tuple[int, ...]:
     return _collapse([c // SD2_HEAD_CHANNELS for c in channels])
 
 
+def _added_embedding(
+    sd: Mapping[str, torch.Tensor], unet: UNetConfig, pooled: int, numbers: int
+) -> UNetConfig:
+    """SDXL's "text_time" embedding (``label_emb.0``): the pooled text embedding beside
+    ``numbers`` sinusoids of one width, which the input width tells."""
+    width = _shape(sd, UNET + "label_emb.0.0.weight")[1]
+    each, rest = divmod(width - pooled, numbers)
+    if rest or each <= 0:
+        raise WeightsError(
+            f"the U-Net's added embedding takes {width} inputs, which is not the pooled text "
+            f"embedding ({pooled}) plus {numbers} sinusoids of one width; this is not an "
+            "SDXL U-Net latentkit can read."
+        )
+    return dataclasses.replace(
+        unet,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=each,
+        projection_class_embeddings_input_dim=width,
+    )
+
+
 # --- VAE --------------------------------------------------------------------------------
 
 
@@ -219,29 +286,38 @@ def infer_vae(sd: Mapping[str, torch.Tensor], base: VAEConfig) -> VAEConfig:
 
 
 def infer_text(
-    sd: Mapping[str, torch.Tensor], family: str, base: TextConfig, *, use_hint_heads: bool
+    sd: Mapping[str, torch.Tensor],
+    prefix: str,
+    layout: str,
+    base: TextConfig,
+    *,
+    use_hint_heads: bool,
 ) -> TextConfig:
-    if family == "sd1":
-        t = SD1_TEXT + "text_model."
+    """The text encoder below ``prefix``: "clip" (OpenAI, transformers' names) or OpenCLIP
+    ("open_clip", or "open_clip_sd2", which drops the unused last block)."""
+    if layout == "clip":
+        t = prefix + "text_model."
         vocab, width = _shape(sd, t + "embeddings.token_embedding.weight")
         positions = _shape(sd, t + "embeddings.position_embedding.weight")[0]
         layers = len(_indices(sd, t + "encoder.layers."))
         inner = _shape(sd, t + "encoder.layers.0.mlp.fc1.weight")[0]
         act, projection = "quick_gelu", base.projection_dim
-        # SD 1.x files carry a projection only when the encoder has one (ours do), so its
-        # presence decides; SD 2.x files always carry OpenCLIP's, used or not.
-        with_projection = SD1_TEXT + "text_projection.weight" in sd
+        # OpenAI CLIP files carry a projection only when the encoder has one (ours do), so
+        # its presence decides; OpenCLIP files always carry theirs, used or not.
+        with_projection = prefix + "text_projection.weight" in sd
         if with_projection:
-            projection = _shape(sd, SD1_TEXT + "text_projection.weight")[0]
+            projection = _shape(sd, prefix + "text_projection.weight")[0]
     else:
-        vocab, width = _shape(sd, SD2_TEXT + "token_embedding.weight")
-        positions = _shape(sd, SD2_TEXT + "positional_embedding")[0]
-        layers = _sd2_layers(len(_indices(sd, SD2_TEXT + "transformer.resblocks.")), base)
-        inner = _shape(sd, SD2_TEXT + "transformer.resblocks.0.mlp.c_fc.weight")[0]
+        vocab, width = _shape(sd, prefix + "token_embedding.weight")
+        positions = _shape(sd, prefix + "positional_embedding")[0]
+        layers = len(_indices(sd, prefix + "transformer.resblocks."))
+        if layout == "open_clip_sd2":
+            layers = _sd2_layers(layers, base)
+        inner = _shape(sd, prefix + "transformer.resblocks.0.mlp.c_fc.weight")[0]
         act, projection = "gelu", base.projection_dim
         with_projection = base.with_projection
-        if base.with_projection and SD2_TEXT + "text_projection" in sd:
-            projection = _shape(sd, SD2_TEXT + "text_projection")[1]
+        if base.with_projection and prefix + "text_projection" in sd:
+            projection = _shape(sd, prefix + "text_projection")[1]
     if not use_hint_heads and width % TEXT_HEAD_CHANNELS:
         raise WeightsError(
             f"the text encoder is {width} wide, not a multiple of {TEXT_HEAD_CHANNELS}, so "

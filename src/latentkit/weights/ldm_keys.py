@@ -6,6 +6,8 @@ A CompVis / Stability single file holds every component in one state dict:
     first_stage_model.*           the VAE (encoder.down.N / decoder.up.N / mid.attn_1 ...)
     cond_stage_model.transformer.text_model.*   SD 1.x text encoder (OpenAI CLIP, HF names)
     cond_stage_model.model.*      SD 2.x text encoder (OpenCLIP layout, fused q/k/v)
+    conditioner.embedders.0.transformer.text_model.*   SDXL base's CLIP ViT-L (HF names)
+    conditioner.embedders.1.model.*   SDXL base's OpenCLIP bigG (the refiner's: embedders.0)
 
 plus buffers we never read (the training schedule, ``model_ema.*`` copies). An original
 ControlNet file holds ``control_model.*``: the U-Net's encoder under the U-Net's own ldm names
@@ -26,7 +28,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from latentkit.config import ControlNetConfig, ModelConfig, UNetConfig, VAEConfig
+from latentkit.config import ControlNetConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig
 from latentkit.errors import WeightsError
 
 UNET = "model.diffusion_model."
@@ -34,7 +36,12 @@ VAE = "first_stage_model."
 SD1_TEXT = "cond_stage_model.transformer."
 SD2_TEXT = "cond_stage_model.model."
 TEXT = "cond_stage_model."
+CONDITIONER = "conditioner.embedders."
+XL_CLIP = CONDITIONER + "0.transformer."
+XL_BIGG = CONDITIONER + "1.model."
+XL_REFINER_BIGG = CONDITIONER + "0.model."
 CONTROL = "control_model."
+_COMPONENT_PREFIXES = (UNET, VAE, TEXT, CONDITIONER)
 
 # Buffers of the original LatentDiffusion training module: the schedule is rebuilt from
 # ScheduleConfig, so these are known and skipped.
@@ -47,7 +54,12 @@ SCHEDULE_BUFFERS = frozenset(
 # EMA copies of the U-Net, stored flat ("model_ema.diffusion_modelinput_blocks00weight").
 EMA_PREFIX = "model_ema."
 
-_ROLES = {"unet": "U-Net", "vae": "VAE", "text_encoder": "text encoder"}
+_ROLES = {
+    "unet": "U-Net",
+    "vae": "VAE",
+    "text_encoder": "text encoder",
+    "text_encoder_2": "second text encoder",
+}
 
 # --- inner renames, file name -> our name, per kind of module ---------------------------
 
@@ -108,9 +120,8 @@ Route = tuple[str, str, str]
 
 # --- family detection -------------------------------------------------------------------
 
-# First key prefixes of files that are not whole SD 1.x/2.x checkpoints, and what they are.
+# First key prefixes of files that are not whole SD 1.x/2.x/XL checkpoints, and what they are.
 _NOT_SD_HINTS = (
-    ("conditioner.embedders.", "an SDXL checkpoint"),
     (UNET + "joint_blocks.", "an SD3 checkpoint"),
     ("joint_blocks.", "an SD3 transformer"),
     (UNET + "double_blocks.", "a Flux checkpoint"),
@@ -124,24 +135,29 @@ _NOT_SD_HINTS = (
 
 
 def detect_family(keys: Iterable[str]) -> str:
-    """The family of an original SD single file, "sd1" or "sd2"; WeightsError otherwise."""
+    """The layout of an original SD single file: "sd1", "sd2", "sdxl" (base) or
+    "sdxl-refiner" (whose one OpenCLIP encoder sits at ``conditioner.embedders.0``);
+    WeightsError otherwise."""
     keys = list(keys)
     for prefix, what in _NOT_SD_HINTS:
         if any(k.startswith(prefix) for k in keys):
             raise WeightsError(
                 f"this file looks like {what} (it has {prefix}* keys); latentkit reads "
-                "Stable Diffusion 1.x and 2.x single-file checkpoints."
+                "Stable Diffusion 1.x, 2.x and XL single-file checkpoints."
             )
     if UNET + "input_blocks.0.0.weight" not in keys:
         found = ", ".join(repr(k) for k in sorted(keys)[:3]) or "no keys at all"
         raise WeightsError(
             f"this file has no Stable Diffusion U-Net keys (model.diffusion_model.*), only "
-            f"keys such as {found}; latentkit reads SD 1.x and 2.x single-file checkpoints."
+            f"keys such as {found}; latentkit reads SD 1.x, 2.x and XL single-file checkpoints."
         )
+    if any(k.startswith(CONDITIONER) for k in keys):
+        return _sdxl_layout(keys)
     if any(k.startswith(UNET + "label_emb.") for k in keys):
         raise WeightsError(
-            "this U-Net is class-conditioned (model.diffusion_model.label_emb.*, as in the "
-            "x4 upscaler or unCLIP); latentkit reads text-to-image SD 1.x and 2.x checkpoints."
+            "this U-Net is class-conditioned or has SDXL's added embedding (model."
+            "diffusion_model.label_emb.*) without SDXL's text encoders (conditioner.embedders"
+            ".*); latentkit reads text-to-image SD 1.x, 2.x and SDXL checkpoints."
         )
     if any(k.startswith(SD2_TEXT) for k in keys):
         return "sd2"
@@ -153,9 +169,28 @@ def detect_family(keys: Iterable[str]) -> str:
     )
 
 
+def _sdxl_layout(keys: list[str]) -> str:
+    """SDXL base holds CLIP ViT-L and bigG (embedders 0 and 1), the refiner bigG alone."""
+    has = {p: any(k.startswith(p) for k in keys) for p in (XL_CLIP, XL_BIGG, XL_REFINER_BIGG)}
+    if has[XL_CLIP] and has[XL_BIGG]:
+        return "sdxl"
+    if has[XL_REFINER_BIGG] and not has[XL_BIGG]:
+        return "sdxl-refiner"
+    raise WeightsError(
+        "this SDXL file's text encoders are not laid out as in SDXL base (conditioner."
+        "embedders.0.transformer.* and conditioner.embedders.1.model.*) or the refiner "
+        "(conditioner.embedders.0.model.*); latentkit cannot read it."
+    )
+
+
 def text_family(config: ModelConfig) -> str:
-    """Which text-encoder layout a config writes: OpenCLIP (SD 2.x) models use exact GELU,
-    OpenAI CLIP (SD 1.x) uses quick_gelu, so the activation tells the two apart."""
+    """Which text-encoder layout a config writes: SDXL base has two encoders, the refiner
+    one beside a "text_time" U-Net; OpenCLIP (SD 2.x) models use exact GELU, OpenAI CLIP
+    (SD 1.x) uses quick_gelu, so the activation tells those two apart."""
+    if config.text_2 is not None:
+        return "sdxl"
+    if config.unet.addition_embed_type == "text_time":
+        return "sdxl-refiner"
     return "sd2" if config.text.hidden_act == "gelu" else "sd1"
 
 
@@ -225,6 +260,11 @@ def unet_routes(config: UNetConfig) -> list[Route]:
         ("out.0", "conv_norm_out", "layer"),
         ("out.2", "conv_out", "layer"),
     ]
+    if config.addition_embed_type == "text_time":  # SDXL's added embedding
+        routes += [
+            ("label_emb.0.0", "add_embedding.linear_1", "layer"),
+            ("label_emb.0.2", "add_embedding.linear_2", "layer"),
+        ]
     types = zip(config.down_block_types, config.up_block_types, strict=True)
     for b, (down, up) in enumerate(types):
         ours_down, ours_up = f"down_blocks.{b}", f"up_blocks.{b}"
@@ -284,63 +324,85 @@ def vae_routes(config: VAEConfig) -> list[Route]:
     return [(VAE + src, dst, kind) for src, dst, kind in routes]
 
 
-def text_routes(config: ModelConfig) -> tuple[list[Route], list[Route]]:
-    """The text encoder's (module routes, tensor routes) in the config's layout."""
-    layers = range(config.text.num_hidden_layers)
-    if text_family(config) == "sd1":
-        t = SD1_TEXT + "text_model."
-        modules = [
-            (t + "embeddings.token_embedding", "text_model.embeddings.token_embedding", "layer"),
-            (
-                t + "embeddings.position_embedding",
-                "text_model.embeddings.position_embedding",
-                "layer",
-            ),
-            (t + "final_layer_norm", "text_model.final_layer_norm", "layer"),
-        ] + [
-            (t + f"encoder.layers.{i}", f"text_model.encoder.layers.{i}", "clip_layer")
-            for i in layers
-        ]
-        if config.text.with_projection:
-            modules.append((SD1_TEXT + "text_projection", "text_projection", "layer"))
-        return modules, []
+def text_routes(config: ModelConfig) -> dict[str, tuple[list[Route], list[Route]]]:
+    """Each text encoder's (module routes, tensor routes), by component name, in the
+    layout of the config's family."""
+    family = text_family(config)
+    if family == "sdxl":
+        return {
+            "text_encoder": clip_routes(config.text, XL_CLIP),
+            "text_encoder_2": open_clip_routes(config.text_2, XL_BIGG),
+        }
+    if family == "sdxl-refiner":
+        return {"text_encoder": open_clip_routes(config.text, XL_REFINER_BIGG)}
+    if family == "sd2":
+        return {"text_encoder": open_clip_routes(config.text, SD2_TEXT)}
+    return {"text_encoder": clip_routes(config.text, SD1_TEXT)}
+
+
+def _text_prefixes(config: ModelConfig) -> tuple[list[str], list[str]]:
+    """(OpenAI CLIP prefixes, OpenCLIP prefixes) of the config's text encoders."""
+    return {
+        "sd1": ([SD1_TEXT], []),
+        "sd2": ([], [SD2_TEXT]),
+        "sdxl": ([XL_CLIP], [XL_BIGG]),
+        "sdxl-refiner": ([], [XL_REFINER_BIGG]),
+    }[text_family(config)]
+
+
+def clip_routes(text: TextConfig, prefix: str) -> tuple[list[Route], list[Route]]:
+    """An OpenAI CLIP encoder kept under transformers' own names below ``prefix``."""
+    t = prefix + "text_model."
     modules = [
-        (SD2_TEXT + "token_embedding", "text_model.embeddings.token_embedding", "layer"),
-        (SD2_TEXT + "ln_final", "text_model.final_layer_norm", "layer"),
+        (t + "embeddings.token_embedding", "text_model.embeddings.token_embedding", "layer"),
+        (t + "embeddings.position_embedding", "text_model.embeddings.position_embedding", "layer"),
+        (t + "final_layer_norm", "text_model.final_layer_norm", "layer"),
+    ] + [
+        (t + f"encoder.layers.{i}", f"text_model.encoder.layers.{i}", "clip_layer")
+        for i in range(text.num_hidden_layers)
+    ]
+    if text.with_projection:
+        modules.append((prefix + "text_projection", "text_projection", "layer"))
+    return modules, []
+
+
+def open_clip_routes(text: TextConfig, prefix: str) -> tuple[list[Route], list[Route]]:
+    """An OpenCLIP encoder below ``prefix``: fused q/k/v, a bare positional embedding and
+    a [width, projection] text projection (applied as x @ text_projection)."""
+    modules = [
+        (prefix + "token_embedding", "text_model.embeddings.token_embedding", "layer"),
+        (prefix + "ln_final", "text_model.final_layer_norm", "layer"),
     ] + [
         (
-            SD2_TEXT + f"transformer.resblocks.{i}",
+            prefix + f"transformer.resblocks.{i}",
             f"text_model.encoder.layers.{i}",
             "open_clip_layer",
         )
-        for i in layers
+        for i in range(text.num_hidden_layers)
     ]
     tensors = [
-        (
-            SD2_TEXT + "positional_embedding",
-            "text_model.embeddings.position_embedding.weight",
-            "same",
-        )
+        (prefix + "positional_embedding", "text_model.embeddings.position_embedding.weight", "same")
     ]
-    if config.text.with_projection:
-        tensors.append((SD2_TEXT + "text_projection", "text_projection.weight", "transpose"))
+    if text.with_projection:
+        tensors.append((prefix + "text_projection", "text_projection.weight", "transpose"))
     return modules, tensors
 
 
 def skipped_file_keys(config: ModelConfig) -> tuple[set[str], tuple[str, ...]]:
-    """Keys under our three prefixes that are known and deliberately not read:
+    """Keys under our component prefixes that are known and deliberately not read:
     (exact keys, key prefixes)."""
-    exact = {SD1_TEXT + "text_model.embeddings.position_ids"}  # a buffer of 0..76
-    exact |= {SD2_TEXT + "logit_scale", SD2_TEXT + "attn_mask"}  # CLIP training leftovers
-    if not config.text.with_projection:
-        exact.add(SD2_TEXT + "text_projection")
-    # SD 2.x conditions on the penultimate OpenCLIP layer, so the file's last block is
-    # never run; diffusers drops it (its SD 2 encoder has 23 of the file's 24 layers).
-    prefixes = (
-        SD2_TEXT + f"transformer.resblocks.{config.text.num_hidden_layers}.",
-        VAE + "loss.",  # the VAE's training losses (LPIPS, discriminator)
-    )
-    return exact, prefixes
+    clips, open_clips = _text_prefixes(config)
+    exact = {p + "text_model.embeddings.position_ids" for p in clips}  # a buffer of 0..76
+    prefixes = [VAE + "loss."]  # the VAE's training losses (LPIPS, discriminator)
+    texts = [config.text] if config.text_2 is None else [config.text_2]
+    for prefix, text in zip(open_clips, texts, strict=False):
+        exact |= {prefix + "logit_scale", prefix + "attn_mask"}  # CLIP training leftovers
+        if not text.with_projection:
+            exact.add(prefix + "text_projection")
+        # SD 2.x conditions on the penultimate OpenCLIP layer, so the file's last block is
+        # never run; diffusers drops it (its SD 2 encoder has 23 of the file's 24 layers).
+        prefixes.append(prefix + f"transformer.resblocks.{text.num_hidden_layers}.")
+    return exact, tuple(prefixes)
 
 
 def controlnet_routes(config: ControlNetConfig) -> list[Route]:
@@ -413,19 +475,21 @@ def split_checkpoint(
     state_dict: Mapping[str, torch.Tensor], config: ModelConfig
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Cut a single-file checkpoint into {"unet", "vae", "text_encoder"} state dicts in our
-    (diffusers / transformers) names. Keys under the three component prefixes that the
-    config has no place for are an error; schedule buffers and EMA copies are skipped."""
+    (diffusers / transformers) names, and "text_encoder_2" for SDXL base. Keys under the
+    component prefixes that the config has no place for are an error; schedule buffers and
+    EMA copies are skipped."""
     family = detect_family(state_dict.keys())
     if family != text_family(config):
         raise WeightsError(
-            f"this file holds an {_FAMILY_NAMES[family]} text encoder but the config describes "
-            f"an {_FAMILY_NAMES[text_family(config)]} one; use a config of the file's family."
+            f"this file holds the text encoders of {_FAMILY_NAMES[family]} but the config "
+            f"describes those of {_FAMILY_NAMES[text_family(config)]}; use a config of the "
+            "file's family."
         )
     exact, prefixes = skipped_file_keys(config)
     pending = {
         k: v
         for k, v in normalize_legacy_keys(state_dict).items()
-        if k.startswith((UNET, VAE, TEXT)) and k not in exact and not k.startswith(prefixes)
+        if k.startswith(_COMPONENT_PREFIXES) and k not in exact and not k.startswith(prefixes)
     }
     unknown: list[str] = []
     out = {}
@@ -445,14 +509,14 @@ def join_checkpoint(
 ) -> dict[str, torch.Tensor]:
     """The inverse of ``split_checkpoint``: one state dict in the original single-file
     layout (readable by diffusers' ``from_single_file``), holding only what we were given."""
-    names = set(components)
-    if names != set(_ROLES):
+    names, routes = set(components), _component_routes(config)
+    if names != set(routes):
         raise WeightsError(
-            f"join_checkpoint needs exactly the components {', '.join(_ROLES)}, "
+            f"join_checkpoint needs exactly the components {', '.join(routes)}, "
             f"got {', '.join(sorted(names)) or 'none'}."
         )
     out: dict[str, torch.Tensor] = {}
-    for name, (modules, tensors) in _component_routes(config).items():
+    for name, (modules, tensors) in routes.items():
         pending = dict(components[name])
         unknown: list[str] = []
         out.update(
@@ -474,14 +538,19 @@ def join_checkpoint(
     return out
 
 
-_FAMILY_NAMES = {"sd1": "SD 1.x (OpenAI CLIP)", "sd2": "SD 2.x (OpenCLIP)"}
+_FAMILY_NAMES = {
+    "sd1": "SD 1.x (OpenAI CLIP)",
+    "sd2": "SD 2.x (OpenCLIP)",
+    "sdxl": "SDXL base (CLIP ViT-L and OpenCLIP bigG)",
+    "sdxl-refiner": "SDXL refiner (OpenCLIP bigG alone)",
+}
 
 
 def _component_routes(config: ModelConfig) -> dict[str, tuple[list[Route], list[Route]]]:
     return {
         "unet": (unet_routes(config.unet), []),
         "vae": (vae_routes(config.vae), []),
-        "text_encoder": text_routes(config),
+        **text_routes(config),
     }
 
 
