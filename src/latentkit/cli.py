@@ -42,6 +42,7 @@ from latentkit.generation.pipeline import (
     split_record,
 )
 from latentkit.generation.pngmeta import read_png_record, read_png_text, read_record, save_png
+from latentkit.generation.refine import DEFAULT_SWITCH, generate_refined
 from latentkit.images import image_grid
 from latentkit.outputs import output_paths, replace_atomically
 from latentkit.runtime.device import Progress, resolve_device, resolve_dtype
@@ -140,6 +141,20 @@ def _add_generate(commands) -> None:
         default=None,
         help="a diffusers folder, a .safetensors file or a shipped name "
         "(default: the --from record's model, else shapes)",
+    )
+    p.add_argument(
+        "--refiner",
+        default=None,
+        metavar="MODEL",
+        help="SDXL: hand the base's latents to this SDXL refiner (a folder or a .safetensors "
+        "file), which denoises the rest of the schedule (default: none, the base alone)",
+    )
+    p.add_argument(
+        "--refiner-switch",
+        type=float,
+        default=DEFAULT_SWITCH,
+        help="with --refiner: the fraction of the schedule the base denoises before "
+        f"handing over, between 0 and 1 (default: {DEFAULT_SWITCH})",
     )
     add_setting_flags(p)
     add_addon_flags(p)
@@ -497,16 +512,9 @@ def run_generate(args: argparse.Namespace) -> None:
     width, height = image_size(components, options)
     _note_resized(requests, control_images, (width, height))
     progress = Progress(options.steps, f"{width}x{height}", enabled=not args.quiet)
-    for item in generate(
-        components,
-        options,
-        init_image=init_image,
-        mask=mask,
-        device=device,
-        dtype=dtype,
-        controls=controls,
-        addons=addons,
-    ):
+    inputs = {"init_image": init_image, "mask": mask, "controls": controls, "addons": addons}
+    items = _generation(args, components, options, inputs, device, dtype)
+    for item in items:
         if isinstance(item, Result):
             progress.close()
             for image, record, path in zip(item.images, item.records, paths, strict=True):
@@ -514,6 +522,23 @@ def run_generate(args: argparse.Namespace) -> None:
                 print(path)
         else:
             progress.update(item.i + 1)
+
+
+def _generation(args, components, options, inputs: dict, device, dtype):
+    """generate()'s items, or with --refiner the base-then-refiner hand-off's."""
+    if args.refiner is None:
+        return generate(components, options, device=device, dtype=dtype, **inputs)
+    if inputs["init_image"] is not None or inputs["mask"] is not None or inputs["controls"]:
+        raise ConfigError(
+            "--refiner works with text-to-image alone so far; leave out --init-image, --mask "
+            "and --controlnet, or the refiner."
+        )
+    if args.lora:
+        raise ConfigError("--refiner does not take LoRAs yet; leave out --lora or the refiner.")
+    refiner = load(args.refiner, allow_pickle=args.allow_pickle, dtype=dtype, device=device)
+    return generate_refined(
+        components, refiner, options, switch=args.refiner_switch, device=device, dtype=dtype
+    )
 
 
 def _note_resized(requests, images, size: tuple[int, int]) -> None:

@@ -98,6 +98,15 @@ def strength_start(steps: int, strength: float) -> int:
     return max(steps - min(int(steps * strength), steps), 0)
 
 
+def handoff_step(denoiser: Denoiser, sigmas: torch.Tensor, fraction: float) -> int:
+    """How many of ``sigmas``' steps lie before ``fraction`` of the schedule, counted as
+    diffusers does: steps whose timestep is at or above round(T - fraction * T)."""
+    total = denoiser.schedule.num_train_timesteps
+    cutoff = int(round(total - fraction * total))
+    # A tolerance, since timesteps read back from sigmas may miss an integer by rounding.
+    return int((denoiser.timestep(sigmas[:-1]) >= cutoff - 1e-3).sum())
+
+
 def encode_contexts(components: Components, options: GenerateOptions, device, dtype):
     """(context, uncond_context or None), each repeated for the ``n`` images: the text
     conditioning of SD 1.x/2.x models, which interpolation blends and batches stack."""
@@ -241,9 +250,16 @@ def generate_base(
     noise: torch.Tensor | None = None,
     contexts: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     controls: list[Control] | None = None,
+    denoising_end: float | None = None,
+    start_latents: tuple[torch.Tensor, float] | None = None,
 ) -> Iterator[Step | Result]:
     """Yield a :class:`Step` per denoising step, then one :class:`Result` with the images,
     from the model as it is (no add-ons).
+
+    The base-then-refiner hand-off (diffusers' ``denoising_end`` / ``denoising_start``):
+    ``denoising_end`` stops after that fraction of the schedule and gives a Result with no
+    images whose latents are the sampler's state there; ``start_latents`` (that state, the
+    same fraction) continues the schedule from it (``generation.refine`` joins the two).
 
     ``device`` and ``dtype`` default to the U-Net's (``components.device``/``.dtype``).
 
@@ -294,9 +310,15 @@ def generate_base(
     sigmas = sigmas_for(denoiser, options.steps, options.schedule, options.sampler)
     if source is not None and options.strength < 1.0:
         sigmas = sigmas[strength_start(options.steps, options.strength) :]
+    if denoising_end is not None:
+        sigmas = sigmas[: handoff_step(denoiser, sigmas, denoising_end) + 1]
+    if start_latents is not None:
+        sigmas = sigmas[handoff_step(denoiser, sigmas, start_latents[1]) :]
     if control is not None:
         control.follow(denoiser.timestep(sigmas[:-1]))
-    if source is None or options.strength == 1.0:
+    if start_latents is not None:
+        x = start_latents[0].to(device, dtype)
+    elif source is None or options.strength == 1.0:
         x = noise * initial_scale(
             options.sampler, components.schedule.timestep_spacing, float(sigmas[0])
         )
@@ -326,14 +348,17 @@ def generate_base(
         else:
             # The walk ends at sigmas[-1] (not always 0: DDIM's may keep a little noise, as
             # the reference's does); the VAE decodes the variance-preserving sample.
-            latents = value * float(c_in(sigmas[-1]))
+            walked, latents = value, value * float(c_in(sigmas[-1]))
+    record = generation_record(components, options, width, height, dtype)
+    if denoising_end is not None:  # handed on undecoded, in the sampler's own scale
+        yield Result([], walked, [dict(record, seed=options.seed + i) for i in range(options.n)])
+        return
     if source is not None and source.blend:
         latents = source.final_blend(latents)
     decoded = decode_latents(
         components.vae, latents, tiled=options.vae_tiling, upcast=vae_needs_upcast(components)
     )
     images = tensor_to_images(decoded)
-    record = generation_record(components, options, width, height, dtype)
     if prepared:
         record["controls"] = control_records(prepared)
     yield Result(images, latents, [dict(record, seed=options.seed + i) for i in range(options.n)])
