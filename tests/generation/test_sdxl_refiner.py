@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import build_reference_sdxl_pipeline, run_cli, save_reference_pipeline
 from PIL import Image
+from test_sdxl_generate import reference_scheduler
 
 import latentkit
 from latentkit.config import TINY_SDXL, TINY_SDXL_REFINER
@@ -54,10 +55,29 @@ def reference(base, refiner, switch: float) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-@pytest.mark.parametrize("switch", [0.8, 0.5])
-def test_hand_off_matches_diffusers(pair, switch):
+@pytest.mark.parametrize(
+    ("sampler", "schedule", "switch"),
+    [
+        ("euler", "default", 0.8),
+        ("euler", "default", 0.5),
+        ("euler_a", "default", 0.8),
+        ("dpmpp_2m", "karras", 0.8),
+        ("ddim", "default", 0.8),
+    ],
+)
+def test_hand_off_matches_diffusers(pair, sampler, schedule, switch):
     base, refiner, base_folder, refiner_folder = pair
-    options = GenerateOptions(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, cfg=5.0, seed=7)
+    base.scheduler = reference_scheduler(base, sampler, schedule)
+    refiner.scheduler = reference_scheduler(refiner, sampler, schedule)
+    options = GenerateOptions(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=STEPS,
+        cfg=5.0,
+        seed=7,
+        sampler=sampler,
+        schedule=schedule,
+    )
     items = list(
         generate_refined(
             latentkit.load(base_folder), latentkit.load(refiner_folder), options, switch=switch
@@ -83,6 +103,8 @@ def test_refiner_on_the_command_line(pair, tmp_path, capsys):
     argv = ["generate", PROMPT, "--negative", NEGATIVE, "--steps", STEPS, "--cfg", 5.0]
     argv += ["--seed", 7, "--model", base_folder, "--refiner", refiner_folder]
     argv += ["--refiner-switch", 0.8, "--out", out, "--quiet", "--dtype", "fp32"]
+    base.scheduler = reference_scheduler(base, "euler", "default")
+    refiner.scheduler = reference_scheduler(refiner, "euler", "default")
     code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
     ours = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
