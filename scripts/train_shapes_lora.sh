@@ -4,7 +4,7 @@
 # src/latentkit/assets/loras/shapes-one-object.safetensors, and the two measurements of
 # docs/shipped-model.md (place-less prompts; the held-out eval with the LoRA on). From the
 # repository root:
-#   scripts/train_shapes_lora.sh    # about 45 min on a 2-core CPU (training about 25)
+#   scripts/train_shapes_lora.sh    # about an hour on a 2-core CPU (training about 40 min)
 # WORK=dir puts the data, the run and the reports elsewhere (default: data/, runs/, .).
 # EXPORT=dir writes the LoRA to dir/shapes-one-object.safetensors instead of replacing the
 # shipped one; it must not hold one yet.
