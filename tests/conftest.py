@@ -37,7 +37,7 @@ def build_reference_pipeline(config: ModelConfig, seed: int = 0):
     biases and unit norms also differ from their defaults and a key loaded into the wrong
     place shows up in the outputs.
     """
-    import diffusers
+    import diffusers  # the reference, imported only by the tests that compare with it
 
     from latentkit.weights.config_json import (
         schedule_to_json,
@@ -68,7 +68,7 @@ def build_reference_sdxl_pipeline(config: ModelConfig, seed: int = 0):
     """A diffusers SDXL pipeline of ``config`` with random weights, noised as above: the
     base's StableDiffusionXLPipeline when the config has two text encoders, else the
     refiner's StableDiffusionXLImg2ImgPipeline (its one encoder is diffusers' second)."""
-    import diffusers
+    import diffusers  # the reference, imported only by the tests that compare with it
 
     from latentkit.weights.config_json import schedule_to_json, unet_to_json, vae_to_json
 
@@ -162,14 +162,14 @@ def save_reference_pipeline(pipe, folder: Path) -> Path:
 
 def load_reference_pipeline(folder: Path):
     """diffusers' own reading of a folder, offline."""
-    import diffusers
+    import diffusers  # the reference, imported only by the tests that compare with it
 
     _quiet_reference_libraries()
     return diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
 
 
 def _quiet_reference_libraries() -> None:
-    import diffusers
+    import diffusers  # the reference, imported only by the tests that compare with it
     import transformers
 
     diffusers.utils.logging.set_verbosity_error()
@@ -288,3 +288,21 @@ def server(shapes_models, tmp_path):
     with running_server(shapes_models, tmp_path / "outputs") as (url, queue):
         with httpx.Client(base_url=url, timeout=60) as client:
             yield client, queue
+
+
+def reference_scheduler(pipe, sampler: str, schedule: str):
+    """diffusers' scheduler for latentkit's ``sampler`` and ``schedule``, from ``pipe``'s own
+    scheduler config (test-only oracle)."""
+    import diffusers  # the reference, imported only by the tests that compare with it
+
+    config = dict(pipe.scheduler.config)
+    karras = {"use_karras_sigmas": schedule == "karras"}
+    if sampler == "euler":
+        return diffusers.EulerDiscreteScheduler.from_config(config, **karras)
+    if sampler == "euler_a":
+        return diffusers.EulerAncestralDiscreteScheduler.from_config(config)
+    if sampler == "ddim":
+        return diffusers.DDIMScheduler.from_config(config)
+    if sampler == "dpmpp_2m":
+        return diffusers.DPMSolverMultistepScheduler.from_config(config, **karras)
+    raise AssertionError(sampler)

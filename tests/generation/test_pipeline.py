@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import reference_scheduler
 from PIL import Image
 
 import latentkit
@@ -15,22 +16,6 @@ from latentkit.generation.pipeline import GenerateOptions, Result, Step, generat
 
 PROMPT = "a red circle above a blue square"
 NEGATIVE = "blurry, low quality"
-
-
-def reference_scheduler(pipe, sampler: str, schedule: str):
-    import diffusers
-
-    config = dict(pipe.scheduler.config)
-    karras = {"use_karras_sigmas": schedule == "karras"}
-    if sampler == "euler":
-        return diffusers.EulerDiscreteScheduler.from_config(config, **karras)
-    if sampler == "euler_a":
-        return diffusers.EulerAncestralDiscreteScheduler.from_config(config)
-    if sampler == "ddim":
-        return diffusers.DDIMScheduler.from_config(config)
-    if sampler == "dpmpp_2m":
-        return diffusers.DPMSolverMultistepScheduler.from_config(config, **karras)
-    raise AssertionError(sampler)
 
 
 def pixels(image: Image.Image) -> np.ndarray:

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import build_reference_sdxl_pipeline, save_reference_pipeline
+from conftest import build_reference_sdxl_pipeline, reference_scheduler, save_reference_pipeline
 from PIL import Image
 
 import latentkit
@@ -39,20 +39,6 @@ def sdxl_folders(tmp_path_factory):
         return made[kind]
 
     return get
-
-
-def reference_scheduler(pipe, sampler: str, schedule: str):
-    config = dict(pipe.scheduler.config)
-    karras = {"use_karras_sigmas": schedule == "karras"}
-    if sampler == "euler":
-        return diffusers.EulerDiscreteScheduler.from_config(config, **karras)
-    if sampler == "euler_a":
-        return diffusers.EulerAncestralDiscreteScheduler.from_config(config)
-    if sampler == "ddim":
-        return diffusers.DDIMScheduler.from_config(config)
-    if sampler == "dpmpp_2m":
-        return diffusers.DPMSolverMultistepScheduler.from_config(config, **karras)
-    raise AssertionError(sampler)
 
 
 def reference_image(pipe, sampler="euler", schedule="default", **kwargs) -> Image.Image:

@@ -7,9 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import build_reference_sdxl_pipeline, run_cli, save_reference_pipeline
+from conftest import (
+    build_reference_sdxl_pipeline,
+    reference_scheduler,
+    run_cli,
+    save_reference_pipeline,
+)
 from PIL import Image
-from test_sdxl_generate import reference_scheduler
 
 import latentkit
 from latentkit.config import TINY_SDXL, TINY_SDXL_REFINER
