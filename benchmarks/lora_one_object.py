@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     variants: dict[str, AddOns | None] = {"model": None}
     for given in args.lora:
         lora = read_lora(given)
+        if f"with {lora.name}" in variants:  # one row per name: a second would replace it
+            parser.error(f"two LoRAs are named {lora.name!r}; give files of different names.")
         variants[f"with {lora.name}"] = AddOns(loras=[(lora, args.weight)], merge=True)
     report, pictures = measure_one_object(
         components,
